@@ -1,0 +1,128 @@
+"""Model configuration: a frozen dataclass, its presets and its validation.
+
+The config is the single description of a GPT's shape. It is hashable (frozen), so it can be a
+static argument of jitted functions, and it round-trips through plain dicts (for checkpoints and
+JSON). Invalid values raise `ConfigError` at construction, naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+
+ATTENTION_IMPLS = ("auto", "naive", "xla")
+DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")  # float64 needs jax_enable_x64
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the allowed values."""
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int = 50257  # tokens in the vocabulary (GPT-2 BPE: 50,257)
+    context_length: int = 1024  # longest input sequence; also the size of the position table
+    emb_dim: int = 768  # model width d
+    n_heads: int = 12  # attention heads; emb_dim must be divisible by it
+    n_layers: int = 12  # transformer blocks
+    drop_rate: float = 0.1  # dropout on embeddings, attention weights and residual branches
+    qkv_bias: bool = False  # bias on the fused Q/K/V projection (GPT-2 checkpoints have it)
+    tie_embeddings: bool = False  # output head shares the token-embedding matrix
+    attn_impl: str = "auto"  # "naive" (explicit einsums), "xla" (jax.nn.dot_product_attention), "auto"
+    dtype: str = "float32"  # compute dtype; parameters stay float32. "auto": bf16 on GPU/TPU, f32 on CPU
+    mlp_ratio: int = 4  # hidden width of the MLP is mlp_ratio * emb_dim
+    ln_eps: float = 1e-5  # LayerNorm epsilon (GPT-2's)
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "mlp_ratio"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.emb_dim % self.n_heads != 0:
+            raise ConfigError(
+                f"GPTConfig.emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})"
+            )
+        if not isinstance(self.drop_rate, (int, float)) or not 0.0 <= self.drop_rate < 1.0:
+            raise ConfigError(f"GPTConfig.drop_rate must be in [0, 1), got {self.drop_rate!r}")
+        if not isinstance(self.ln_eps, (int, float)) or self.ln_eps <= 0:
+            raise ConfigError(f"GPTConfig.ln_eps must be positive, got {self.ln_eps!r}")
+        for name in ("qkv_bias", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"GPTConfig.{name} must be true or false, got {getattr(self, name)!r}")
+        if self.attn_impl not in ATTENTION_IMPLS:
+            raise ConfigError(
+                f"GPTConfig.attn_impl must be one of {ATTENTION_IMPLS}, got {self.attn_impl!r}"
+            )
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"GPTConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.emb_dim // self.n_heads
+
+    def replace(self, **changes: Any) -> "GPTConfig":
+        """A copy with some fields changed (validated again)."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ConfigError(f"unknown GPTConfig field(s) {sorted(unknown)}; known: {field_names()}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GPTConfig":
+        unknown = set(d) - set(field_names())
+        if unknown:
+            raise ConfigError(f"unknown GPTConfig field(s) {sorted(unknown)}; known: {field_names()}")
+        return cls(**d)
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(GPTConfig)]
+
+
+# The book's GPT_CONFIG_124M and its larger siblings (context 1024, no qkv bias, untied head, drop 0.1).
+# Small presets are for CPU work and tests.
+PRESETS: dict[str, GPTConfig] = {
+    "gpt2-small": GPTConfig(emb_dim=768, n_layers=12, n_heads=12),
+    "gpt2-medium": GPTConfig(emb_dim=1024, n_layers=24, n_heads=16),
+    "gpt2-large": GPTConfig(emb_dim=1280, n_layers=36, n_heads=20),
+    "gpt2-xl": GPTConfig(emb_dim=1600, n_layers=48, n_heads=25),
+    # nanoGPT's CPU recipe shape (shakespeare_char): 4 layers, 4 heads, 128 wide, context 64.
+    "tiny": GPTConfig(context_length=64, emb_dim=128, n_heads=4, n_layers=4, drop_rate=0.0),
+    # A little bigger: the default model of `jaxgpt train` (a few minutes on a laptop CPU).
+    "small": GPTConfig(context_length=128, emb_dim=192, n_heads=6, n_layers=4, drop_rate=0.0),
+    # For unit tests: compiles in about a second.
+    "test": GPTConfig(vocab_size=64, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0),
+}
+
+
+def get_preset(name: str, **overrides: Any) -> GPTConfig:
+    """The preset `name` with `overrides` applied; a clear error for an unknown name."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
+
+
+def resolve_attn_impl(config: GPTConfig, *, attention_dropout: bool) -> str:
+    """The attention implementation to run, decided at run time.
+
+    `jax.nn.dot_product_attention` has no dropout on the attention weights, so a forward pass that
+    needs it uses the naive path; otherwise "auto" takes the XLA op (cuDNN-capable on GPU).
+    """
+    if config.attn_impl != "auto":
+        return config.attn_impl
+    return "naive" if attention_dropout else "xla"
+
+
+def resolve_dtype(config: GPTConfig):
+    """The compute dtype, decided from the backend JAX reports when the config says "auto"."""
+    import jax.numpy as jnp
+
+    if config.dtype == "auto":
+        return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
+    return jnp.dtype(config.dtype)

