@@ -54,6 +54,60 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    from .config import get_preset
+    from .train_config import TrainConfig, apply_overrides
+    from .trainer import TrainingDiverged, train
+
+    model_given = args.preset is not None or any(o.startswith("model.") for o in args.set)
+    model_cfg = get_preset(args.preset or "small")
+    train_cfg = TrainConfig()
+    direct = {k: v for k, v in {"data": args.data, "tokenizer": args.tokenizer, "max_steps": args.max_steps,
+                                 "devices": args.devices, "seed": args.seed}.items() if v is not None}
+    train_cfg = train_cfg.replace(**direct)
+    model_cfg, train_cfg = apply_overrides(model_cfg, train_cfg, args.set)
+    try:
+        summary = train(model_cfg if (model_given or not args.resume) else None,
+                        train_cfg if (not args.resume or args.max_steps is not None) else None,
+                        args.out, resume=args.resume, progress=not args.no_progress)
+    except TrainingDiverged as e:
+        print(f"jaxgpt train: {e}", file=sys.stderr)
+        return 3
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"\n{summary['status']} at step {summary['step']}: train loss {summary['train_loss']:.4f}, "
+              f"best val loss {summary['best_val_loss']}, {summary['wall_s']:.0f} s; run in {summary['run_dir']}")
+        for i, sample in enumerate(summary.get("samples", [])):
+            print(f"\n--- sample {i + 1} ---\n{sample}")
+    return 0 if summary["status"] == "completed" else 130
+
+
+def _cmd_eval(args) -> int:
+    from .trainer import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.checkpoint, data=args.data, batches=args.batches)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"val loss {result['val_loss']:.4f}, perplexity {result['perplexity']:.2f} "
+              f"({result['batches']} batches, {result['tokens']:,} tokens of {result['data']})")
+    return 0
+
+
+def _cmd_plot(args) -> int:
+    from pathlib import Path
+
+    from .metrics import plot_losses, read_jsonl
+
+    path = Path(args.run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {args.run_dir} a jaxgpt run directory?")
+    out = plot_losses(read_jsonl(path), Path(args.out or Path(args.run_dir) / "loss.png"), title=Path(args.run_dir).name)
+    print(out)
+    return 0
+
+
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=50)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -79,10 +133,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_generate)
 
+    p = sub.add_parser("train", help="pretrain a model (no arguments: a small model on the embedded corpus)")
+    p.add_argument("--preset", default=None, help="model preset (default: small)")
+    p.add_argument("--data", default=None, help="named corpus, text file, or prepared directory")
+    p.add_argument("--tokenizer", choices=["char", "gpt2"], default=None)
+    p.add_argument("--out", default="runs/default", help="run directory")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--devices", type=int, default=None, help="local devices for data parallelism (default: all)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override any config field, e.g. --set train.lr=3e-4 --set model.n_layers=6")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the run summary as JSON")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", default=None, help="evaluate on this corpus instead of the run's own")
+    p.add_argument("--batches", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("plot", help="(re)draw the loss curves of a run directory")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None)
+    p.set_defaults(func=_cmd_plot)
+
     return parser
 
 
 def main(argv=None) -> int:
+    from .checkpoint import CheckpointError
     from .config import ConfigError
     from .data import DataError
     from .tokenizer import TokenizerError
@@ -90,7 +172,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, TokenizerError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, DataError, TokenizerError, CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"jaxgpt {args.command}: error: {e}", file=sys.stderr)
         return 2
 

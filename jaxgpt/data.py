@@ -237,3 +237,27 @@ def open_token_file(path: Path) -> np.memmap:
     if path.stat().st_size != expected:
         raise DataError(f"token file {path} has {path.stat().st_size} bytes, expected {expected}: truncated or corrupt")
     return np.memmap(path, dtype=dtype, mode="r", shape=(meta["count"],))
+
+
+class EpochSampler:
+    """The book's DataLoader(shuffle=True, drop_last=True) over a `SlidingWindowDataset`, by step.
+
+    Step s is batch s mod n of epoch s // n, with the epoch's order drawn from (seed, epoch): a pure
+    function of (seed, s), like `RandomWindowSampler`, so resuming needs no iterator state.
+    """
+
+    def __init__(self, dataset: SlidingWindowDataset, batch_size: int, seed: int = 0, shuffle: bool = True) -> None:
+        if len(dataset) < batch_size:
+            raise DataError(f"only {len(dataset)} training windows, fewer than batch_size {batch_size}")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.batches_per_epoch = len(dataset) // batch_size
+
+    def batch(self, step: int, rows: slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
+        epoch, i = divmod(step, self.batches_per_epoch)
+        n = len(self.dataset)
+        order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+        idx = order[i * self.batch_size : (i + 1) * self.batch_size][rows]
+        return self.dataset.inputs[idx], self.dataset.targets[idx]
