@@ -75,7 +75,7 @@ def make_train_step(model: GPT, tx: optax.GradientTransformation, *, axis_name: 
             "opt_state": opt_state,
             "rng": state["rng"],
         }
-        return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     return train_step
 

@@ -265,7 +265,7 @@ def train(
                         "kind": "eval", "step": done, "tokens_seen": done * tokens_per_step, "val_loss": val_loss,
                         "val_ppl": math.exp(min(val_loss, 50.0)), "best_val_loss": best_val,
                     })
-                    bar.write(f"step {done}: train loss {loss:.4f}, val loss {val_loss:.4f} (best {best_val:.4f})")
+                    bar.write(f"step {done}: train loss {loss:.4f}, val loss {val_loss:.4f} (best {best_val:.4f})", file=sys.stderr)
                     if improved:
                         save(done, best=True)
                     t_last = time.perf_counter()  # evaluation time is not training throughput
@@ -276,7 +276,7 @@ def train(
                 if stop.received is not None:
                     save(done)
                     status = "interrupted"
-                    bar.write(f"signal {stop.received}: saved a checkpoint at step {done}; resume with --resume")
+                    bar.write(f"signal {stop.received}: saved a checkpoint at step {done}; resume with --resume", file=sys.stderr)
                     break
     finally:
         bar.close()

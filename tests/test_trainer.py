@@ -1,0 +1,151 @@
+"""The training loop: exact resume (Ctrl-C and kill -9), NaN guard, checkpoint errors, CLI."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from jaxgpt.checkpoint import CheckpointError, load_for_inference, read_meta
+from jaxgpt.cli import main
+from jaxgpt.config import GPTConfig
+from jaxgpt.data import DataError
+from jaxgpt.train_config import TrainConfig
+from jaxgpt.trainer import TrainingDiverged, train
+
+MODEL = GPTConfig(vocab_size=1, context_length=16, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.1)
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    rng = np.random.default_rng(0)
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "home"]
+    text = " ".join(rng.choice(words, 3000)) + "\n"
+    path = tmp_path_factory.mktemp("corpus") / "words.txt"
+    path.write_text(text)
+    return path
+
+
+def _cfg(corpus: Path, **kw) -> TrainConfig:
+    base = dict(data=str(corpus), tokenizer="char", batch_size=4, micro_batches=2, max_steps=8, decay_steps=8,
+                warmup_steps=2, log_every=2, eval_every=4, eval_batches=2, ckpt_every=4, samples=0,
+                peak_flops=1e10, lr=3e-3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _params(run_dir):
+    return jax.tree.leaves(load_for_inference(run_dir)[0])
+
+
+def _assert_identical(a, b):
+    for x, y in zip(_params(a), _params(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_run_writes_everything_and_resume_after_ctrl_c_is_bit_identical(corpus, tmp_path):
+    straight = train(MODEL, _cfg(corpus), tmp_path / "straight", progress=False)
+    assert straight["status"] == "completed" and straight["step"] == 8
+    for name in ("config.json", "metrics.jsonl", "loss.png", "summary.json"):
+        assert (tmp_path / "straight" / name).is_file()
+    records = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [2, 4, 6, 8]
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "mfu", "tokens_seen"} <= set(records[0])
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [4, 8]
+
+    def interrupt(step):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    first = train(MODEL, _cfg(corpus), tmp_path / "resumed", progress=False, step_callback=interrupt)
+    assert first["status"] == "interrupted" and first["step"] == 3
+    with pytest.raises(CheckpointError, match="--resume"):
+        train(MODEL, _cfg(corpus), tmp_path / "resumed", progress=False)
+    second = train(None, None, tmp_path / "resumed", resume=True, progress=False)
+    assert second["status"] == "completed" and second["step"] == 8
+    _assert_identical(tmp_path / "straight", tmp_path / "resumed")
+    assert read_meta(tmp_path / "resumed")["data_position"]["next_step"] == 8
+
+
+def test_resume_after_kill_9_is_bit_identical(corpus, tmp_path):
+    cfg = _cfg(corpus, max_steps=40, decay_steps=40, ckpt_every=5, eval_every=20)
+    train(MODEL, cfg, tmp_path / "straight", progress=False)
+
+    run = tmp_path / "killed"
+    sets = [f"train.{k}={v}" for k, v in cfg.to_dict().items() if v is not None and k not in ("data", "tokenizer")]
+    sets += [f"model.{k}={v}" for k, v in MODEL.to_dict().items()]
+    cmd = [sys.executable, "-m", "jaxgpt.cli", "train", "--out", str(run), "--data", str(corpus),
+           "--tokenizer", "char", "--no-progress"] + [a for s in sets for a in ("--set", s)]
+    proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHONPATH=str(ROOT)), stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        steps = [p.name for p in (run / "checkpoints").glob("*") if p.name.isdigit()] if run.exists() else []
+        if any(int(s) >= 10 for s in steps):
+            break
+        if proc.poll() is not None:
+            pytest.fail(f"training exited early: {proc.stderr.read().decode()[-2000:]}")
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    step_at_kill = read_meta(run)["step"]
+    assert 10 <= step_at_kill < 40, step_at_kill
+    summary = train(None, None, run, resume=True, progress=False)
+    assert summary["step"] == 40
+    _assert_identical(tmp_path / "straight", run)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path):
+    cfg = _cfg(corpus, lr=1e30, min_lr=0.0, max_steps=30, decay_steps=30, warmup_steps=0, ckpt_every=1,
+               eval_every=100, grad_clip=0.0, micro_batches=1)
+    with pytest.raises(TrainingDiverged, match="last good checkpoint"):
+        train(MODEL, cfg, tmp_path / "nan", progress=False)
+    meta = read_meta(tmp_path / "nan")
+    params = _params(tmp_path / "nan")
+    assert all(np.isfinite(np.asarray(p)).all() for p in params)
+    assert meta["step"] >= 1
+
+
+def test_checkpoint_errors_name_the_problem(corpus, tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint path"):
+        load_for_inference(tmp_path / "nowhere")
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="no checkpoint found"):
+        load_for_inference(tmp_path / "empty")
+    run = tmp_path / "run"
+    train(MODEL, _cfg(corpus, max_steps=4, decay_steps=4), run, progress=False)
+    with pytest.raises(CheckpointError, match="n_layers: checkpoint 2 vs requested 3"):
+        train(MODEL.replace(n_layers=3), _cfg(corpus), run, resume=True, progress=False)
+    # corrupt the saved arrays: a clear error, not a crash deep inside
+    for f in (run / "checkpoints" / "4" / "state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"\x00garbage")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_for_inference(run / "checkpoints" / "4")
+
+
+def test_corpus_shorter_than_context_is_a_clear_error(tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("tiny text")
+    with pytest.raises(DataError, match="too few"):
+        train(MODEL, TrainConfig(data=str(short), peak_flops=1e10), tmp_path / "r", progress=False)
+
+
+def test_cli_eval_generate_and_plot(corpus, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(MODEL, _cfg(corpus, max_steps=4, decay_steps=4), run, progress=False)
+    assert main(["eval", "--checkpoint", str(run), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["val_loss"] > 0 and np.isclose(result["perplexity"], np.exp(result["val_loss"]))
+    assert main(["generate", "--checkpoint", str(run), "--prompt", "the cat", "--max-new-tokens", "10", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["text"].startswith("the cat")
+    (run / "loss.png").unlink()
+    assert main(["plot", str(run)]) == 0 and (run / "loss.png").is_file()
+    assert main(["eval", "--checkpoint", str(tmp_path / "missing")]) == 2
+    assert "no such checkpoint path" in capsys.readouterr().err
