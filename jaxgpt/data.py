@@ -215,14 +215,38 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
+class TokenFileWriter:
+    """Appends token ids to a raw little-endian file; `close` writes the JSON sidecar (dtype, count).
+
+    Streaming: memory stays bounded however many tokens are written.
+    """
+
+    def __init__(self, path: Path, vocab_size: int) -> None:
+        self.path = Path(path)
+        self.vocab_size = vocab_size
+        self.dtype = token_dtype(vocab_size).newbyteorder("<")
+        self.count = 0
+        self._file = open(self.path, "wb")
+
+    def write(self, ids) -> None:
+        arr = np.asarray(ids)
+        if arr.size and (arr.min() < 0 or arr.max() >= self.vocab_size):
+            raise DataError(f"token id out of range [0, {self.vocab_size}) while writing {self.path}")
+        self._file.write(arr.astype(self.dtype).tobytes())
+        self.count += arr.size
+
+    def close(self) -> Path:
+        self._file.close()
+        meta = {"dtype": self.dtype.name, "count": self.count, "vocab_size": self.vocab_size}
+        self.path.with_suffix(self.path.suffix + ".json").write_text(json.dumps(meta))
+        return self.path
+
+
 def write_token_file(ids, path: Path, vocab_size: int) -> Path:
     """Write ids as a raw little-endian token file plus a JSON sidecar naming dtype and count."""
-    path = Path(path)
-    arr = np.asarray(ids).astype(token_dtype(vocab_size).newbyteorder("<"))
-    arr.tofile(path)
-    meta = {"dtype": arr.dtype.name, "count": int(arr.size), "vocab_size": vocab_size}
-    path.with_suffix(path.suffix + ".json").write_text(json.dumps(meta))
-    return path
+    writer = TokenFileWriter(path, vocab_size)
+    writer.write(ids)
+    return writer.close()
 
 
 def open_token_file(path: Path) -> np.memmap:
@@ -236,6 +260,8 @@ def open_token_file(path: Path) -> np.memmap:
     expected = meta["count"] * dtype.itemsize
     if path.stat().st_size != expected:
         raise DataError(f"token file {path} has {path.stat().st_size} bytes, expected {expected}: truncated or corrupt")
+    if meta["count"] == 0:  # mmap cannot map an empty file
+        return np.zeros(0, dtype=dtype)
     return np.memmap(path, dtype=dtype, mode="r", shape=(meta["count"],))
 
 
