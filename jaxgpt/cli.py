@@ -66,6 +66,10 @@ def _cmd_train(args) -> int:
                                  "devices": args.devices, "seed": args.seed}.items() if v is not None}
     train_cfg = train_cfg.replace(**direct)
     model_cfg, train_cfg = apply_overrides(model_cfg, train_cfg, args.set)
+    if args.out is None:
+        if args.resume:
+            raise ValueError("--resume needs --out: the run directory to continue")
+        args.out = time.strftime("runs/train-%Y%m%d-%H%M%S")
     try:
         summary = train(model_cfg if (model_given or not args.resume) else None,
                         train_cfg if (not args.resume or args.max_steps is not None) else None,
@@ -150,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default=None, help="model preset (default: small)")
     p.add_argument("--data", default=None, help="named corpus, text file, or prepared directory")
     p.add_argument("--tokenizer", choices=["char", "gpt2"], default=None)
-    p.add_argument("--out", default="runs/default", help="run directory")
+    p.add_argument("--out", default=None, help="run directory (default: a new runs/train-YYYYmmdd-HHMMSS)")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--devices", type=int, default=None, help="local devices for data parallelism (default: all)")
     p.add_argument("--seed", type=int, default=None)

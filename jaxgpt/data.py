@@ -100,10 +100,18 @@ def corpus_path(name: str, *, verify: bool = True) -> Path:
 
 
 def embedded_corpus_text() -> str:
-    """CPython's own reference documentation (about 465k characters of English prose and code)."""
+    """CPython's own reference documentation (`pydoc_data.topics`): English prose and code.
+
+    Runs of spaces (table padding, indentation) are squeezed to one and blank-line runs to one blank
+    line, so a small character model spends its capacity on words rather than on whitespace.
+    """
+    import re
+
     from pydoc_data.topics import topics
 
-    return "\n\n".join(topics[key].strip() for key in sorted(topics))
+    text = "\n\n".join(topics[key].strip() for key in sorted(topics))
+    text = re.sub(r"[ \t]{2,}", " ", text)
+    return re.sub(r"\n\s*\n(\s*\n)+", "\n\n", text)
 
 
 def load_text(name_or_path: str) -> str:

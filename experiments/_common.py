@@ -1,0 +1,44 @@
+"""Shared by the reproduction scripts: run a training, then copy its curve and summary to docs/results."""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import jax
+
+from jaxgpt.config import GPTConfig
+from jaxgpt.train_config import TrainConfig
+from jaxgpt.trainer import train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_and_publish(name: str, model: GPTConfig, cfg: TrainConfig, out: Path, reference: dict) -> dict:
+    """Train into `out`, then write docs/results/<name>.png and .json (with the reference figures)."""
+    if out.exists():
+        shutil.rmtree(out)
+    t0 = time.perf_counter()
+    summary = train(model, cfg, out)
+    summary["total_wall_s"] = time.perf_counter() - t0  # includes data loading, compilation, evaluation
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    result = {
+        "name": name,
+        "model": model.to_dict(),
+        "train": cfg.to_dict(),
+        "summary": summary,
+        "first_train_loss": next(r["loss"] for r in records if r["kind"] == "train"),
+        "evals": [{k: r[k] for k in ("step", "val_loss")} for r in records if r["kind"] == "eval"],
+        "reference": reference,
+        "machine": {"jax": jax.__version__, "backend": jax.default_backend(), "devices": jax.device_count(),
+                    "cpu": platform.processor() or platform.machine()},
+    }
+    dest = ROOT / "docs" / "results"
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy(out / "loss.png", dest / f"{name}.png")
+    (dest / f"{name}.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: summary[k] for k in ("step", "train_loss", "val_loss", "best_val_loss", "wall_s")}))
+    return result
