@@ -35,6 +35,7 @@ class GPTConfig:
     dtype: str = "float32"  # compute dtype; parameters stay float32. "auto": bf16 on GPU/TPU, f32 on CPU
     mlp_ratio: int = 4  # hidden width of the MLP is mlp_ratio * emb_dim
     ln_eps: float = 1e-5  # LayerNorm epsilon (GPT-2's)
+    emb_init_std: float = 0.02  # std of the wte/wpe initialisation (GPT-2: 0.02; PyTorch nn.Embedding: 1.0)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "mlp_ratio"):
@@ -47,8 +48,10 @@ class GPTConfig:
             )
         if not isinstance(self.drop_rate, (int, float)) or not 0.0 <= self.drop_rate < 1.0:
             raise ConfigError(f"GPTConfig.drop_rate must be in [0, 1), got {self.drop_rate!r}")
-        if not isinstance(self.ln_eps, (int, float)) or self.ln_eps <= 0:
-            raise ConfigError(f"GPTConfig.ln_eps must be positive, got {self.ln_eps!r}")
+        for name in ("ln_eps", "emb_init_std"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ConfigError(f"GPTConfig.{name} must be positive, got {value!r}")
         for name in ("qkv_bias", "tie_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"GPTConfig.{name} must be true or false, got {getattr(self, name)!r}")

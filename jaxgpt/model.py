@@ -76,9 +76,10 @@ class GPT(nn.Module):
         dtype = resolve_dtype(cfg)
         impl = resolve_attn_impl(cfg, attention_dropout=cfg.drop_rate > 0 and not deterministic)
         init = nn.initializers.normal(0.02)
+        emb_init = nn.initializers.normal(cfg.emb_init_std)
 
-        wte = nn.Embed(cfg.vocab_size, cfg.emb_dim, embedding_init=init, dtype=dtype, name="wte")
-        wpe = nn.Embed(cfg.context_length, cfg.emb_dim, embedding_init=init, dtype=dtype, name="wpe")
+        wte = nn.Embed(cfg.vocab_size, cfg.emb_dim, embedding_init=emb_init, dtype=dtype, name="wte")
+        wpe = nn.Embed(cfg.context_length, cfg.emb_dim, embedding_init=emb_init, dtype=dtype, name="wpe")
         x_btd = wte(idx_bt) + wpe(jnp.arange(t))[None]
         x_btd = nn.Dropout(cfg.drop_rate)(x_btd, deterministic=deterministic)
 
@@ -119,6 +120,6 @@ def cross_entropy(logits_btv: Array, targets_bt: Array, ignore_index: int = -100
     """Mean next-token cross-entropy over the targets that are not `ignore_index`."""
     valid_bt = targets_bt != ignore_index
     safe_bt = jnp.where(valid_bt, targets_bt, 0)
-    logp_btv = jax.nn.log_softmax(logits_btv.astype(jnp.float32), axis=-1)
+    logp_btv = jax.nn.log_softmax(logits_btv.astype(jnp.promote_types(logits_btv.dtype, jnp.float32)), axis=-1)
     nll_bt = -jnp.take_along_axis(logp_btv, safe_bt[..., None], axis=-1)[..., 0]
     return jnp.sum(nll_bt * valid_bt) / jnp.maximum(jnp.sum(valid_bt), 1)

@@ -1,9 +1,14 @@
-"""A pure-NumPy float64 reference of every layer and of the whole GPT forward pass.
+"""A pure-NumPy float64 reference of every layer: forward, hand-written backward, and AdamW.
 
 In the style of picoGPT: one small function per operation, parameters as plain dicts, a shape
 comment where shapes change. It takes the very same parameter pytree as `jaxgpt.model.GPT`
 (converted with `to_numpy`), so any JAX result can be checked against it.
-Dropout is not modelled: the reference is the deterministic (evaluation) forward pass.
+
+Each forward function `f(x, …)` has its backward `f_backward(dout, x, …)` beside it: it takes the
+upstream gradient and the forward's *inputs* (recomputing what it needs rather than caching), and
+returns the gradients of the inputs and parameters. `gpt_loss_and_grads` chains them into the
+gradient of the whole model; `adamw_step` is the optimizer step that `jaxgpt.optim` builds in Optax.
+Dropout is not modelled: the reference is the deterministic pass.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 import numpy as np
 
 from .config import GPTConfig
+
+GELU_C = np.sqrt(2.0 / np.pi)
 
 
 def to_numpy(tree, dtype=np.float64):
@@ -20,13 +27,26 @@ def to_numpy(tree, dtype=np.float64):
     return np.asarray(tree, dtype=dtype)
 
 
+# --- elementwise and normalisation --------------------------------------------------------------
+
 def gelu(x):  # tanh approximation, as GPT-2 and the book
-    return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
+    return 0.5 * x * (1.0 + np.tanh(GELU_C * (x + 0.044715 * x**3)))
+
+
+def gelu_backward(dout, x):  # d/dx of the tanh approximation
+    u = GELU_C * (x + 0.044715 * x**3)
+    t = np.tanh(u)
+    du = GELU_C * (1.0 + 3 * 0.044715 * x**2)
+    return dout * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t**2) * du)
 
 
 def softmax(x, axis=-1):
     e = np.exp(x - np.max(x, axis=axis, keepdims=True))
     return e / np.sum(e, axis=axis, keepdims=True)
+
+
+def softmax_backward(dout, y, axis=-1):  # y = softmax(x); masked entries (y = 0) get 0
+    return y * (dout - np.sum(dout * y, axis=axis, keepdims=True))
 
 
 def layer_norm(x, scale, bias, eps=1e-5):  # [..., d] -> [..., d]
@@ -35,14 +55,43 @@ def layer_norm(x, scale, bias, eps=1e-5):  # [..., d] -> [..., d]
     return (x - mean) / np.sqrt(var + eps) * scale + bias
 
 
+def layer_norm_backward(dout, x, scale, eps=1e-5):  # [..., d] -> dx [..., d], dscale [d], dbias [d]
+    d = x.shape[-1]
+    rstd = 1.0 / np.sqrt(np.var(x, axis=-1, keepdims=True) + eps)
+    xhat = (x - np.mean(x, axis=-1, keepdims=True)) * rstd
+    lead = tuple(range(x.ndim - 1))
+    dscale, dbias = np.sum(dout * xhat, axis=lead), np.sum(dout, axis=lead)
+    dxhat = dout * scale
+    dx = rstd / d * (d * dxhat - np.sum(dxhat, -1, keepdims=True) - xhat * np.sum(dxhat * xhat, -1, keepdims=True))
+    return dx, {"scale": dscale, "bias": dbias}
+
+
+# --- linear, embedding ----------------------------------------------------------------------------
+
 def linear(x, kernel, bias=None):  # [..., d_in], [d_in, d_out] -> [..., d_out]
     y = x @ kernel
     return y if bias is None else y + bias
 
 
+def linear_backward(dout, x, kernel, has_bias):  # dout [..., d_out] -> dx [..., d_in], {kernel, bias}
+    x2, d2 = x.reshape(-1, x.shape[-1]), dout.reshape(-1, dout.shape[-1])  # [n, d_in], [n, d_out]
+    grads = {"kernel": x2.T @ d2}
+    if has_bias:
+        grads["bias"] = d2.sum(axis=0)
+    return dout @ kernel.T, grads
+
+
 def embedding(ids, table):  # [b, t], [v, d] -> [b, t, d]
     return table[ids]
 
+
+def embedding_backward(dout, ids, vocab_size):  # [b, t, d] -> [v, d], scatter-add of rows
+    dtable = np.zeros((vocab_size, dout.shape[-1]))
+    np.add.at(dtable, ids.reshape(-1), dout.reshape(-1, dout.shape[-1]))
+    return dtable
+
+
+# --- attention ------------------------------------------------------------------------------------
 
 def simplified_self_attention(x):  # [t, d] -> [t, t], [t, t], [t, d]
     scores = x @ x.T
@@ -54,30 +103,85 @@ def causal_mask(t):  # -> [t, t] bool, True where attending is allowed
     return np.tril(np.ones((t, t), dtype=bool))
 
 
+def attention_weights(q, k, mask):  # [b, n, t, h], [b, n, s, h], [t, s] -> [b, n, t, s]
+    scores = q @ np.swapaxes(k, -1, -2) / np.sqrt(q.shape[-1])
+    return softmax(np.where(mask, scores, -np.inf))
+
+
 def attention(q, k, v, mask):  # [b, n, t, h], [b, n, s, h], [b, n, s, h], [t, s] -> [b, n, t, h]
-    scores = q @ np.swapaxes(k, -1, -2) / np.sqrt(q.shape[-1])  # [b, n, t, s]
-    scores = np.where(mask, scores, -np.inf)
-    return softmax(scores) @ v
+    return attention_weights(q, k, mask) @ v
+
+
+def attention_backward(dout, q, k, v, mask):  # dout [b, n, t, h] -> dq, dk, dv
+    w = attention_weights(q, k, mask)  # [b, n, t, s]
+    dv = np.swapaxes(w, -1, -2) @ dout  # [b, n, s, h]
+    dscores = softmax_backward(dout @ np.swapaxes(v, -1, -2), w) / np.sqrt(q.shape[-1])  # [b, n, t, s]
+    return dscores @ k, np.swapaxes(dscores, -1, -2) @ q, dv
+
+
+def _split_heads(a, n_heads):  # [b, t, d] -> [b, n, t, h]
+    b, t, d = a.shape
+    return a.reshape(b, t, n_heads, d // n_heads).transpose(0, 2, 1, 3)
+
+
+def _merge_heads(a):  # [b, n, t, h] -> [b, t, d]
+    b, n, t, h = a.shape
+    return a.transpose(0, 2, 1, 3).reshape(b, t, n * h)
 
 
 def mha(x, c_attn, c_proj, n_heads):  # [b, t, d] -> [b, t, d]
-    b, t, d = x.shape
-    qkv = linear(x, **c_attn)  # [b, t, 3d]
-    q, k, v = np.split(qkv, 3, axis=-1)  # 3 x [b, t, d]
-    heads = lambda a: a.reshape(b, t, n_heads, d // n_heads).transpose(0, 2, 1, 3)  # noqa: E731  [b, n, t, h]
-    out = attention(heads(q), heads(k), heads(v), causal_mask(t))  # [b, n, t, h]
-    out = out.transpose(0, 2, 1, 3).reshape(b, t, d)  # [b, t, d]
-    return linear(out, **c_proj)
+    q, k, v = np.split(linear(x, **c_attn), 3, axis=-1)  # 3 x [b, t, d] from [b, t, 3d]
+    out = attention(*(_split_heads(a, n_heads) for a in (q, k, v)), causal_mask(x.shape[1]))  # [b, n, t, h]
+    return linear(_merge_heads(out), **c_proj)
 
+
+def mha_backward(dout, x, c_attn, c_proj, n_heads):  # dout [b, t, d] -> dx [b, t, d], {c_attn, c_proj}
+    mask = causal_mask(x.shape[1])
+    qkv = linear(x, **c_attn)  # [b, t, 3d]
+    q, k, v = (_split_heads(a, n_heads) for a in np.split(qkv, 3, axis=-1))  # [b, n, t, h]
+    out = _merge_heads(attention(q, k, v, mask))  # [b, t, d]
+    dout_heads, g_proj = linear_backward(dout, out, c_proj["kernel"], "bias" in c_proj)
+    dq, dk, dv = attention_backward(_split_heads(dout_heads, n_heads), q, k, v, mask)
+    dqkv = np.concatenate([_merge_heads(a) for a in (dq, dk, dv)], axis=-1)  # [b, t, 3d]
+    dx, g_attn = linear_backward(dqkv, x, c_attn["kernel"], "bias" in c_attn)
+    return dx, {"c_attn": g_attn, "c_proj": g_proj}
+
+
+# --- MLP and block ----------------------------------------------------------------------------------
 
 def mlp(x, c_fc, c_proj):  # [b, t, d] -> [b, t, d]
     return linear(gelu(linear(x, **c_fc)), **c_proj)  # via [b, t, 4d]
+
+
+def mlp_backward(dout, x, c_fc, c_proj):  # dout [b, t, d] -> dx, {c_fc, c_proj}
+    hidden = linear(x, **c_fc)  # [b, t, 4d]
+    dact, g_proj = linear_backward(dout, gelu(hidden), c_proj["kernel"], "bias" in c_proj)
+    dx, g_fc = linear_backward(gelu_backward(dact, hidden), x, c_fc["kernel"], "bias" in c_fc)
+    return dx, {"c_fc": g_fc, "c_proj": g_proj}
 
 
 def transformer_block(x, ln_1, attn, ln_2, mlp_params, n_heads, eps):  # [b, t, d] -> [b, t, d]
     x = x + mha(layer_norm(x, **ln_1, eps=eps), **attn, n_heads=n_heads)
     x = x + mlp(layer_norm(x, **ln_2, eps=eps), **mlp_params)
     return x
+
+
+def transformer_block_backward(dout, x, ln_1, attn, ln_2, mlp_params, n_heads, eps):  # -> dx, grads
+    h1 = layer_norm(x, **ln_1, eps=eps)
+    x_mid = x + mha(h1, **attn, n_heads=n_heads)  # the input of the MLP branch
+    h2 = layer_norm(x_mid, **ln_2, eps=eps)
+    dh2, g_mlp = mlp_backward(dout, h2, **mlp_params)
+    dx_mid, g_ln_2 = layer_norm_backward(dh2, x_mid, ln_2["scale"], eps)
+    dx_mid = dx_mid + dout  # residual
+    dh1, g_attn = mha_backward(dx_mid, h1, **attn, n_heads=n_heads)
+    dx, g_ln_1 = layer_norm_backward(dh1, x, ln_1["scale"], eps)
+    return dx + dx_mid, {"ln_1": g_ln_1, "attn": g_attn, "ln_2": g_ln_2, "mlp": g_mlp}
+
+
+# --- the whole model and the loss ------------------------------------------------------------------
+
+def _block_params(blk):
+    return blk["ln_1"], blk["attn"], blk["ln_2"], blk["mlp"]
 
 
 def gpt_forward(params, ids, config: GPTConfig):  # {"params": …}, [b, t] -> [b, t, v]
@@ -88,8 +192,7 @@ def gpt_forward(params, ids, config: GPTConfig):  # {"params": …}, [b, t] -> [
         raise ValueError(f"input of {t} tokens exceeds context_length {config.context_length}")
     x = embedding(ids, p["wte"]["embedding"]) + p["wpe"]["embedding"][:t]  # [b, t, d]
     for i in range(config.n_layers):
-        blk = p[f"h_{i}"]
-        x = transformer_block(x, blk["ln_1"], blk["attn"], blk["ln_2"], blk["mlp"], config.n_heads, config.ln_eps)
+        x = transformer_block(x, *_block_params(p[f"h_{i}"]), config.n_heads, config.ln_eps)
     x = layer_norm(x, **p["ln_f"], eps=config.ln_eps)
     head = p["wte"]["embedding"].T if config.tie_embeddings else p["lm_head"]["kernel"]  # [d, v]
     return x @ head  # [b, t, v]
@@ -101,3 +204,89 @@ def cross_entropy(logits, targets, ignore_index=-100):  # [b, t, v], [b, t] -> s
     valid = targets != ignore_index
     nll = -np.take_along_axis(logp, np.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
     return np.sum(nll * valid) / max(int(np.sum(valid)), 1)
+
+
+def cross_entropy_backward(logits, targets, ignore_index=-100):  # -> dlogits [b, t, v]
+    valid = targets != ignore_index
+    dlogits = softmax(logits)
+    dlogits[..., :] -= np.eye(logits.shape[-1])[np.where(valid, targets, 0)]  # softmax - onehot
+    return dlogits * valid[..., None] / max(int(np.sum(valid)), 1)
+
+
+def gpt_loss_and_grads(params, ids, targets, config: GPTConfig, ignore_index=-100):
+    """(mean cross-entropy, gradients in the same tree as `params`) by the hand-written backward."""
+    p = params["params"] if "params" in params else params
+    ids, targets = np.asarray(ids), np.asarray(targets)
+    t, eps = ids.shape[1], config.ln_eps
+    x = embedding(ids, p["wte"]["embedding"]) + p["wpe"]["embedding"][:t]  # [b, t, d]
+    block_inputs = []
+    for i in range(config.n_layers):
+        block_inputs.append(x)
+        x = transformer_block(x, *_block_params(p[f"h_{i}"]), config.n_heads, eps)
+    h = layer_norm(x, **p["ln_f"], eps=eps)  # [b, t, d]
+    head = p["wte"]["embedding"].T if config.tie_embeddings else p["lm_head"]["kernel"]  # [d, v]
+    logits = h @ head  # [b, t, v]
+    loss = cross_entropy(logits, targets, ignore_index)
+
+    grads = {}
+    dlogits = cross_entropy_backward(logits, targets, ignore_index)
+    dh, g_head = linear_backward(dlogits, h, head, has_bias=False)
+    dwte = g_head["kernel"].T if config.tie_embeddings else 0.0  # the tied head's share, [v, d]
+    if not config.tie_embeddings:
+        grads["lm_head"] = g_head
+    dx, grads["ln_f"] = layer_norm_backward(dh, x, p["ln_f"]["scale"], eps)
+    for i in reversed(range(config.n_layers)):
+        dx, grads[f"h_{i}"] = transformer_block_backward(
+            dx, block_inputs[i], *_block_params(p[f"h_{i}"]), config.n_heads, eps)
+    grads["wte"] = {"embedding": dwte + embedding_backward(dx, ids, config.vocab_size)}
+    dwpe = np.zeros_like(p["wpe"]["embedding"])
+    dwpe[:t] = dx.sum(axis=0)
+    grads["wpe"] = {"embedding": dwpe}
+    return loss, ({"params": grads} if "params" in params else grads)
+
+
+# --- the optimizer -----------------------------------------------------------------------------------
+
+def tree_map(fn, *trees, path=()):
+    """fn(path, *leaves) over nested dicts of arrays (path: the tuple of keys)."""
+    if isinstance(trees[0], dict):
+        return {k: tree_map(fn, *(t[k] for t in trees), path=path + (k,)) for k in trees[0]}
+    return fn(path, *trees)
+
+
+def tree_leaves(tree) -> list:
+    if isinstance(tree, dict):
+        return [leaf for k in sorted(tree) for leaf in tree_leaves(tree[k])]
+    return [tree]
+
+
+def decays(path, decay_embeddings=False) -> bool:
+    """The weight-decay mask of `jaxgpt.optim.decay_mask`: kernels, and embeddings if asked."""
+    return decay_embeddings if "embedding" in path else path[-1] == "kernel"
+
+
+def adamw_init(params):
+    zeros = lambda path, p: np.zeros_like(p)  # noqa: E731
+    return {"step": 0, "mu": tree_map(zeros, params), "nu": tree_map(zeros, params)}
+
+
+def adamw_step(params, grads, state, lr, *, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.1,
+               grad_clip=1.0, decay_embeddings=False):
+    """One step of `jaxgpt.optim.build_optimizer` as Optax computes it: clip by global norm,
+    bias-corrected Adam moments, decoupled weight decay on the masked parameters, all times `lr`
+    (the schedule's value at this step). Returns (params, state)."""
+    if grad_clip > 0:
+        norm = np.sqrt(sum(np.sum(g**2) for g in tree_leaves(grads)))
+        factor = min(1.0, grad_clip / norm) if norm > 0 else 1.0
+        grads = tree_map(lambda _, g: g * factor, grads)
+    t = state["step"] + 1
+    mu = tree_map(lambda _, m, g: b1 * m + (1 - b1) * g, state["mu"], grads)
+    nu = tree_map(lambda _, v, g: b2 * v + (1 - b2) * g**2, state["nu"], grads)
+
+    def update(path, p, m, v):
+        u = (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps)
+        if decays(path, decay_embeddings):
+            u = u + weight_decay * p
+        return p - lr * u
+
+    return tree_map(update, params, mu, nu), {"step": t, "mu": mu, "nu": nu}
