@@ -82,27 +82,36 @@ class CausalAttention(nn.Module):
         return weights_btt @ v_bte  # (b, t, d_out)
 
 
-# --- attention backends: (q_btnh, k_bsnh, v_bsnh) -> out_btnh, all causal ---------------------
+# --- attention backends: (q_btnh, k_bsnh, v_bsnh) -> out_btnh --------------------------------
+# `mask_bts` (True = may attend) replaces the default causal mask when given: it is how cached
+# decoding and left-padded batches say which cache slots each query sees.
 
 DropoutFn = Callable[[Array], Array]
 
 
-def naive_attention(q_btnh: Array, k_bsnh: Array, v_bsnh: Array, *, dropout: Optional[DropoutFn] = None) -> Array:
-    """Explicit scaled dot-product attention with a causal mask; the reference inside JAX."""
+def naive_attention(q_btnh: Array, k_bsnh: Array, v_bsnh: Array, *, mask_bts: Optional[Array] = None,
+                    dropout: Optional[DropoutFn] = None) -> Array:
+    """Explicit scaled dot-product attention; causal unless `mask_bts` says otherwise."""
     t, s, h = q_btnh.shape[1], k_bsnh.shape[1], q_btnh.shape[-1]
     scores_bnts = jnp.einsum("btnh,bsnh->bnts", q_btnh, k_bsnh) / jnp.sqrt(h).astype(q_btnh.dtype)
-    weights_bnts = masked_softmax(scores_bnts, causal_mask(t, s))
+    mask = causal_mask(t, s) if mask_bts is None else mask_bts[:, None]
+    weights_bnts = masked_softmax(scores_bnts, mask)
+    if mask_bts is not None:  # a query with no visible key (a padding row) gets zeros, not NaN
+        weights_bnts = jnp.where(jnp.any(mask, axis=-1, keepdims=True), weights_bnts, 0.0)
     if dropout is not None:
         weights_bnts = dropout(weights_bnts)
     return jnp.einsum("bnts,bsnh->btnh", weights_bnts.astype(v_bsnh.dtype), v_bsnh)
 
 
-def xla_attention(q_btnh: Array, k_bsnh: Array, v_bsnh: Array, *, dropout: Optional[DropoutFn] = None) -> Array:
+def xla_attention(q_btnh: Array, k_bsnh: Array, v_bsnh: Array, *, mask_bts: Optional[Array] = None,
+                  dropout: Optional[DropoutFn] = None) -> Array:
     """`jax.nn.dot_product_attention` (fused by XLA; no dropout on the weights)."""
     if dropout is not None:
         raise ValueError("the 'xla' attention backend has no attention dropout; use 'naive' or 'auto'")
+    if mask_bts is not None:
+        return jax.nn.dot_product_attention(q_btnh, k_bsnh, v_bsnh, mask=mask_bts[:, None])
     if q_btnh.shape[1] != k_bsnh.shape[1]:
-        raise ValueError("the 'xla' backend here handles self-attention (t == s) only")
+        raise ValueError("the 'xla' backend needs an explicit mask when queries and keys differ in length")
     return jax.nn.dot_product_attention(q_btnh, k_bsnh, v_bsnh, is_causal=True)
 
 
@@ -115,7 +124,9 @@ ATTENTION_BACKENDS: dict[str, Callable[..., Array]] = {
 class MultiHeadAttention(nn.Module):
     """Causal multi-head attention with a fused QKV projection (`c_attn`) and output projection (`c_proj`).
 
-    Parameter names follow GPT-2's, so Hugging Face weights map one to one.
+    Parameter names follow GPT-2's, so Hugging Face weights map one to one. With `kv_cache`
+    ({"k", "v"}: (b, S, n, h) each) the new keys and values are written at `cache_index` and the
+    queries attend to the cache under `mask_bts`; the updated cache is returned with the output.
     """
 
     n_heads: int
@@ -126,19 +137,27 @@ class MultiHeadAttention(nn.Module):
     out_init_std: float = 0.02  # GPT-2 scales residual projections by 1/sqrt(2 * n_layers)
 
     @nn.compact
-    def __call__(self, x_btd: Array, *, deterministic: bool = True) -> Array:
+    def __call__(self, x_btd: Array, *, deterministic: bool = True, kv_cache: Optional[dict] = None,
+                 cache_index: Optional[Array] = None, mask_bts: Optional[Array] = None):
         b, t, d = x_btd.shape
         h = d // self.n_heads
         init = nn.initializers.normal(0.02)
         qkv_bt3d = nn.Dense(3 * d, use_bias=self.qkv_bias, dtype=self.dtype, kernel_init=init, name="c_attn")(x_btd)
         q_btnh, k_btnh, v_btnh = (a.reshape(b, t, self.n_heads, h) for a in jnp.split(qkv_bt3d, 3, axis=-1))
 
+        if kv_cache is not None:
+            k_bsnh = jax.lax.dynamic_update_slice_in_dim(kv_cache["k"], k_btnh.astype(kv_cache["k"].dtype), cache_index, 1)
+            v_bsnh = jax.lax.dynamic_update_slice_in_dim(kv_cache["v"], v_btnh.astype(kv_cache["v"].dtype), cache_index, 1)
+            kv_cache = {"k": k_bsnh, "v": v_bsnh}
+            k_btnh, v_btnh = k_bsnh.astype(q_btnh.dtype), v_bsnh.astype(q_btnh.dtype)
+
         dropout = None
         if self.drop_rate > 0.0 and not deterministic:
             dropout = lambda w: nn.Dropout(self.drop_rate, name="attn_drop")(w, deterministic=False)  # noqa: E731
         if self.impl not in ATTENTION_BACKENDS:
             raise ValueError(f"unknown attention backend {self.impl!r}; known: {sorted(ATTENTION_BACKENDS)}")
-        out_btnh = ATTENTION_BACKENDS[self.impl](q_btnh, k_btnh, v_btnh, dropout=dropout)
+        out_btnh = ATTENTION_BACKENDS[self.impl](q_btnh, k_btnh, v_btnh, mask_bts=mask_bts, dropout=dropout)
 
         out_btd = out_btnh.reshape(b, t, d)
-        return nn.Dense(d, dtype=self.dtype, kernel_init=nn.initializers.normal(self.out_init_std), name="c_proj")(out_btd)
+        out_btd = nn.Dense(d, dtype=self.dtype, kernel_init=nn.initializers.normal(self.out_init_std), name="c_proj")(out_btd)
+        return out_btd if kv_cache is None else (out_btd, kv_cache)

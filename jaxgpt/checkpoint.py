@@ -140,6 +140,29 @@ def load_for_inference(path: Path):
     return state["params"], config, tokenizer_from_dict(meta["tokenizer"])
 
 
+def save_for_inference(params, config: GPTConfig, tokenizer, run_dir: Path) -> Path:
+    """A jaxgpt checkpoint (step 0, fresh optimizer state) of given weights, e.g. imported GPT-2.
+
+    It loads with `--checkpoint` like any run and can be trained further (`--resume`).
+    """
+    from .model import GPT
+    from .optim import build_optimizer
+    from .train_step import create_state
+
+    run_dir = Path(run_dir)
+    if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+        raise CheckpointError(f"{run_dir} already holds checkpoints; choose a new directory")
+    train_cfg = TrainConfig(tokenizer="gpt2" if tokenizer.name == "gpt2" else "char")
+    state = create_state(GPT(config), build_optimizer(train_cfg), params, seed=0)
+    meta = {"model": config.to_dict(), "train": train_cfg.to_dict(), "tokenizer": tokenizer.to_dict(), "step": 0,
+            "data_position": {"seed": 0, "next_step": 0, "sampling": train_cfg.sampling}, "best_val_loss": None}
+    ckpt = Checkpointer(run_dir, keep=1)
+    ckpt.save(0, state, meta)
+    ckpt.close()
+    write_json(run_dir / "config.json", meta)
+    return run_dir
+
+
 def write_json(path: Path, obj: dict) -> None:
     """Write JSON atomically (temporary file + rename)."""
     tmp = Path(str(path) + ".tmp")

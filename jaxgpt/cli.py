@@ -22,35 +22,97 @@ def _cmd_params(args) -> int:
 
 
 def _load_for_generation(args):
-    """(params, config, tokenizer) from a checkpoint, or a random model of a preset."""
+    """(params, config, tokenizer) from a checkpoint, HF weights, or a random model of a preset."""
     from .config import get_preset
     from .model import init_params
     from .tokenizer import get_tokenizer
 
+    if args.checkpoint and args.hf:
+        raise ValueError("give --checkpoint or --hf, not both")
     if args.checkpoint:
         from .checkpoint import load_for_inference
 
         return load_for_inference(args.checkpoint)
+    if args.hf:
+        from .hf import load_hf, load_tokenizer, resolve_checkpoint
+
+        params, config = load_hf(args.hf, download=args.download)
+        return params, config, load_tokenizer(resolve_checkpoint(args.hf), config)
     tokenizer = get_tokenizer("gpt2")
     config = get_preset(args.preset, vocab_size=tokenizer.vocab_size)
-    print(f"[jaxgpt] no --checkpoint: randomly initialised {args.preset!r} model (expect gibberish)", file=sys.stderr)
+    print(f"[jaxgpt] no --checkpoint/--hf: randomly initialised {args.preset!r} model (expect gibberish)", file=sys.stderr)
     return init_params(config, seed=args.seed), config, tokenizer
 
 
-def _cmd_generate(args) -> int:
-    from .generate import generate_text
+class _TokenPrinter:
+    """Prints a single prompt's continuation as the compiled decode loop produces it."""
 
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.ids, self.printed, self.stopped = tokenizer, [], "", False
+
+    def __call__(self, tokens_b, step) -> None:
+        token = int(tokens_b[0])
+        if self.stopped or token == self.tokenizer.eot_id:
+            self.stopped = True
+            return
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            sys.stdout.write(text[len(self.printed):])
+            sys.stdout.flush()
+            self.printed = text
+
+
+def _cmd_generate(args) -> int:
+    from .generate import generate, generate_batch, trim_at_eos
+
+    if (args.prompt is None) == (args.batch_file is None):
+        raise ValueError("give exactly one of --prompt or --batch-file")
+    prompts = [args.prompt] if args.prompt is not None else [
+        line.rstrip("\n") for line in open(args.batch_file, encoding="utf-8") if line.strip()]
     params, config, tokenizer = _load_for_generation(args)
+    encoded = [tokenizer.encode(p) or [tokenizer.eot_id] for p in prompts]
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                    eos_id=tokenizer.eot_id)
+    longest = max(len(e) for e in encoded)
+    fits = longest + args.max_new_tokens <= config.context_length
+    stream = len(prompts) == 1 and not args.json and fits and not args.no_cache
     t0 = time.perf_counter()
-    text = generate_text(
-        params, config, tokenizer, args.prompt, args.max_new_tokens,
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-    )
+    if stream:
+        sys.stdout.write(prompts[0])
+        new = generate_batch(params, config, encoded, args.max_new_tokens, on_token=_TokenPrinter(tokenizer), **sampling)
+        sys.stdout.write("\n")
+    elif fits and not args.no_cache:
+        new = generate_batch(params, config, encoded, args.max_new_tokens, **sampling)
+    else:  # one at a time through the sliding-window decoder (prompt + new tokens exceed the context)
+        new = [trim_at_eos(generate(params, config, [e], args.max_new_tokens, use_cache=False, **sampling)[0],
+                           tokenizer.eot_id, start=len(e)) for e in encoded]
     seconds = time.perf_counter() - t0
-    if args.json:
-        print(json.dumps({"prompt": args.prompt, "text": text, "seconds": round(seconds, 3)}))
+    for prompt, tokens in zip(prompts, new):
+        if args.json:
+            print(json.dumps({"prompt": prompt, "text": tokenizer.decode(tokens), "tokens": tokens,
+                              "seconds": round(seconds, 3)}))
+        elif not stream:
+            print(prompt + tokenizer.decode(tokens))
+    return 0
+
+
+def _cmd_convert(args) -> int:
+    from .hf import load_hf, load_tokenizer, resolve_checkpoint, save_hf
+
+    if args.direction == "to-hf":
+        from .checkpoint import load_for_inference
+
+        params, config, tokenizer = load_for_inference(args.source)
+        out = save_hf(params, config, args.out, max_shard_bytes=args.max_shard_bytes, tokenizer=tokenizer)
     else:
-        print(text)
+        from .checkpoint import save_for_inference
+
+        params, config = load_hf(args.source, download=args.download)
+        tokenizer = load_tokenizer(resolve_checkpoint(args.source), config)
+        out = save_for_inference(params, config, tokenizer, args.out)
+    print(json.dumps({"direction": args.direction, "source": str(args.source), "out": str(out),
+                      "config": config.to_dict()}) if args.json else f"wrote {out}")
     return 0
 
 
@@ -142,10 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_params)
 
-    p = sub.add_parser("generate", help="generate text from a checkpoint (or a random model)")
-    p.add_argument("--prompt", required=True)
+    p = sub.add_parser("generate", help="generate text from a checkpoint, GPT-2 weights, or a random model")
+    p.add_argument("--prompt", default=None)
+    p.add_argument("--batch-file", default=None, help="a file with one prompt per line, decoded as one batch")
     p.add_argument("--checkpoint", default=None, help="run directory or checkpoint directory")
-    p.add_argument("--preset", default="small", help="model preset when no --checkpoint is given")
+    p.add_argument("--hf", default=None, help="Hugging Face GPT-2 directory or cached model name (gpt2, …)")
+    p.add_argument("--download", action="store_true", help="allow downloading --hf weights when not cached")
+    p.add_argument("--preset", default="small", help="model preset when neither --checkpoint nor --hf is given")
+    p.add_argument("--no-cache", action="store_true", help="recompute the window each step (no KV cache)")
     _add_sampling_args(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_generate)
@@ -177,6 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None)
     p.set_defaults(func=_cmd_plot)
 
+    p = sub.add_parser("convert", help="GPT-2 weights between jaxgpt checkpoints and the Hugging Face layout")
+    p.add_argument("direction", choices=["to-hf", "from-hf"])
+    p.add_argument("source", help="to-hf: a jaxgpt run/checkpoint dir; from-hf: an HF dir or cached model name")
+    p.add_argument("--out", required=True)
+    p.add_argument("--max-shard-bytes", type=int, default=None, help="to-hf: shard the safetensors above this size")
+    p.add_argument("--download", action="store_true", help="from-hf: allow downloading when not cached")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_convert)
+
     p = sub.add_parser("data", help="corpus tools")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     p = data_sub.add_parser("prepare", help="clean, deduplicate, split and tokenize text files for training")
@@ -198,13 +273,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     from .checkpoint import CheckpointError
     from .config import ConfigError
+    from .hf import WeightsError
     from .data import DataError
     from .tokenizer import TokenizerError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, TokenizerError, CheckpointError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, DataError, TokenizerError, CheckpointError, WeightsError, ValueError, OSError) as e:
         print(f"jaxgpt {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,24 +1,31 @@
 """Autoregressive text generation: greedy, temperature, top-k, top-p, end-of-text stopping.
 
 The book's `generate_text_simple` / `generate` (chapters 4 and 5), with the whole decode loop
-compiled once per (batch, prompt length, new tokens) shape: a `lax.while_loop` over a preallocated
-token buffer. Each step runs the model on the last `context_length` tokens (the book's cropping),
-read with a fixed-size `dynamic_slice`, so no step retraces. Rows that emit `eos_id` stop (their
-remaining positions are filled with `eos_id`); the loop ends early once every row has stopped.
-This path recomputes the window each step; the KV-cache decoder lives in its own module.
+compiled once per (batch, prompt length, new tokens) shape, in two forms:
+
+- cached (default when prompt + new tokens fit the context): the prompt is prefilled once into a
+  preallocated key/value cache, then each step feeds one token and attends to the cache
+  (`_decode_cached`). Batches of prompts of different lengths are left-padded: padding slots are
+  masked out of attention and each row's positions start at 0 at its first real token.
+- uncached (`use_cache=False`, or when the sequence outgrows the context window): each step runs
+  the model on the last `context_length` tokens, the book's cropping, read with a fixed-size
+  `dynamic_slice` (`_decode_window`).
+Both are a `lax.while_loop`; rows that emit `eos_id` stop (the rest of the row is `eos_id`) and the
+loop ends once every row has stopped. Both give the same tokens (tested).
 """
 
 from __future__ import annotations
 
 from functools import partial
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
+import jax.experimental
 import jax.numpy as jnp
 import numpy as np
 
 from .config import GPTConfig
-from .model import GPT
+from .model import GPT, init_cache
 
 Array = jax.Array
 
@@ -53,7 +60,7 @@ def sample_next(key: Array, logits_bv: Array, temperature, top_k, top_p) -> Arra
 
 
 @partial(jax.jit, static_argnames=("config", "max_new_tokens"))
-def _decode(params, prompt_bt, key, temperature, top_k, top_p, eos_id, *, config: GPTConfig, max_new_tokens: int):
+def _decode_window(params, prompt_bt, key, temperature, top_k, top_p, eos_id, *, config: GPTConfig, max_new_tokens: int):
     b, t0 = prompt_bt.shape
     total = t0 + max_new_tokens
     window = min(config.context_length, total)
@@ -84,6 +91,131 @@ def _decode(params, prompt_bt, key, temperature, top_k, top_p, eos_id, *, config
     return buf_bT
 
 
+_STREAM_HANDLER: list = [None]  # the host function io_callback forwards to (set per call)
+
+
+def _emit(tokens_b, step) -> None:
+    if _STREAM_HANDLER[0] is not None:
+        _STREAM_HANDLER[0](np.asarray(tokens_b), int(step))
+
+
+@partial(jax.jit, static_argnames=("config", "max_new_tokens", "return_logits", "stream"))
+def _decode_cached(params, prompt_bp, pad_b, key, temperature, top_k, top_p, eos_id, *, config: GPTConfig,
+                   max_new_tokens: int, return_logits: bool = False, stream: bool = False):
+    """Prefill the left-padded prompts once, then decode one token per step against the KV cache.
+
+    prompt_bp: (b, P) ids, row r real from column pad_b[r] on. Returns new tokens (b, N) and, with
+    `return_logits`, the logits each token was drawn from (b, N, V).
+    """
+    b, p = prompt_bp.shape
+    n = max_new_tokens
+    model = GPT(config)
+    slots_s = jnp.arange(p + n)
+    visible_bs = slots_s[None, :] >= pad_b[:, None]  # padding slots are never attended to
+    pad = jnp.where(eos_id >= 0, eos_id, 0).astype(jnp.int32)
+
+    # prefill: slot j holds prompt column j; query i sees slots j <= i that are not padding
+    positions_bp = jnp.maximum(jnp.arange(p)[None, :] - pad_b[:, None], 0)
+    mask_bps = visible_bs[:, None, :] & (slots_s[None, None, :] <= jnp.arange(p)[None, :, None])
+    logits_bpv, cache = model.apply(params, prompt_bp, positions_bt=positions_bp,
+                                    cache=init_cache(config, b, p + n), cache_index=0, mask_bts=mask_bps)
+    logits_bv = logits_bpv[:, -1]
+
+    tokens_bn = jnp.full((b, n), pad, jnp.int32)
+    all_logits = jnp.zeros((b, n, logits_bv.shape[-1]), logits_bv.dtype) if return_logits else None
+
+    def cond(state):
+        i, _, _, done_b, _, _, _ = state
+        return (i < n) & ~jnp.all(done_b)
+
+    def body(state):
+        i, tokens_bn, logits_bv, done_b, cache, key, all_logits = state
+        key, sub = jax.random.split(key)
+        next_b = jnp.where(done_b, pad, sample_next(sub, logits_bv, temperature, top_k, top_p))
+        tokens_bn = tokens_bn.at[:, i].set(next_b)
+        if return_logits:
+            all_logits = all_logits.at[:, i].set(logits_bv)
+        if stream:
+            jax.experimental.io_callback(_emit, None, next_b, i, ordered=True)
+        done_b = done_b | ((eos_id >= 0) & (next_b == eos_id))
+        slot = p + i  # where this token's key/value go
+        mask_b1s = (visible_bs & (slots_s[None, :] <= slot))[:, None, :]
+        logits_b1v, cache = model.apply(params, next_b[:, None], positions_bt=(slot - pad_b)[:, None],
+                                        cache=cache, cache_index=slot, mask_bts=mask_b1s)
+        return i + 1, tokens_bn, logits_b1v[:, 0], done_b, cache, key, all_logits
+
+    state = (jnp.int32(0), tokens_bn, logits_bv, jnp.zeros((b,), bool), cache, key, all_logits)
+    _, tokens_bn, _, _, _, _, all_logits = jax.lax.while_loop(cond, body, state)
+    return tokens_bn, all_logits
+
+
+def _check_sampling(config: GPTConfig, max_new_tokens, temperature, top_k, top_p) -> None:
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k <= 0:
+        raise ValueError(f"top_k must be a positive integer, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def _sampling_args(seed, temperature, top_k, top_p, eos_id):
+    return (jax.random.key(seed), jnp.float32(temperature), jnp.int32(top_k or 0),
+            jnp.float32(top_p if top_p is not None else 1.0), jnp.int32(-1 if eos_id is None else eos_id))
+
+
+def generate_batch(
+    params,
+    config: GPTConfig,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    seed: int = 0,
+    eos_id: Optional[int] = None,
+    on_token: Optional[Callable[[np.ndarray, int], None]] = None,
+    return_logits: bool = False,
+):
+    """Continue prompts of different lengths together (left-padded, KV-cached).
+
+    Returns the new tokens of each prompt (a list per prompt, cut at `eos_id`), and with
+    `return_logits` also the (b, N, V) logits they were drawn from. `on_token(tokens_b, step)` is
+    called from inside the compiled loop as each step's tokens are produced (for streaming).
+    Prompt + new tokens must fit the context window (a clear error otherwise).
+    """
+    _check_sampling(config, max_new_tokens, temperature, top_k, top_p)
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > config.context_length:
+        raise ValueError(
+            f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the context window "
+            f"({config.context_length}) of the cached decoder: shorten the prompt or generate fewer tokens"
+        )
+    prompt_bp = np.zeros((len(prompts), longest), np.int32)
+    pad_b = np.array([longest - len(p) for p in prompts], np.int32)
+    for r, p in enumerate(prompts):
+        prompt_bp[r, pad_b[r]:] = p
+    if prompt_bp.max() >= config.vocab_size or prompt_bp.min() < 0:
+        raise ValueError(f"prompt ids must lie in [0, {config.vocab_size})")
+    if max_new_tokens == 0:
+        return ([[] for _ in prompts], None) if return_logits else [[] for _ in prompts]
+    _STREAM_HANDLER[0] = on_token
+    try:
+        tokens_bn, logits = _decode_cached(
+            params, jnp.asarray(prompt_bp), jnp.asarray(pad_b), *_sampling_args(seed, temperature, top_k, top_p, eos_id),
+            config=config, max_new_tokens=int(max_new_tokens), return_logits=return_logits, stream=on_token is not None,
+        )
+        tokens_bn = np.asarray(tokens_bn)
+    finally:
+        _STREAM_HANDLER[0] = None
+    new = [trim_at_eos(row, eos_id) for row in tokens_bn]
+    return (new, np.asarray(logits)) if return_logits else new
+
+
 def generate(
     params,
     config: GPTConfig,
@@ -95,36 +227,32 @@ def generate(
     top_p: Optional[float] = None,
     seed: int = 0,
     eos_id: Optional[int] = None,
+    use_cache: bool = True,
 ) -> np.ndarray:
     """Continue each row of `prompt_bt` (ints, shape (b, t0)) by up to `max_new_tokens` tokens.
 
     Returns (b, t0 + max_new_tokens) int32. With `eos_id`, a row that emits it stops, and the rest
     of that row is `eos_id`. Prompts longer than the context are fine: only the last
-    `context_length` tokens are seen.
+    `context_length` tokens are seen. The KV cache is used when prompt + new tokens fit the
+    context window; beyond it (or with `use_cache=False`) each step recomputes the window.
     """
     prompt_bt = np.asarray(prompt_bt, dtype=np.int32)
     if prompt_bt.ndim == 1:
         prompt_bt = prompt_bt[None]
     if prompt_bt.ndim != 2 or prompt_bt.shape[1] == 0:
         raise ValueError(f"prompt must be a non-empty (batch, length) array of ids, got shape {prompt_bt.shape}")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    _check_sampling(config, max_new_tokens, temperature, top_k, top_p)
     if prompt_bt.min() < 0 or prompt_bt.max() >= config.vocab_size:
         raise ValueError(f"prompt ids must lie in [0, {config.vocab_size}), got [{prompt_bt.min()}, {prompt_bt.max()}]")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k <= 0:
-        raise ValueError(f"top_k must be a positive integer, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if max_new_tokens == 0:
         return prompt_bt
-    out = _decode(
-        params, jnp.asarray(prompt_bt), jax.random.key(seed),
-        jnp.float32(temperature), jnp.int32(top_k or 0), jnp.float32(top_p if top_p is not None else 1.0),
-        jnp.int32(-1 if eos_id is None else eos_id),
-        config=config, max_new_tokens=int(max_new_tokens),
-    )
+    sampling = _sampling_args(seed, temperature, top_k, top_p, eos_id)
+    if use_cache and prompt_bt.shape[1] + max_new_tokens <= config.context_length:
+        pad_b = jnp.zeros((prompt_bt.shape[0],), jnp.int32)
+        new_bn, _ = _decode_cached(params, jnp.asarray(prompt_bt), pad_b, *sampling, config=config,
+                                   max_new_tokens=int(max_new_tokens))
+        return np.concatenate([prompt_bt, np.asarray(new_bn)], axis=1)
+    out = _decode_window(params, jnp.asarray(prompt_bt), *sampling, config=config, max_new_tokens=int(max_new_tokens))
     return np.asarray(out)
 
 

@@ -9,6 +9,7 @@ takes the very same pytree.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -43,7 +44,8 @@ class Block(nn.Module):
     dtype: jnp.dtype
 
     @nn.compact
-    def __call__(self, x_btd: Array, *, deterministic: bool = True) -> Array:
+    def __call__(self, x_btd: Array, *, deterministic: bool = True, kv_cache: Optional[dict] = None,
+                 cache_index: Optional[Array] = None, mask_bts: Optional[Array] = None):
         cfg = self.config
         out_std = 0.02 / math.sqrt(2 * cfg.n_layers)
         ln = lambda name: nn.LayerNorm(epsilon=cfg.ln_eps, dtype=self.dtype, name=name)  # noqa: E731
@@ -53,19 +55,30 @@ class Block(nn.Module):
             n_heads=cfg.n_heads, drop_rate=cfg.drop_rate, qkv_bias=cfg.qkv_bias,
             impl=self.attn_impl, dtype=self.dtype, out_init_std=out_std, name="attn",
         )
-        x_btd = x_btd + drop(attn(ln("ln_1")(x_btd), deterministic=deterministic), deterministic=deterministic)
+        attn_out = attn(ln("ln_1")(x_btd), deterministic=deterministic, kv_cache=kv_cache,
+                        cache_index=cache_index, mask_bts=mask_bts)
+        if kv_cache is not None:
+            attn_out, kv_cache = attn_out
+        x_btd = x_btd + drop(attn_out, deterministic=deterministic)
         mlp = MLP(hidden=cfg.mlp_ratio * cfg.emb_dim, dtype=self.dtype, out_init_std=out_std, name="mlp")
         x_btd = x_btd + drop(mlp(ln("ln_2")(x_btd)), deterministic=deterministic)
-        return x_btd
+        return x_btd if kv_cache is None else (x_btd, kv_cache)
 
 
 class GPT(nn.Module):
-    """GPT-2 style decoder: token + learned position embeddings, blocks, final LayerNorm, head."""
+    """GPT-2 style decoder: token + learned position embeddings, blocks, final LayerNorm, head.
+
+    `GPT(cfg).apply(params, idx_bt)` -> logits_btv. For cached decoding pass `cache` (from
+    `init_cache`), the slot `cache_index` where these tokens go, their `positions_bt`, and
+    `mask_bts` (which cache slots each token sees); then it returns (logits_btv, new_cache).
+    """
 
     config: GPTConfig
 
     @nn.compact
-    def __call__(self, idx_bt: Array, *, deterministic: bool = True) -> Array:
+    def __call__(self, idx_bt: Array, *, deterministic: bool = True, positions_bt: Optional[Array] = None,
+                 cache: Optional[list] = None, cache_index: Optional[Array] = None,
+                 mask_bts: Optional[Array] = None):
         cfg = self.config
         b, t = idx_bt.shape
         if t > cfg.context_length:
@@ -80,18 +93,33 @@ class GPT(nn.Module):
 
         wte = nn.Embed(cfg.vocab_size, cfg.emb_dim, embedding_init=emb_init, dtype=dtype, name="wte")
         wpe = nn.Embed(cfg.context_length, cfg.emb_dim, embedding_init=emb_init, dtype=dtype, name="wpe")
-        x_btd = wte(idx_bt) + wpe(jnp.arange(t))[None]
-        x_btd = nn.Dropout(cfg.drop_rate)(x_btd, deterministic=deterministic)
+        pos_emb = wpe(jnp.arange(t))[None] if positions_bt is None else wpe(positions_bt)
+        x_btd = nn.Dropout(cfg.drop_rate)(wte(idx_bt) + pos_emb, deterministic=deterministic)
 
+        new_cache = []
         for i in range(cfg.n_layers):
-            x_btd = Block(cfg, attn_impl=impl, dtype=dtype, name=f"h_{i}")(x_btd, deterministic=deterministic)
+            block = Block(cfg, attn_impl=impl, dtype=dtype, name=f"h_{i}")
+            if cache is None:
+                x_btd = block(x_btd, deterministic=deterministic)
+            else:
+                x_btd, layer_cache = block(x_btd, deterministic=deterministic, kv_cache=cache[i],
+                                           cache_index=cache_index, mask_bts=mask_bts)
+                new_cache.append(layer_cache)
 
         x_btd = nn.LayerNorm(epsilon=cfg.ln_eps, dtype=dtype, name="ln_f")(x_btd)
         if cfg.tie_embeddings:
             logits_btv = wte.attend(x_btd)
         else:
             logits_btv = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype, kernel_init=init, name="lm_head")(x_btd)
-        return logits_btv.astype(jnp.promote_types(dtype, jnp.float32))  # f32, or f64 under x64
+        logits_btv = logits_btv.astype(jnp.promote_types(dtype, jnp.float32))  # f32, or f64 under x64
+        return logits_btv if cache is None else (logits_btv, new_cache)
+
+
+def init_cache(config: GPTConfig, batch: int, length: int) -> list:
+    """An empty key/value cache: per layer {"k", "v"} of shape (batch, length, n_heads, head_dim)."""
+    shape = (batch, length, config.n_heads, config.head_dim)
+    dtype = resolve_dtype(config)
+    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.n_layers)]
 
 
 def init_params(config: GPTConfig, seed: int = 0) -> dict:

@@ -1,0 +1,139 @@
+"""GPT-2 weights in and out of the Hugging Face layout, against `transformers` (torch, CPU)."""
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="parity tests need the test extra (torch, transformers)")
+transformers = pytest.importorskip("transformers")
+
+from jaxgpt.checkpoint import load_for_inference  # noqa: E402
+from jaxgpt.cli import main  # noqa: E402
+from jaxgpt.config import GPTConfig  # noqa: E402
+from jaxgpt.generate import generate  # noqa: E402
+from jaxgpt.hf import WeightsError, load_hf, save_hf  # noqa: E402
+from jaxgpt.model import GPT, init_params  # noqa: E402
+
+# float32 on both sides, same operations in a different order: logits of O(1) agree to ~1e-6;
+# 1e-4 is the bound we promise.
+ATOL = 1e-4
+
+
+def _hf_model(tied=True, **kw):
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=32, vocab_size=97,
+                                  tie_word_embeddings=tied, bos_token_id=0, eos_token_id=0, **kw)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():  # non-trivial LayerNorms and biases, so every tensor matters
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model
+
+
+def _hf_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor(ids)).logits.numpy()
+
+
+IDS = np.random.default_rng(0).integers(0, 97, (2, 20))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_import_matches_transformers_logits(tmp_path, tied):
+    model = _hf_model(tied=tied)
+    model.save_pretrained(tmp_path)
+    params, cfg = load_hf(str(tmp_path))
+    assert cfg.tie_embeddings is tied and cfg.qkv_bias and cfg.n_layers == 2
+    np.testing.assert_allclose(GPT(cfg).apply(params, IDS), _hf_logits(model, IDS), atol=ATOL)
+
+
+def test_sharded_checkpoint_import(tmp_path):
+    model = _hf_model()
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    params, cfg = load_hf(str(tmp_path))
+    np.testing.assert_allclose(GPT(cfg).apply(params, IDS), _hf_logits(model, IDS), atol=ATOL)
+
+
+@pytest.mark.parametrize("qkv_bias, tied, shard", [(False, False, None), (True, True, 30_000)])
+def test_export_loads_in_transformers_with_same_logits_and_greedy_tokens(tmp_path, qkv_bias, tied, shard):
+    cfg = GPTConfig(vocab_size=97, context_length=32, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0,
+                    qkv_bias=qkv_bias, tie_embeddings=tied)
+    params = init_params(cfg, seed=3)
+    save_hf(params, cfg, tmp_path, max_shard_bytes=shard)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    np.testing.assert_allclose(GPT(cfg).apply(params, IDS), _hf_logits(hf, IDS), atol=ATOL)
+    prompt = IDS[:1, :6]
+    with torch.no_grad():
+        hf_tokens = hf.generate(torch.tensor(prompt), max_new_tokens=12, do_sample=False, use_cache=True,
+                                pad_token_id=0, eos_token_id=None).numpy()
+    np.testing.assert_array_equal(generate(params, cfg, prompt, 12), hf_tokens)
+    again, cfg2 = load_hf(str(tmp_path))  # and back: the round trip is exact
+    assert cfg2.replace(qkv_bias=qkv_bias, drop_rate=0.0) == cfg
+    np.testing.assert_array_equal(again["params"]["wte"]["embedding"], params["params"]["wte"]["embedding"])
+
+
+def test_bad_checkpoints_name_the_tensor(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    model = _hf_model()
+    model.save_pretrained(tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    name = "transformer.h.1.mlp.c_fc.weight"
+
+    def write(ts):
+        save_file(ts, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+
+    write({k: v for k, v in tensors.items() if k != name})
+    with pytest.raises(WeightsError, match=r"lacks.*h\.1\.mlp\.c_fc\.weight"):
+        load_hf(str(tmp_path))
+    write({**tensors, "transformer.h.9.attn.c_attn.weight": tensors[name]})
+    with pytest.raises(WeightsError, match=r"does not use.*h\.9"):
+        load_hf(str(tmp_path))
+    write({**tensors, name: tensors[name][:, :5]})
+    with pytest.raises(WeightsError, match=r"'transformer\.h\.1\.mlp\.c_fc\.weight' has shape \(32, 5\)"):
+        load_hf(str(tmp_path))
+    write({**tensors, name: tensors[name].astype(np.int32)})
+    with pytest.raises(WeightsError, match="dtype int32"):
+        load_hf(str(tmp_path))
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(WeightsError, match="not a readable safetensors"):
+        load_hf(str(tmp_path))
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "activation_function": "relu"}))
+    with pytest.raises(WeightsError, match="tanh approximation"):
+        load_hf(str(tmp_path))
+
+
+def test_missing_model_name_says_where_it_looked(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(WeightsError, match=r"looked in .*models--gpt2-medium"):
+        load_hf("gpt2-medium")
+
+
+def test_model_name_found_in_local_cache(tmp_path, monkeypatch):
+    snap = tmp_path / "hub" / "models--openai-community--gpt2" / "snapshots" / "abc123"
+    _hf_model().save_pretrained(snap)
+    (snap.parent.parent / "refs").mkdir()
+    (snap.parent.parent / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    params, cfg = load_hf("gpt2")
+    assert cfg.vocab_size == 97
+
+
+def test_convert_cli_both_directions(tmp_path, capsys):
+    model = _hf_model()
+    model.save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "jaxgpt_tokenizer.json").write_text(json.dumps({"kind": "char", "chars": "".join(chr(32 + i) for i in range(96))}))
+    assert main(["convert", "from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 0
+    params, cfg, tok = load_for_inference(tmp_path / "run")
+    np.testing.assert_allclose(GPT(cfg).apply(params, IDS), _hf_logits(model, IDS), atol=ATOL)
+    assert tok.name == "char"
+    assert main(["convert", "to-hf", str(tmp_path / "run"), "--out", str(tmp_path / "back")]) == 0
+    back = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "back").eval()
+    np.testing.assert_allclose(_hf_logits(back, IDS), _hf_logits(model, IDS), atol=1e-6)
+    capsys.readouterr()
+    assert main(["generate", "--hf", str(tmp_path / "back"), "--prompt", "hi", "--max-new-tokens", "5", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["prompt"] == "hi" and len(out["tokens"]) <= 5
