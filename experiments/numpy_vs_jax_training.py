@@ -39,7 +39,7 @@ text = load_text(args.data)[:200_000]
 tok = CharTokenizer.from_text(text)
 ids = np.asarray(tok.encode(text), dtype=np.int32)
 cfg = GPTConfig(vocab_size=tok.vocab_size, context_length=32, emb_dim=32, n_heads=4, n_layers=2,
-                drop_rate=0.0, qkv_bias=True, dtype=dtype)
+                drop_rate=0.0, qkv_bias=False, dtype=dtype)  # see test_numpy_adamw_matches_optax_over_k_steps
 tc = TrainConfig(batch_size=8, max_steps=args.steps, lr=3e-3, min_lr=3e-4, warmup_steps=20,
                  weight_decay=0.1, grad_clip=1.0, beta1=0.9, beta2=0.99)
 sampler = RandomWindowSampler(ids, cfg.context_length, tc.batch_size, seed=0)

@@ -170,8 +170,11 @@ def test_jax_grad_matches_numpy_backward_float32():
 
 
 def test_numpy_adamw_matches_optax_over_k_steps():
+    # No qkv bias here: the gradient of the key bias is exactly zero in exact arithmetic (softmax is
+    # shift-invariant per query), so both sides hold rounding noise there, which Adam's
+    # normalisation m/sqrt(v) blows up to O(lr) differences. Its gradient is checked above.
     cfg = GPTConfig(vocab_size=20, context_length=8, emb_dim=16, n_heads=2, n_layers=2, drop_rate=0.0,
-                    qkv_bias=True)
+                    qkv_bias=False)
     tc = TrainConfig(lr=3e-3, min_lr=3e-4, warmup_steps=2, max_steps=6, weight_decay=0.1, grad_clip=0.5,
                      beta1=0.9, beta2=0.95, eps=1e-8)
     batches = [(RNG.integers(0, 20, (2, 8)), RNG.integers(0, 20, (2, 8))) for _ in range(6)]
@@ -190,7 +193,11 @@ def test_numpy_adamw_matches_optax_over_k_steps():
                 np_params, g, np_state, float(schedule(k)), b1=tc.beta1, b2=tc.beta2, eps=tc.eps,
                 weight_decay=tc.weight_decay, grad_clip=tc.grad_clip)
         diff = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), params, np_params)
-        assert max(jax.tree.leaves(diff)) < 1e-10
+        # float64 on both sides. Adam divides each gradient entry by its own magnitude, so entries
+        # that nearly cancel (relative error far above 1e-16) still move by O(lr) and carry their
+        # rounding into the parameters. Six steps move a parameter by up to 6·lr ≈ 0.02; we see
+        # differences of a few 1e-9 and allow 1e-8, i.e. below 1e-6 of the distance travelled.
+        assert max(jax.tree.leaves(diff)) < 1e-8
 
 
 def _optax_step(cfg, tx, params, opt_state, x, y):
