@@ -45,6 +45,10 @@ class Checkpointer:
         manager = self.best if best else self.latest
         if step in manager.all_steps():
             return
+        if jax.process_count() > 1:
+            # Orbax's cross-process barriers are named by step only: two managers saving the same
+            # step at once would collide, so the other manager's save finishes first.
+            (self.latest if best else self.best).wait_until_finished()
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         manager.save(step, args=args)
 
@@ -100,8 +104,19 @@ def read_meta(path: Path) -> dict:
     return meta
 
 
+def _default_sharding(abstract_state: Any) -> Any:
+    """Leaves without a sharding go to the first local device (so a checkpoint written on a mesh of
+    many devices restores onto one)."""
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(
+        lambda a: a if getattr(a, "sharding", None) is not None else jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+        abstract_state)
+
+
 def restore(path: Path, abstract_state: Any) -> tuple[dict, dict]:
-    """(state, meta) of the checkpoint at `path`, restored onto the shapes of `abstract_state`."""
+    """(state, meta) of the checkpoint at `path`, restored onto the shapes (and shardings) of
+    `abstract_state`; leaves without a sharding land on the first local device."""
+    abstract_state = _default_sharding(abstract_state)
     manager, step = find_checkpoint(path)
     try:
         items = manager.restore(

@@ -117,6 +117,9 @@ def _cmd_convert(args) -> int:
 
 
 def _cmd_train(args) -> int:
+    from .sharding import initialize_distributed
+
+    initialize_distributed(args.coordinator, args.num_processes, args.process_id)  # before JAX starts
     from .config import get_preset
     from .train_config import TrainConfig, apply_overrides
     from .trainer import TrainingDiverged, train
@@ -125,7 +128,7 @@ def _cmd_train(args) -> int:
     model_cfg = get_preset(args.preset or "small")
     train_cfg = TrainConfig()
     direct = {k: v for k, v in {"data": args.data, "tokenizer": args.tokenizer, "max_steps": args.max_steps,
-                                 "devices": args.devices, "seed": args.seed}.items() if v is not None}
+                                 "devices": args.devices, "seed": args.seed, "mesh": args.mesh}.items() if v is not None}
     train_cfg = train_cfg.replace(**direct)
     model_cfg, train_cfg = apply_overrides(model_cfg, train_cfg, args.set)
     if args.out is None:
@@ -139,7 +142,9 @@ def _cmd_train(args) -> int:
     except TrainingDiverged as e:
         print(f"jaxgpt train: {e}", file=sys.stderr)
         return 3
-    if args.json:
+    if "process" in summary:  # a process other than 0: process 0 reports for the run
+        pass
+    elif args.json:
         print(json.dumps(summary))
     else:
         print(f"\n{summary['status']} at step {summary['step']}: train loss {summary['train_loss']:.4f}, "
@@ -224,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--devices", type=int, default=None, help="local devices for data parallelism (default: all)")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--mesh", default=None, help="sharded jit instead of pmap, e.g. data=2,fsdp=2 (-1: the rest)")
+    p.add_argument("--coordinator", default=None, help="multi-process: coordinator host:port (process 0)")
+    p.add_argument("--num-processes", type=int, default=None)
+    p.add_argument("--process-id", type=int, default=None)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override any config field, e.g. --set train.lr=3e-4 --set model.n_layers=6")
@@ -274,13 +283,14 @@ def main(argv=None) -> int:
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .hf import WeightsError
+    from .sharding import MeshError
     from .data import DataError
     from .tokenizer import TokenizerError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, TokenizerError, CheckpointError, WeightsError, ValueError, OSError) as e:
+    except (ConfigError, DataError, TokenizerError, CheckpointError, WeightsError, MeshError, ValueError, OSError) as e:
         print(f"jaxgpt {args.command}: error: {e}", file=sys.stderr)
         return 2
 

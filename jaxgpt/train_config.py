@@ -48,6 +48,7 @@ class TrainConfig:
     # run
     seed: int = 0
     devices: Optional[int] = None  # local devices for pmap data parallelism (default: all)
+    mesh: Optional[str] = None  # e.g. "data=2,fsdp=2": sharded jit over all processes' devices instead of pmap
     peak_flops: Optional[float] = None  # per-device peak FLOP/s for MFU (default: measured by a matmul probe)
     tensorboard: bool = False
 

@@ -133,6 +133,13 @@ class ParallelTrainer:
     def params(self, state):
         return self.get_state(state)["params"] if self.n_devices > 1 else state["params"]
 
+    def local_rows(self, batch_size: int) -> slice:
+        """Rows of each global batch this process feeds: all of them (one process)."""
+        return slice(None)
+
+    def local_eval_rows(self, batch_size: int) -> slice:
+        return slice(None)
+
     def split_batch(self, x_bt: np.ndarray) -> np.ndarray:
         b, t = x_bt.shape
         if self.n_devices == 1:

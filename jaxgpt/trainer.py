@@ -37,6 +37,7 @@ from .model import GPT, count_params, init_params
 from .optim import build_optimizer, lr_schedule
 from .tokenizer import Tokenizer, get_tokenizer, tokenizer_from_dict
 from .train_config import TrainConfig
+from .sharding import ShardedTrainer, build_mesh
 from .train_step import ParallelTrainer, create_state
 
 PREPARED_META = "meta.json"
@@ -100,10 +101,27 @@ def build_data(cfg: TrainConfig, seq_len: int, tokenizer: Optional[Tokenizer] = 
     return RunData(tokenizer, source, val, len(train_ids), len(val_ids), prompt)
 
 
+def to_host(x) -> float:
+    """A replicated scalar as a Python float (also when the array spans several processes)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        x = x.addressable_data(0)
+    return float(x)
+
+
 def evaluate(eval_step: Callable, params, batches: list) -> float:
     """Mean validation cross-entropy over the fixed batches (all have the same size)."""
-    losses = [float(eval_step(params, x, y)) for x, y in batches]
+    losses = [to_host(eval_step(params, x, y)) for x, y in batches]
     return float(np.mean(losses))
+
+
+class _NullLogger:
+    """What processes other than 0 log to."""
+
+    def log(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _run_meta(model_cfg: GPTConfig, cfg: TrainConfig, tokenizer: Tokenizer, step: int, best: float) -> dict:
@@ -187,18 +205,29 @@ def train(
 
     model = GPT(model_cfg)
     tx = build_optimizer(cfg)
-    n_devices = cfg.devices or jax.local_device_count()
-    trainer = ParallelTrainer(model, tx, n_devices, cfg.micro_batches)
+    init_state = lambda: create_state(model, tx, init_params(model_cfg, seed=cfg.seed), cfg.seed)  # noqa: E731
+    abstract = jax.eval_shape(init_state)
+    if cfg.mesh:
+        trainer = ShardedTrainer(model, tx, build_mesh(cfg.mesh), cfg.micro_batches, abstract)
+        abstract = trainer.abstract_state(abstract)
+        init_state = jax.jit(init_state, out_shardings=trainer.state_sharding)
+    else:
+        trainer = ParallelTrainer(model, tx, cfg.devices or jax.local_device_count(), cfg.micro_batches)
     trainer.check_batch_size(cfg.batch_size)
+    n_devices = trainer.n_devices
+    is_main = jax.process_index() == 0  # only process 0 writes logs, plots and summaries
 
-    state = create_state(model, tx, init_params(model_cfg, seed=cfg.seed), cfg.seed)
     if resume:
-        state, _ = restore(run_dir, jax.eval_shape(lambda: state))
-        _keep_records_up_to(run_dir / "metrics.jsonl", int(state["step"]))
-    start_step = int(state["step"])
-    write_json(run_dir / "config.json", _run_meta(model_cfg, cfg, data.tokenizer, start_step, best_val))
+        state, _ = restore(run_dir, abstract)
+    else:
+        state = init_state()
+    start_step = int(to_host(state["step"]))
+    if is_main:
+        if resume:
+            _keep_records_up_to(run_dir / "metrics.jsonl", start_step)
+        write_json(run_dir / "config.json", _run_meta(model_cfg, cfg, data.tokenizer, start_step, best_val))
 
-    n_params = count_params(state["params"])
+    n_params = count_params(abstract["params"])
     flops_tok = flops_per_token(model_cfg, seq_len, n_params)
     if cfg.peak_flops:
         peak, peak_source = cfg.peak_flops * n_devices, "given"
@@ -209,11 +238,13 @@ def train(
         peak_source = "matmul probe (float32 2048x2048)"
     _log(
         f"model {n_params:,} params, vocab {model_cfg.vocab_size}, context {seq_len}; "
-        f"{data.n_train_tokens:,} train / {data.n_val_tokens:,} val tokens; {n_devices} {jax.default_backend()} device(s); "
+        f"{data.n_train_tokens:,} train / {data.n_val_tokens:,} val tokens; {n_devices} {jax.default_backend()} device(s)"
+        f"{f' in mesh {cfg.mesh} over {jax.process_count()} process(es)' if cfg.mesh else ''}; "
         f"steps {start_step}->{cfg.max_steps}; peak {peak / 1e9:.0f} GFLOP/s ({peak_source})"
     )
 
-    logger = JsonlLogger(run_dir / "metrics.jsonl", run_dir / "tensorboard" if cfg.tensorboard else None)
+    logger = (JsonlLogger(run_dir / "metrics.jsonl", run_dir / "tensorboard" if cfg.tensorboard else None)
+              if is_main else _NullLogger())
     ckpt = Checkpointer(run_dir, cfg.keep_checkpoints)
     schedule = lr_schedule(cfg)
     tokens_per_step = cfg.batch_size * seq_len
@@ -227,13 +258,16 @@ def train(
 
     from tqdm import tqdm
 
-    bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not (progress and is_main), unit="step",
+               dynamic_ncols=True)
+    train_rows = trainer.local_rows(cfg.batch_size)
+    val_batches = [(x[trainer.local_eval_rows(len(x))], y[trainer.local_eval_rows(len(x))]) for x, y in data.val_batches]
     try:
         with _StopSignals() as stop:
             for step in range(start_step, cfg.max_steps):
-                x_bt, y_bt = data.train_source.batch(step)
+                x_bt, y_bt = data.train_source.batch(step, rows=train_rows)
                 state, metrics = trainer(state, x_bt, y_bt)
-                loss = float(metrics["loss"])
+                loss = to_host(metrics["loss"])
                 done = step + 1
                 steps_since_log += 1
                 bar.update(1)
@@ -251,21 +285,22 @@ def train(
                     tok_s = steps_since_log * tokens_per_step / (now - t_last)
                     record = {
                         "kind": "train", "step": done, "tokens_seen": done * tokens_per_step, "loss": loss,
-                        "lr": float(schedule(step)), "grad_norm": float(metrics["grad_norm"]),
+                        "lr": float(schedule(step)), "grad_norm": to_host(metrics["grad_norm"]),
                         "tokens_per_s": tok_s, "mfu": tok_s * flops_tok / peak, "time_s": now - t_start,
                     }
                     logger.log(record)
                     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
                     t_last, steps_since_log = now, 0
                 if done % cfg.eval_every == 0 or done == cfg.max_steps:
-                    val_loss = evaluate(trainer.eval_step, trainer.params(state), data.val_batches)
+                    val_loss = evaluate(trainer.eval_step, trainer.params(state), val_batches)
                     improved = val_loss < best_val
                     best_val = min(best_val, val_loss)
                     logger.log({
                         "kind": "eval", "step": done, "tokens_seen": done * tokens_per_step, "val_loss": val_loss,
                         "val_ppl": math.exp(min(val_loss, 50.0)), "best_val_loss": best_val,
                     })
-                    bar.write(f"step {done}: train loss {loss:.4f}, val loss {val_loss:.4f} (best {best_val:.4f})", file=sys.stderr)
+                    if is_main:
+                        bar.write(f"step {done}: train loss {loss:.4f}, val loss {val_loss:.4f} (best {best_val:.4f})", file=sys.stderr)
                     if improved:
                         save(done, best=True)
                     t_last = time.perf_counter()  # evaluation time is not training throughput
@@ -283,9 +318,11 @@ def train(
         ckpt.close()
         logger.close()
 
+    final_step = int(to_host(state["step"]))
+    if not is_main:
+        return {"status": status, "run_dir": str(run_dir), "step": final_step, "process": jax.process_index()}
     records = read_jsonl(run_dir / "metrics.jsonl")
     plot_losses(records, run_dir / "loss.png", title=f"{run_dir.name}: {cfg.data}")
-    final_step = int(trainer.get_state(state)["step"])
     train_records = [r for r in records if r.get("kind") == "train"]
     summary = {
         "status": status, "run_dir": str(run_dir), "step": final_step, "train_loss": last_loss,
@@ -294,7 +331,7 @@ def train(
         "tokens_per_s": train_records[-1]["tokens_per_s"] if train_records else None,
         "peak_flops": peak, "peak_flops_source": peak_source,
     }
-    if status == "completed" and cfg.samples > 0:
+    if status == "completed" and cfg.samples > 0 and jax.process_count() == 1:
         params = trainer.params(state)
         prompt = np.array([data.sample_prompt] * cfg.samples)
         out = generate(params, model_cfg, prompt, cfg.sample_tokens, temperature=0.8, top_k=40,

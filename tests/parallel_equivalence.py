@@ -17,6 +17,7 @@ from jaxgpt.config import get_preset  # noqa: E402
 from jaxgpt.model import GPT, init_params  # noqa: E402
 from jaxgpt.optim import build_optimizer  # noqa: E402
 from jaxgpt.train_config import TrainConfig  # noqa: E402
+from jaxgpt.sharding import ShardedTrainer, build_mesh  # noqa: E402
 from jaxgpt.train_step import ParallelTrainer, create_state  # noqa: E402
 
 
@@ -29,18 +30,31 @@ def main() -> None:
     batches = [(rng.integers(0, 64, (8, 16)).astype(np.int32), rng.integers(0, 64, (8, 16)).astype(np.int32))
                for _ in range(6)]
     results, losses = {}, {}
-    for devices, micro in [(1, 1), (4, 1), (2, 2), (1, 4)]:
-        trainer = ParallelTrainer(model, tx, devices, micro)
-        state = trainer.put_state(create_state(model, tx, init_params(cfg), 0))
+    init = lambda: create_state(model, tx, init_params(cfg), 0)  # noqa: E731
+    layouts = [("pmap", 1, 1), ("pmap", 4, 1), ("pmap", 2, 2), ("pmap", 1, 4),
+               ("data=4", 4, 1), ("fsdp=4", 4, 1), ("data=2,fsdp=2", 4, 2)]
+    for mode, devices, micro in layouts:
+        if mode == "pmap":
+            trainer = ParallelTrainer(model, tx, devices, micro)
+        else:
+            trainer = ShardedTrainer(model, tx, build_mesh(mode), micro, jax.eval_shape(init))
+        state = trainer.put_state(init())
+        if mode.startswith("fsdp"):  # FSDP really splits the matrices (and their Adam moments)
+            kernel = state["params"]["params"]["h_0"]["attn"]["c_attn"]["kernel"]
+            assert kernel.addressable_shards[0].data.shape == (32, 96 // 4), kernel.sharding
+            mu = jax.tree.leaves(state["opt_state"])
+            assert sum(1 for leaf in mu if len(leaf.sharding.device_set) == 4
+                       and not leaf.sharding.is_fully_replicated) >= 2 * 4 * cfg.n_layers
         for x, y in batches:
             state, metrics = trainer(state, x, y)
-        results[(devices, micro)] = trainer.get_state(state)["params"]
-        losses[f"{devices}x{micro}"] = float(metrics["loss"])
-    base = results[(1, 1)]
+        key = f"{mode}:{devices}x{micro}"
+        results[key] = jax.tree.map(np.asarray, trainer.get_state(state)["params"])
+        losses[key] = float(metrics["loss"])
+    base = results["pmap:1x1"]
     diffs = {
-        f"{d}x{m}": max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
-                        for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(base)))
-        for (d, m), p in results.items()
+        key: max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                 for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(base)))
+        for key, p in results.items()
     }
     moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
                 for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(init_params(cfg))))

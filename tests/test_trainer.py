@@ -150,3 +150,11 @@ def test_cli_eval_generate_and_plot(corpus, tmp_path, capsys):
     assert main(["plot", str(run)]) == 0 and (run / "loss.png").is_file()
     assert main(["eval", "--checkpoint", str(tmp_path / "missing")]) == 2
     assert "no such checkpoint path" in capsys.readouterr().err
+
+
+def test_tensorboard_logging_writes_event_files(corpus, tmp_path):
+    pytest.importorskip("tensorboardX", reason="TensorBoard logging is optional (pip install 'jaxgpt[tensorboard]')")
+    run = tmp_path / "tb"
+    train(MODEL, _cfg(corpus, max_steps=4, decay_steps=4, tensorboard=True), run, progress=False)
+    events = list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 100
