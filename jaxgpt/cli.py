@@ -97,6 +97,18 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_serve(args) -> int:
+    from .serve import serve
+
+    args.seed = 0
+    params, config, tokenizer = _load_for_generation(args)
+    name = args.model_name or (args.hf or args.checkpoint or f"random-{args.preset}").rstrip("/").split("/")[-1]
+    print(f"[jaxgpt] serving {name!r} on http://{args.host}:{args.port} (compiling the decoder first)", file=sys.stderr)
+    serve(params, config, tokenizer, host=args.host, port=args.port, model_name=name, max_batch=args.max_batch,
+          batch_wait_s=args.batch_wait_ms / 1000, max_tokens_limit=args.max_tokens_limit)
+    return 0
+
+
 def _cmd_convert(args) -> int:
     from .hf import load_hf, load_tokenizer, resolve_checkpoint, save_hf
 
@@ -251,6 +263,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--out", default=None)
     p.set_defaults(func=_cmd_plot)
+
+    p = sub.add_parser("serve", help="an OpenAI-style HTTP API and a web playground for a model")
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--hf", default=None)
+    p.add_argument("--download", action="store_true")
+    p.add_argument("--preset", default="small", help="random model of this preset when no weights are given")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-name", default=None)
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together at most")
+    p.add_argument("--batch-wait-ms", type=float, default=20.0, help="how long the first request waits for company")
+    p.add_argument("--max-tokens-limit", type=int, default=256)
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("convert", help="GPT-2 weights between jaxgpt checkpoints and the Hugging Face layout")
     p.add_argument("direction", choices=["to-hf", "from-hf"])

@@ -104,9 +104,11 @@ def _decode_window(params, prompt_bt, key, temperature, top_k, top_p, eos_id, *,
 _STREAM_HANDLER: list = [None]  # the host function io_callback forwards to (set per call)
 
 
-def _emit(tokens_b, step) -> None:
-    if _STREAM_HANDLER[0] is not None:
-        _STREAM_HANDLER[0](np.asarray(tokens_b), int(step))
+def _emit(tokens_b, step) -> np.ndarray:
+    """Hand a step's tokens to the host handler; its answer (rows to stop now) goes back in."""
+    tokens_b = np.asarray(tokens_b)
+    stop = _STREAM_HANDLER[0](tokens_b, int(step)) if _STREAM_HANDLER[0] is not None else None
+    return np.zeros(tokens_b.shape, bool) if stop is None else np.asarray(stop, bool).reshape(tokens_b.shape)
 
 
 @partial(jax.jit, static_argnames=("config", "max_new_tokens", "return_logits", "stream"))
@@ -146,7 +148,8 @@ def _decode_cached(params, prompt_bp, pad_b, key, temperature, top_k, top_p, eos
         if return_logits:
             all_logits = all_logits.at[:, i].set(logits_bv)
         if stream:
-            jax.experimental.io_callback(_emit, None, next_b, i, ordered=True)
+            done_b = done_b | jax.experimental.io_callback(_emit, jax.ShapeDtypeStruct((b,), jnp.bool_), next_b, i,
+                                                           ordered=True)
         done_b = done_b | ((eos_id >= 0) & (next_b == eos_id))
         slot = p + i  # where this token's key/value go
         mask_b1s = (visible_bs & (slots_s[None, :] <= slot))[:, None, :]
@@ -186,20 +189,25 @@ def generate_batch(
     top_p: Optional[float] = None,
     seed: int = 0,
     eos_id: Optional[int] = None,
-    on_token: Optional[Callable[[np.ndarray, int], None]] = None,
+    on_token: Optional[Callable[[np.ndarray, int], Optional[np.ndarray]]] = None,
     return_logits: bool = False,
+    pad_to: Optional[int] = None,
 ):
     """Continue prompts of different lengths together (left-padded, KV-cached).
 
     Returns the new tokens of each prompt (a list per prompt, cut at `eos_id`), and with
     `return_logits` also the (b, N, V) logits they were drawn from. `on_token(tokens_b, step)` is
-    called from inside the compiled loop as each step's tokens are produced (for streaming).
+    called from inside the compiled loop as each step's tokens are produced (for streaming); it may
+    return a (b,) bool array of rows to stop now (a client that left, a stop string), and the
+    loop ends once every row has stopped. One decode with `on_token` at a time per process.
+    `pad_to` left-pads the prompts to at least that length, so callers that bucket prompt lengths
+    reuse one compiled program per bucket.
     Prompt + new tokens must fit the context window (a clear error otherwise).
     """
     _check_sampling(config, max_new_tokens, temperature, top_k, top_p)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    longest = max(len(p) for p in prompts)
+    longest = max(max(len(p) for p in prompts), pad_to or 0)
     if longest + max_new_tokens > config.context_length:
         raise ValueError(
             f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the context window "

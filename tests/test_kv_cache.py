@@ -64,3 +64,12 @@ def test_cli_batch_file_and_streaming(tmp_path, capsys):
     assert records[1]["prompt"].startswith("A longer") and len(records[0]["tokens"]) <= 4
     assert main(["generate", "--preset", "test", "--prompt", "Hi", "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.startswith("Hi")
+
+
+def test_on_token_can_stop_rows_early():
+    prompts = [[1, 2, 3], [4, 5, 6]]
+    full = generate_batch(PARAMS, CFG, prompts, 8)
+    stop_row0_at_step2 = lambda tokens, step: np.array([step >= 2, False])  # noqa: E731
+    new = generate_batch(PARAMS, CFG, prompts, 8, on_token=stop_row0_at_step2, eos_id=CFG.vocab_size - 1)
+    assert new[0] == [t for t in full[0][:3]] and new[1] == full[1][: len(new[1])]
+    assert len(new[1]) == 8 or CFG.vocab_size - 1 in full[1]

@@ -1,0 +1,185 @@
+"""`jaxgpt serve`: the real server on a free loopback port, spoken to over HTTP (and by Chromium)."""
+
+import http.client
+import json
+import shutil
+import socket
+import threading
+import time
+import urllib.parse
+
+import numpy as np
+import pytest
+
+uvicorn = pytest.importorskip("uvicorn")
+
+from jaxgpt.config import get_preset  # noqa: E402
+from jaxgpt.generate import generate_batch  # noqa: E402
+from jaxgpt.model import init_params  # noqa: E402
+from jaxgpt.serve import build_app  # noqa: E402
+from jaxgpt.tokenizer import GPT2Tokenizer  # noqa: E402
+
+TOK = GPT2Tokenizer()
+CFG = get_preset("test", vocab_size=TOK.vocab_size, context_length=64)
+PARAMS = init_params(CFG, seed=0)
+
+
+@pytest.fixture(scope="module")
+def port():
+    app = build_app(PARAMS, CFG, TOK, model_name="tiny", max_batch=8, batch_wait_s=0.05, max_tokens_limit=32)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 120
+    while not server.started:
+        assert time.time() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.05)
+    yield free
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def request(port, method, path, body=None, raw=None, headers=None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    data = raw if raw is not None else (json.dumps(body) if body is not None else None)
+    conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+    resp = conn.getresponse()
+    text = resp.read().decode()
+    conn.close()
+    return resp.status, text
+
+
+def complete(port, **body):
+    status, text = request(port, "POST", "/v1/completions", body)
+    assert status == 200, text
+    return json.loads(text)
+
+
+def greedy_reference(prompt, n):
+    ids = TOK.encode(prompt)
+    return TOK.decode(generate_batch(PARAMS, CFG, [ids], n, eos_id=TOK.eot_id)[0])
+
+
+def test_health_models_and_playground_page(port):
+    status, text = request(port, "GET", "/health")
+    assert status == 200 and json.loads(text)["status"] == "ok"
+    models = json.loads(request(port, "GET", "/v1/models")[1])
+    assert models["data"][0]["id"] == "tiny"
+    status, html = request(port, "GET", "/")
+    assert status == 200 and "jaxgpt playground" in html and "/v1/completions" in html
+
+
+def test_completion_matches_the_decoder_and_streaming_matches_too(port):
+    body = complete(port, prompt="The cat sat", max_tokens=12, temperature=0)
+    assert body["choices"][0]["text"] == greedy_reference("The cat sat", 12)
+    assert body["usage"]["completion_tokens"] <= 12 and body["object"] == "text_completion"
+    status, stream = request(port, "POST", "/v1/completions",
+                             {"prompt": "The cat sat", "max_tokens": 12, "temperature": 0, "stream": True})
+    events = [line[6:] for line in stream.split("\n\n") if line.startswith("data: ")]
+    assert status == 200 and events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == body["choices"][0]["text"]
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("length", "stop")
+
+
+def test_stop_string_cuts_the_text(port):
+    full = complete(port, prompt="Once upon a time", max_tokens=16, temperature=0)["choices"][0]["text"]
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    cut = complete(port, prompt="Once upon a time", max_tokens=16, temperature=0, stop=[stop])
+    assert cut["choices"][0]["finish_reason"] == "stop"
+    assert cut["choices"][0]["text"] == full[: full.index(stop)]
+
+
+def test_concurrent_requests_are_batched_and_correct(port):
+    before = json.loads(request(port, "GET", "/health")[1])["batches_decoded"]
+    prompts = [f"Request number {i} says" for i in range(6)]
+    results = [None] * len(prompts)
+
+    def worker(i):
+        results[i] = complete(port, prompt=prompts[i], max_tokens=8, temperature=0)["choices"][0]["text"]
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    after = json.loads(request(port, "GET", "/health")[1])["batches_decoded"]
+    assert after - before < len(prompts)  # some requests shared a decode
+    for prompt, text in zip(prompts, results):
+        assert text == greedy_reference(prompt, 8)
+
+
+@pytest.mark.parametrize("body, raw, status, message", [
+    (None, "{not json", 400, "not valid JSON"),
+    ({"prompt": "hi", "colour": "red"}, None, 400, "unknown field 'colour'"),
+    ({"prompt": "hi", "max_tokens": 0}, None, 400, "max_tokens"),
+    ({"prompt": "hi", "max_tokens": 33}, None, 400, "max_tokens"),
+    ({"prompt": "hi", "temperature": 2.5}, None, 400, "temperature"),
+    ({"prompt": "hi", "top_p": 0}, None, 400, "top_p"),
+    ({"max_tokens": 3}, None, 400, "prompt"),
+    ({"prompt": "word " * 80}, None, 400, "context window is 64"),
+    ({"prompt": "hi", "model": "gpt-4"}, None, 404, "not served here"),
+    ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, None, 400, "at most 4"),
+    (None, json.dumps({"prompt": "x" * (1 << 20)}), 413, "exceeds the limit"),
+])
+def test_bad_requests_get_clear_4xx_and_the_server_keeps_serving(port, body, raw, status, message):
+    got, text = request(port, "POST", "/v1/completions", body, raw=raw)
+    assert got == status, text
+    assert message in json.loads(text)["error"]["message"]
+    assert complete(port, prompt="still alive?", max_tokens=2, temperature=0)["choices"][0]["finish_reason"]
+
+
+def test_client_leaving_mid_stream_frees_its_row(port):
+    before = json.loads(request(port, "GET", "/health")[1])["cancelled_rows"]
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("POST", "/v1/completions", body=json.dumps(
+        {"prompt": "Tell me a long story", "max_tokens": 32, "temperature": 1.0, "stream": True}),
+        headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    resp.fp.readline()  # the first event arrived: decoding is under way
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    deadline = time.time() + 30
+    while json.loads(request(port, "GET", "/health")[1])["cancelled_rows"] <= before:
+        assert time.time() < deadline, "the abandoned row was never stopped"
+        time.sleep(0.1)
+
+
+def test_playground_in_headless_chromium(port, tmp_path):
+    """Type a prompt, set greedy decoding, click Generate, watch the streamed text arrive."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    if browser is None or driver_path is None:
+        pytest.skip("needs Debian's 'chromium' and 'chromium-driver' packages (.ci/run installs them)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (the test extra)")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver_path))
+    try:
+        driver.get(f"http://127.0.0.1:{port}/")
+        WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "model").text == "tiny")
+        prompt = driver.find_element(By.ID, "prompt")
+        prompt.clear()
+        prompt.send_keys("Hello there")
+        for field, value in (("max_tokens", "6"), ("temperature", "0")):
+            box = driver.find_element(By.ID, field)
+            box.clear()
+            box.send_keys(value)
+        driver.find_element(By.ID, "go").click()
+        WebDriverWait(driver, 60).until(lambda d: d.find_element(By.ID, "status").text.startswith("done"))
+        completion = driver.find_element(By.ID, "completion").get_attribute("textContent")
+        assert completion == greedy_reference("Hello there", 6)
+        assert driver.find_element(By.ID, "go").is_enabled()
+    finally:
+        driver.quit()
