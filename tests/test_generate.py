@@ -12,6 +12,7 @@ from jaxgpt.model import GPT, init_params
 from jaxgpt.tokenizer import CharTokenizer
 
 CFG = get_preset("test")
+SAMPLE = jax.jit(sample_next)  # one compilation per logits shape instead of op-by-op dispatch
 PARAMS = init_params(CFG, seed=1)
 
 
@@ -32,7 +33,7 @@ def test_top_k_never_samples_outside_the_k_largest(k, seed):
     keys = jax.random.split(jax.random.key(seed + 1), 8)
     topk = np.argsort(-np.asarray(logits), axis=-1)[:, :k]
     for key in keys:
-        tok = np.asarray(sample_next(key, logits, 1.5, k, 1.0))
+        tok = np.asarray(SAMPLE(key, logits, 1.5, k, 1.0))
         assert all(tok[i] in topk[i] for i in range(4))
 
 
@@ -41,7 +42,7 @@ def test_top_p_samples_only_from_the_nucleus(p, seed):
     logits = 2 * jax.random.normal(jax.random.key(seed), (3, 20))
     probs = np.asarray(jax.nn.softmax(logits, axis=-1))
     for key in jax.random.split(jax.random.key(seed + 1), 8):
-        tok = np.asarray(sample_next(key, logits, 1.0, 0, p))
+        tok = np.asarray(SAMPLE(key, logits, 1.0, 0, p))
         for i in range(3):
             order = np.argsort(-probs[i])
             mass_before = np.cumsum(probs[i][order]) - probs[i][order]
