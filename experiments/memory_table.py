@@ -42,6 +42,6 @@ for name in ("gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl"):
     dp = (state + acts) / GB
     fsdp = [((state / n) + acts + (block if n > 1 else 0)) / GB for n in DEVICES]
     print(f"| {name} | {n_params / 1e6:,.0f}M | {state / GB:.2f} | {acts / GB:.2f} | {dp:.2f} | "
-          + " | ".join(f"{v:.2f}" for v in fsdp) + f" |  ")
+          + " | ".join(f"{v:.2f}" for v in fsdp) + " |  ")
 print("\nData parallelism needs the whole state on every device whatever n is; FSDP divides it by n "
       "(n=1 equals DP). Activations then dominate; rematerialisation or sequence sharding is the next lever.")

@@ -1,7 +1,6 @@
 """Generation: greedy equals step-by-step argmax, top-k/top-p support, per-row stopping, cropping."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, strategies as st

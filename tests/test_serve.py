@@ -6,9 +6,7 @@ import shutil
 import socket
 import threading
 import time
-import urllib.parse
 
-import numpy as np
 import pytest
 
 uvicorn = pytest.importorskip("uvicorn")
