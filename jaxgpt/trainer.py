@@ -160,6 +160,14 @@ class _StopSignals:
             signal.signal(sig, handler)
 
 
+def default_device_count(cfg: TrainConfig) -> int:
+    """All local devices, or the most that divide the batch evenly (with its micro-batches)."""
+    n = jax.local_device_count()
+    while cfg.batch_size % (n * cfg.micro_batches):
+        n -= 1
+    return n
+
+
 def _log(msg: str) -> None:
     print(f"[jaxgpt] {msg}", file=sys.stderr, flush=True)
 
@@ -212,7 +220,7 @@ def train(
         abstract = trainer.abstract_state(abstract)
         init_state = jax.jit(init_state, out_shardings=trainer.state_sharding)
     else:
-        trainer = ParallelTrainer(model, tx, cfg.devices or jax.local_device_count(), cfg.micro_batches)
+        trainer = ParallelTrainer(model, tx, cfg.devices or default_device_count(cfg), cfg.micro_batches)
     trainer.check_batch_size(cfg.batch_size)
     n_devices = trainer.n_devices
     is_main = jax.process_index() == 0  # only process 0 writes logs, plots and summaries
@@ -238,7 +246,8 @@ def train(
         peak_source = "matmul probe (float32 2048x2048)"
     _log(
         f"model {n_params:,} params, vocab {model_cfg.vocab_size}, context {seq_len}; "
-        f"{data.n_train_tokens:,} train / {data.n_val_tokens:,} val tokens; {n_devices} {jax.default_backend()} device(s)"
+        f"{data.n_train_tokens:,} train / {data.n_val_tokens:,} val tokens; {n_devices} of "
+        f"{jax.local_device_count()} local {jax.default_backend()} device(s){' (pmap)' if n_devices > 1 and not cfg.mesh else ''}"
         f"{f' in mesh {cfg.mesh} over {jax.process_count()} process(es)' if cfg.mesh else ''}; "
         f"steps {start_step}->{cfg.max_steps}; peak {peak / 1e9:.0f} GFLOP/s ({peak_source})"
     )
@@ -318,7 +327,7 @@ def train(
         ckpt.close()
         logger.close()
 
-    final_step = int(to_host(state["step"]))
+    final_step = int(to_host(trainer.get_state(state)["step"]))
     if not is_main:
         return {"status": status, "run_dir": str(run_dir), "step": final_step, "process": jax.process_index()}
     records = read_jsonl(run_dir / "metrics.jsonl")

@@ -21,3 +21,45 @@ def test_pmap_4_devices_and_accumulation_match_single_device():
         assert diff < 1e-6, (layout, diff)
     losses = list(result["final_loss"].values())
     assert max(losses) - min(losses) < 1e-5
+
+
+def test_train_cli_gives_one_cpu_device_per_core_unless_told_otherwise():
+    code = ("from jaxgpt.cli import _one_cpu_device_per_core; _one_cpu_device_per_core(); "
+            "import jax; print(jax.local_device_count())")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(PYTHONPATH=str(HERE.parent), JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == str(os.cpu_count()), out.stderr[-2000:]
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"  # the user's choice wins
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "1", out.stderr[-2000:]
+
+
+def test_default_device_count_divides_the_batch(monkeypatch):
+    import jax
+
+    from jaxgpt.train_config import TrainConfig
+    from jaxgpt.trainer import default_device_count
+
+    monkeypatch.setattr(jax, "local_device_count", lambda: 4)
+    assert default_device_count(TrainConfig(batch_size=16)) == 4
+    assert default_device_count(TrainConfig(batch_size=6)) == 3
+    assert default_device_count(TrainConfig(batch_size=10, micro_batches=5)) == 2
+    assert default_device_count(TrainConfig(batch_size=7)) == 1
+
+
+def test_train_cli_end_to_end_with_pmap_over_2_devices(tmp_path):
+    corpus = tmp_path / "text.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    env = dict(os.environ, PYTHONPATH=str(HERE.parent), JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    cmd = [sys.executable, "-m", "jaxgpt.cli", "train", "--preset", "test", "--data", str(corpus), "--max-steps", "4",
+           "--out", str(tmp_path / "run"), "--no-progress", "--json", "--set", "train.batch_size=4",
+           "--set", "train.eval_every=2", "--set", "train.eval_batches=1", "--set", "train.samples=1",
+           "--set", "train.sample_tokens=5", "--set", "train.peak_flops=1e10"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "2 of 2 local cpu device(s) (pmap)" in out.stderr
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["status"] == "completed" and summary["step"] == 4 and summary["devices"] == 2
+    assert len(summary["samples"]) == 1

@@ -83,7 +83,9 @@ def test_resume_after_kill_9_is_bit_identical(corpus, tmp_path):
     sets += [f"model.{k}={v}" for k, v in MODEL.to_dict().items()]
     cmd = [sys.executable, "-m", "jaxgpt.cli", "train", "--out", str(run), "--data", str(corpus),
            "--tokenizer", "char", "--no-progress"] + [a for s in sets for a in ("--set", s)]
-    proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHONPATH=str(ROOT)), stderr=subprocess.PIPE)
+    # one CPU device, like this test process, so the two runs are bit-for-bit comparable
+    env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline:
         steps = [p.name for p in (run / "checkpoints").glob("*") if p.name.isdigit()] if run.exists() else []
