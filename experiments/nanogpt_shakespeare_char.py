@@ -6,6 +6,9 @@ included, as nanoGPT), grad clip 1.0, tied embeddings. nanoGPT reaches val loss 
 2-core CPU it takes about 70 ms/iteration, 2 min 30 s for the run (val loss 1.886).
 
     JAXGPT_DATA_DIR=../shared/data python experiments/nanogpt_shakespeare_char.py [--devices N]
+    # data parallel over one simulated CPU device per core:
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 JAXGPT_DATA_DIR=../shared/data \
+        python experiments/nanogpt_shakespeare_char.py --devices 2 --name nanogpt_shakespeare_char_2cpu
 """
 
 import argparse
@@ -20,6 +23,7 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--steps", type=int, default=2000)
 parser.add_argument("--devices", type=int, default=None)
 parser.add_argument("--out", default="runs/nanogpt_shakespeare_char")
+parser.add_argument("--name", default="nanogpt_shakespeare_char", help="file name of the published results")
 args = parser.parse_args()
 
 model = get_preset("tiny", tie_embeddings=True)  # 4 layers, 4 heads, 128 wide, context 64, dropout 0
@@ -29,5 +33,5 @@ cfg = TrainConfig(
     grad_clip=1.0, log_every=50, eval_every=250, eval_batches=200, ckpt_every=1000, keep_checkpoints=1,
     samples=1, sample_tokens=300, devices=args.devices,
 )
-run_and_publish("nanogpt_shakespeare_char", model, cfg, Path(args.out),
+run_and_publish(args.name, model, cfg, Path(args.out),
                 reference={"nanogpt_val_loss": 1.886, "nanogpt_ms_per_iter": 70, "nanogpt_wall_s": 150})
