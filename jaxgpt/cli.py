@@ -139,18 +139,24 @@ def _cmd_train(args) -> int:
     model_given = args.preset is not None or any(o.startswith("model.") for o in args.set)
     model_cfg = get_preset(args.preset or "small")
     train_cfg = TrainConfig()
+    if args.resume:  # start from the run's own configs; flags and --set change them from there
+        from .checkpoint import read_meta
+        from .config import GPTConfig
+
+        if args.out is None:
+            raise ValueError("--resume needs --out: the run directory to continue")
+        meta = read_meta(args.out)
+        train_cfg = TrainConfig.from_dict(meta["train"])
+        if not model_given:
+            model_cfg = GPTConfig.from_dict(meta["model"])
     direct = {k: v for k, v in {"data": args.data, "tokenizer": args.tokenizer, "max_steps": args.max_steps,
                                  "devices": args.devices, "seed": args.seed, "mesh": args.mesh}.items() if v is not None}
     train_cfg = train_cfg.replace(**direct)
     model_cfg, train_cfg = apply_overrides(model_cfg, train_cfg, args.set)
     if args.out is None:
-        if args.resume:
-            raise ValueError("--resume needs --out: the run directory to continue")
         args.out = time.strftime("runs/train-%Y%m%d-%H%M%S")
     try:
-        summary = train(model_cfg if (model_given or not args.resume) else None,
-                        train_cfg if (not args.resume or args.max_steps is not None) else None,
-                        args.out, resume=args.resume, progress=not args.no_progress)
+        summary = train(model_cfg, train_cfg, args.out, resume=args.resume, progress=not args.no_progress)
     except TrainingDiverged as e:
         print(f"jaxgpt train: {e}", file=sys.stderr)
         return 3

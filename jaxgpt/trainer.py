@@ -43,6 +43,11 @@ from .train_step import ParallelTrainer, create_state
 PREPARED_META = "meta.json"
 
 
+# Train-config fields a resumed run may change: the training stays the same function of the step.
+RESUMABLE_CHANGES = ("max_steps", "mesh", "devices", "log_every", "eval_every", "eval_batches", "ckpt_every",
+                     "keep_checkpoints", "samples", "sample_tokens", "peak_flops", "tensorboard")
+
+
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
@@ -184,7 +189,8 @@ def train(
     """Train (or resume) the run in `run_dir`; returns the summary also written to summary.json.
 
     On resume the configs stored in the checkpoint are used; `model_cfg`, if given, must match
-    them, and `cfg` may change only the schedule of side work and `max_steps`.
+    them, and `cfg`, if given, may differ from the stored train config only in
+    `RESUMABLE_CHANGES` (length of the run, device layout, schedule of side work).
     """
     run_dir = Path(run_dir)
     tokenizer: Optional[Tokenizer] = None
@@ -196,7 +202,13 @@ def train(
             check_compatible(meta["model"], model_cfg.replace(vocab_size=saved_model.vocab_size))
         model_cfg = saved_model
         saved_train = TrainConfig.from_dict(meta["train"])
-        cfg = saved_train if cfg is None else saved_train.replace(max_steps=cfg.max_steps)
+        if cfg is not None:
+            changed = {k for k, v in cfg.to_dict().items() if v != getattr(saved_train, k)}
+            if changed - set(RESUMABLE_CHANGES):
+                raise CheckpointError(
+                    f"cannot resume with different {sorted(changed - set(RESUMABLE_CHANGES))}: they change the "
+                    f"training itself; only {RESUMABLE_CHANGES} may change on resume")
+        cfg = cfg or saved_train
         tokenizer = tokenizer_from_dict(meta["tokenizer"])
         best_val = meta.get("best_val_loss") or float("inf")
     elif (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):

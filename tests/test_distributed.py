@@ -70,3 +70,25 @@ def test_two_processes_match_one_and_checkpoint_restores_on_one_device(corpus, t
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)  # float32, O(0.1) params
     moved = max(float(np.abs(np.asarray(a)).max()) for a in jax.tree.leaves(p_single))
     assert moved > 0.0
+
+
+def test_resume_on_another_layout_continues_the_same_run(corpus, tmp_path):
+    """3 steps on a 4-device FSDP mesh, then resumed on 1 device (no mesh) = 6 steps on 1 device."""
+    base = [sys.executable, "-m", "jaxgpt.cli", "train", "--data", str(corpus), "--preset", "test", "--tokenizer",
+            "char", "--no-progress"] + [a for s in SETS + ["train.decay_steps=6"] for a in ("--set", s)]
+    run, straight = tmp_path / "moved", tmp_path / "straight"
+
+    def ok(cmd, devices):
+        out = subprocess.run(cmd, env=_env(devices), capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out
+
+    ok(base + ["--out", str(run), "--max-steps", "3", "--mesh", "data=2,fsdp=2"], 4)
+    resumed = ok([sys.executable, "-m", "jaxgpt.cli", "train", "--out", str(run), "--resume", "--max-steps", "6",
+                  "--set", "train.mesh=none", "--no-progress"], 1)
+    assert "steps 3->6" in resumed.stderr
+    ok(base + ["--out", str(straight), "--max-steps", "6"], 1)
+    p_moved, _, _ = load_for_inference(run)
+    p_straight, _, _ = load_for_inference(straight)
+    for a, b in zip(jax.tree.leaves(p_moved), jax.tree.leaves(p_straight)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)

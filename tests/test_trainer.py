@@ -160,3 +160,12 @@ def test_tensorboard_logging_writes_event_files(corpus, tmp_path):
     train(MODEL, _cfg(corpus, max_steps=4, decay_steps=4, tensorboard=True), run, progress=False)
     events = list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 100
+
+
+def test_resume_refuses_changes_that_alter_the_training(corpus, tmp_path):
+    cfg = _cfg(corpus, max_steps=2, decay_steps=4)
+    train(MODEL, cfg, tmp_path / "r", progress=False)
+    with pytest.raises(CheckpointError, match=r"cannot resume with different \['lr'\]"):
+        train(None, cfg.replace(lr=1e-2), tmp_path / "r", resume=True, progress=False)
+    summary = train(None, cfg.replace(max_steps=4, log_every=1), tmp_path / "r", resume=True, progress=False)
+    assert summary["step"] == 4
