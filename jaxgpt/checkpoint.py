@@ -140,9 +140,9 @@ def check_compatible(saved: dict, requested: GPTConfig) -> None:
         raise CheckpointError(f"checkpoint was written for a different model config ({detail})")
 
 
-def load_for_inference(path: Path):
-    """(params, model config, tokenizer) from a run or checkpoint directory."""
-    from .model import GPT, init_params  # noqa: F401 - keeps import cost off the CLI's fast paths
+def load_run(path: Path):
+    """(params, model config, train config, tokenizer) from a run or checkpoint directory."""
+    from .model import GPT, init_params  # imported here: the CLI's light commands never pay for Flax
     from .optim import build_optimizer
     from .train_step import create_state
 
@@ -152,7 +152,13 @@ def load_for_inference(path: Path):
     tx = build_optimizer(train_cfg)
     abstract = jax.eval_shape(lambda: create_state(GPT(config), tx, init_params(config), 0))
     state, _ = restore(path, abstract)
-    return state["params"], config, tokenizer_from_dict(meta["tokenizer"])
+    return state["params"], config, train_cfg, tokenizer_from_dict(meta["tokenizer"])
+
+
+def load_for_inference(path: Path):
+    """(params, model config, tokenizer) from a run or checkpoint directory."""
+    params, config, _, tokenizer = load_run(path)
+    return params, config, tokenizer
 
 
 def save_for_inference(params, config: GPTConfig, tokenizer, run_dir: Path) -> Path:

@@ -131,7 +131,7 @@ class ParallelTrainer:
         return jax.tree.map(lambda a: a[0], state)
 
     def params(self, state):
-        return self.get_state(state)["params"] if self.n_devices > 1 else state["params"]
+        return self.get_state(state)["params"]
 
     def local_rows(self, batch_size: int) -> slice:
         """Rows of each global batch this process feeds: all of them (one process)."""

@@ -374,11 +374,10 @@ def _keep_records_up_to(path: Path, step: int) -> None:
 
 def evaluate_checkpoint(path: Path, data: Optional[str] = None, batches: Optional[int] = None) -> dict:
     """Validation loss and perplexity of a checkpoint, on its own data or on `data`."""
-    from .checkpoint import load_for_inference
+    from .checkpoint import load_run
     from .train_step import make_eval_step
 
-    params, model_cfg, tokenizer = load_for_inference(path)
-    cfg = TrainConfig.from_dict(read_meta(path)["train"])
+    params, model_cfg, cfg, tokenizer = load_run(path)
     if data is not None:
         cfg = cfg.replace(data=data)
     if batches is not None:
