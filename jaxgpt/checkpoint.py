@@ -90,7 +90,8 @@ def find_checkpoint(path: Path) -> tuple[ocp.CheckpointManager, int]:
     return manager, step
 
 
-def read_meta(path: Path) -> dict:
+def read_meta(path: Path, required: tuple[str, ...] = ("model", "train", "tokenizer")) -> dict:
+    """The JSON metadata of a checkpoint, checked to hold the `required` entries."""
     manager, step = find_checkpoint(path)
     try:
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -98,7 +99,7 @@ def read_meta(path: Path) -> dict:
         raise CheckpointError(f"cannot read the metadata of checkpoint {manager.directory}/{step}: {e}") from e
     finally:
         manager.close()
-    for key in ("model", "train", "tokenizer"):
+    for key in required:
         if key not in meta:
             raise CheckpointError(f"checkpoint {manager.directory}/{step} metadata has no {key!r} entry")
     return meta

@@ -71,6 +71,7 @@ class GPT(nn.Module):
     `GPT(cfg).apply(params, idx_bt)` -> logits_btv. For cached decoding pass `cache` (from
     `init_cache`), the slot `cache_index` where these tokens go, their `positions_bt`, and
     `mask_bts` (which cache slots each token sees); then it returns (logits_btv, new_cache).
+    `return_hidden=True` returns the final-LayerNorm hidden states x_btd instead of logits.
     """
 
     config: GPTConfig
@@ -78,7 +79,7 @@ class GPT(nn.Module):
     @nn.compact
     def __call__(self, idx_bt: Array, *, deterministic: bool = True, positions_bt: Optional[Array] = None,
                  cache: Optional[list] = None, cache_index: Optional[Array] = None,
-                 mask_bts: Optional[Array] = None):
+                 mask_bts: Optional[Array] = None, return_hidden: bool = False):
         cfg = self.config
         b, t = idx_bt.shape
         if t > cfg.context_length:
@@ -107,6 +108,8 @@ class GPT(nn.Module):
                 new_cache.append(layer_cache)
 
         x_btd = nn.LayerNorm(epsilon=cfg.ln_eps, dtype=dtype, name="ln_f")(x_btd)
+        if return_hidden:  # the final hidden states, for heads other than the LM head (classification)
+            return x_btd
         if cfg.tie_embeddings:
             logits_btv = wte.attend(x_btd)
         else:
