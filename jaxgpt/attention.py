@@ -4,12 +4,15 @@
 2. `SelfAttention`: trainable W_query / W_key / W_value, scaled dot-product.
 3. `CausalAttention`: the same with a causal mask applied before the softmax and dropout on the
    attention weights.
-4. `MultiHeadAttention`: fused QKV projection, heads, output projection with bias. Its core is an
-   attention backend chosen by name (`ATTENTION_BACKENDS`): `naive` (explicit einsums and mask, the
-   reference inside JAX) or `xla` (`jax.nn.dot_product_attention`, which XLA lowers to fused kernels
-   and, on GPUs, to cuDNN flash attention when asked).
+4. `MultiHeadAttention`: fused QKV projection, heads, output projection with bias; and the
+   research variants as options of the same layer: grouped-query / multi-query heads, sliding
+   windows, rotary and ALiBi positions. Its core is an attention backend chosen by name
+   (`ATTENTION_BACKENDS`): `naive` (explicit einsums and mask, the reference inside JAX), `xla`
+   (`jax.nn.dot_product_attention`, which XLA lowers to fused kernels and, on GPUs, to cuDNN flash
+   attention when asked) or `blockwise` (tiles and an online softmax: memory linear in length).
 
-Axis letters: b batch, t query positions, s key positions, n heads, h head dim, d model dim.
+Axis letters: b batch, t query positions, s key positions, n query heads, m key/value heads,
+g query heads per key/value head, h head dim, d model dim.
 """
 
 from __future__ import annotations
@@ -82,81 +85,146 @@ class CausalAttention(nn.Module):
         return weights_btt @ v_bte  # (b, t, d_out)
 
 
-# --- attention backends: (q_btnh, k_bsnh, v_bsnh) -> out_btnh --------------------------------
-# `mask_bts` (True = may attend) replaces the default causal mask when given: it is how cached
-# decoding and left-padded batches say which cache slots each query sees.
+# --- attention backends: (q_btnh, k_bsmh, v_bsmh) -> out_btnh --------------------------------
+# Every backend takes the same arguments and gives the same result (tested against `naive` and the
+# NumPy reference):
+# - m key/value heads may be fewer than the n query heads (grouped-query attention): query head i
+#   reads key/value head i // (n / m);
+# - which keys a query sees is decided from positions: key j is visible to query i when
+#   k_pos[j] <= q_pos[i] (causal) and, with a `window`, q_pos[i] - k_pos[j] < window. An explicit
+#   `mask_bts` (True = may attend) replaces the causal rule: it is how cached decoding and
+#   left-padded batches say which cache slots hold real tokens; the window still applies on top;
+# - `slopes_n` adds ALiBi's -slope·(q_pos - k_pos) to the scores of each head;
+# - `dropout` (a function on the attention weights) only where the backend can apply it.
 
 DropoutFn = Callable[[Array], Array]
 
 
-def naive_attention(q_btnh: Array, k_bsnh: Array, v_bsnh: Array, *, mask_bts: Optional[Array] = None,
-                    dropout: Optional[DropoutFn] = None) -> Array:
-    """Explicit scaled dot-product attention; causal unless `mask_bts` says otherwise."""
-    t, s, h = q_btnh.shape[1], k_bsnh.shape[1], q_btnh.shape[-1]
-    scores_bnts = jnp.einsum("btnh,bsnh->bnts", q_btnh, k_bsnh) / jnp.sqrt(h).astype(q_btnh.dtype)
-    mask = causal_mask(t, s) if mask_bts is None else mask_bts[:, None]
-    weights_bnts = masked_softmax(scores_bnts, mask)
-    if mask_bts is not None:  # a query with no visible key (a padding row) gets zeros, not NaN
-        weights_bnts = jnp.where(jnp.any(mask, axis=-1, keepdims=True), weights_bnts, 0.0)
+def visible_keys(q_pos_bt: Array, k_pos_bs: Array, mask_bts: Optional[Array] = None,
+                 window: Optional[int] = None) -> Array:
+    """Boolean (b, t, s): which keys each query may attend to (see the rules above)."""
+    delta_bts = q_pos_bt[:, :, None] - k_pos_bs[:, None, :]
+    visible = delta_bts >= 0 if mask_bts is None else mask_bts
+    if window is not None:
+        visible = visible & (delta_bts < window)
+    return visible
+
+
+def alibi_bias(q_pos_bt: Array, k_pos_bs: Array, slopes_n: Array) -> Array:
+    """ALiBi's additive score bias (b, n, t, s): -slope_n · (q_pos - k_pos)."""
+    delta_bts = (q_pos_bt[:, :, None] - k_pos_bs[:, None, :]).astype(jnp.float32)
+    return -jnp.asarray(slopes_n, jnp.float32)[None, :, None, None] * delta_bts[:, None]
+
+
+def naive_attention(q_btnh: Array, k_bsmh: Array, v_bsmh: Array, *, q_pos_bt: Array, k_pos_bs: Array,
+                    mask_bts: Optional[Array] = None, window: Optional[int] = None,
+                    slopes_n: Optional[Array] = None, dropout: Optional[DropoutFn] = None) -> Array:
+    """Explicit scaled dot-product attention: all scores (b, n, t, s), mask, softmax, weighted sum."""
+    b, t, n, h = q_btnh.shape
+    m = k_bsmh.shape[2]
+    q_btmgh = q_btnh.reshape(b, t, m, n // m, h)  # query head i = (kv head i // g, member i % g)
+    scores_bmgts = jnp.einsum("btmgh,bsmh->bmgts", q_btmgh, k_bsmh) / jnp.sqrt(h).astype(q_btnh.dtype)
+    scores_bnts = scores_bmgts.reshape(b, n, t, -1)
+    if slopes_n is not None:
+        scores_bnts = scores_bnts.astype(jnp.float32) + alibi_bias(q_pos_bt, k_pos_bs, slopes_n)
+    visible_b1ts = visible_keys(q_pos_bt, k_pos_bs, mask_bts, window)[:, None]
+    weights_bnts = masked_softmax(scores_bnts, visible_b1ts)
+    # a query that sees no key at all (a padding row) gets zeros, not NaN
+    weights_bnts = jnp.where(jnp.any(visible_b1ts, axis=-1, keepdims=True), weights_bnts, 0.0)
     if dropout is not None:
         weights_bnts = dropout(weights_bnts)
-    return jnp.einsum("bnts,bsnh->btnh", weights_bnts.astype(v_bsnh.dtype), v_bsnh)
+    weights_bmgts = weights_bnts.reshape(b, m, n // m, t, -1).astype(v_bsmh.dtype)
+    return jnp.einsum("bmgts,bsmh->btmgh", weights_bmgts, v_bsmh).reshape(b, t, n, h)
 
 
-def xla_attention(q_btnh: Array, k_bsnh: Array, v_bsnh: Array, *, mask_bts: Optional[Array] = None,
-                  dropout: Optional[DropoutFn] = None) -> Array:
-    """`jax.nn.dot_product_attention` (fused by XLA; no dropout on the weights)."""
+def xla_attention(q_btnh: Array, k_bsmh: Array, v_bsmh: Array, *, q_pos_bt: Array, k_pos_bs: Array,
+                  mask_bts: Optional[Array] = None, window: Optional[int] = None,
+                  slopes_n: Optional[Array] = None, dropout: Optional[DropoutFn] = None) -> Array:
+    """`jax.nn.dot_product_attention` (fused by XLA, cuDNN on GPUs; no dropout on the weights)."""
     if dropout is not None:
         raise ValueError("the 'xla' attention backend has no attention dropout; use 'naive' or 'auto'")
-    if mask_bts is not None:
-        return jax.nn.dot_product_attention(q_btnh, k_bsnh, v_bsnh, mask=mask_bts[:, None])
-    if q_btnh.shape[1] != k_bsnh.shape[1]:
-        raise ValueError("the 'xla' backend needs an explicit mask when queries and keys differ in length")
-    return jax.nn.dot_product_attention(q_btnh, k_bsnh, v_bsnh, is_causal=True)
+    plain_causal = mask_bts is None and window is None and slopes_n is None and q_btnh.shape[1] == k_bsmh.shape[1]
+    if plain_causal:  # training: positions are 0..t-1 for queries and keys alike
+        return jax.nn.dot_product_attention(q_btnh, k_bsmh, v_bsmh, is_causal=True)
+    bias = None if slopes_n is None else alibi_bias(q_pos_bt, k_pos_bs, slopes_n).astype(q_btnh.dtype)
+    visible_b1ts = visible_keys(q_pos_bt, k_pos_bs, mask_bts, window)[:, None]
+    out_btnh = jax.nn.dot_product_attention(q_btnh, k_bsmh, v_bsmh, bias=bias, mask=visible_b1ts)
+    seen_bt = jnp.any(visible_b1ts[:, 0], axis=-1)  # rows with no visible key: zeros, as `naive`
+    return jnp.where(seen_bt[:, :, None, None], out_btnh, 0.0).astype(q_btnh.dtype)
+
+
+def blockwise_attention(q_btnh: Array, k_bsmh: Array, v_bsmh: Array, **kwargs) -> Array:
+    """Memory-efficient attention in tiles with an online softmax (see `jaxgpt.blockwise`)."""
+    from .blockwise import blockwise_attention as impl
+
+    return impl(q_btnh, k_bsmh, v_bsmh, **kwargs)
 
 
 ATTENTION_BACKENDS: dict[str, Callable[..., Array]] = {
     "naive": naive_attention,
     "xla": xla_attention,
+    "blockwise": blockwise_attention,
 }
 
 
 class MultiHeadAttention(nn.Module):
-    """Causal multi-head attention with a fused QKV projection (`c_attn`) and output projection (`c_proj`).
+    """Causal attention with n query heads and m key/value heads (m = n: multi-head; 1: multi-query;
+    in between: grouped-query), one fused projection `c_attn` (n + 2m heads wide) and `c_proj`.
 
-    Parameter names follow GPT-2's, so Hugging Face weights map one to one. With `kv_cache`
-    ({"k", "v"}: (b, S, n, h) each) the new keys and values are written at `cache_index` and the
-    queries attend to the cache under `mask_bts`; the updated cache is returned with the output.
+    With m = n the parameters are GPT-2's, so Hugging Face weights map one to one. `position`
+    "rope" rotates queries and keys, "alibi" biases the scores (see `jaxgpt.positions`); `window`
+    makes the layer local. With `kv_cache` ({"k", "v"}: (b, S, m, h), "pos": (b, S)) the new keys,
+    values and their positions are written at `cache_index`, the queries attend to the cache under
+    `mask_bts`, and the updated cache is returned with the output.
     """
 
     n_heads: int
+    n_kv_heads: Optional[int] = None  # None: as many as query heads
     drop_rate: float = 0.0
     qkv_bias: bool = False
     impl: str = "naive"  # a key of ATTENTION_BACKENDS
     dtype: jnp.dtype = jnp.float32
     out_init_std: float = 0.02  # GPT-2 scales residual projections by 1/sqrt(2 * n_layers)
+    position: str = "learned"  # "rope" and "alibi" act here; "learned"/"none" need nothing
+    rope_base: float = 10000.0
+    window: Optional[int] = None  # sliding-window (local) attention over this many positions
 
     @nn.compact
-    def __call__(self, x_btd: Array, *, deterministic: bool = True, kv_cache: Optional[dict] = None,
-                 cache_index: Optional[Array] = None, mask_bts: Optional[Array] = None):
-        b, t, d = x_btd.shape
-        h = d // self.n_heads
-        init = nn.initializers.normal(0.02)
-        qkv_bt3d = nn.Dense(3 * d, use_bias=self.qkv_bias, dtype=self.dtype, kernel_init=init, name="c_attn")(x_btd)
-        q_btnh, k_btnh, v_btnh = (a.reshape(b, t, self.n_heads, h) for a in jnp.split(qkv_bt3d, 3, axis=-1))
+    def __call__(self, x_btd: Array, *, deterministic: bool = True, positions_bt: Optional[Array] = None,
+                 kv_cache: Optional[dict] = None, cache_index: Optional[Array] = None,
+                 mask_bts: Optional[Array] = None):
+        from .positions import alibi_slopes, apply_rope
 
+        b, t, d = x_btd.shape
+        n, h = self.n_heads, d // self.n_heads
+        m = self.n_kv_heads or n
+        pos_bt = jnp.broadcast_to(jnp.arange(t)[None], (b, t)) if positions_bt is None else positions_bt
+        init = nn.initializers.normal(0.02)
+        qkv_bte = nn.Dense((n + 2 * m) * h, use_bias=self.qkv_bias, dtype=self.dtype, kernel_init=init,
+                           name="c_attn")(x_btd)
+        q_btnh = qkv_bte[..., : n * h].reshape(b, t, n, h)
+        k_btmh = qkv_bte[..., n * h:(n + m) * h].reshape(b, t, m, h)
+        v_btmh = qkv_bte[..., (n + m) * h:].reshape(b, t, m, h)
+        if self.position == "rope":
+            q_btnh, k_btmh = apply_rope(q_btnh, pos_bt, self.rope_base), apply_rope(k_btmh, pos_bt, self.rope_base)
+
+        k_pos_bs = pos_bt
         if kv_cache is not None:
-            k_bsnh = jax.lax.dynamic_update_slice_in_dim(kv_cache["k"], k_btnh.astype(kv_cache["k"].dtype), cache_index, 1)
-            v_bsnh = jax.lax.dynamic_update_slice_in_dim(kv_cache["v"], v_btnh.astype(kv_cache["v"].dtype), cache_index, 1)
-            kv_cache = {"k": k_bsnh, "v": v_bsnh}
-            k_btnh, v_btnh = k_bsnh.astype(q_btnh.dtype), v_bsnh.astype(q_btnh.dtype)
+            write = lambda cache, new: jax.lax.dynamic_update_slice_in_dim(cache, new.astype(cache.dtype), cache_index, 1)  # noqa: E731
+            kv_cache = {"k": write(kv_cache["k"], k_btmh), "v": write(kv_cache["v"], v_btmh),
+                        "pos": write(kv_cache["pos"], pos_bt)}
+            k_btmh, v_btmh = kv_cache["k"].astype(q_btnh.dtype), kv_cache["v"].astype(q_btnh.dtype)
+            k_pos_bs = kv_cache["pos"]
 
         dropout = None
         if self.drop_rate > 0.0 and not deterministic:
             dropout = lambda w: nn.Dropout(self.drop_rate, name="attn_drop")(w, deterministic=False)  # noqa: E731
         if self.impl not in ATTENTION_BACKENDS:
             raise ValueError(f"unknown attention backend {self.impl!r}; known: {sorted(ATTENTION_BACKENDS)}")
-        out_btnh = ATTENTION_BACKENDS[self.impl](q_btnh, k_btnh, v_btnh, mask_bts=mask_bts, dropout=dropout)
+        slopes_n = alibi_slopes(n) if self.position == "alibi" else None
+        out_btnh = ATTENTION_BACKENDS[self.impl](q_btnh, k_btmh, v_btmh, q_pos_bt=pos_bt, k_pos_bs=k_pos_bs,
+                                                 mask_bts=mask_bts, window=self.window, slopes_n=slopes_n,
+                                                 dropout=dropout)
 
         out_btd = out_btnh.reshape(b, t, d)
         out_btd = nn.Dense(d, dtype=self.dtype, kernel_init=nn.initializers.normal(self.out_init_std), name="c_proj")(out_btd)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import jax
 
-ATTENTION_IMPLS = ("auto", "naive", "xla")
+ATTENTION_IMPLS = ("auto", "naive", "xla", "blockwise")
+POSITIONS = ("learned", "rope", "alibi", "none")  # see jaxgpt.positions
 DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")  # float64 needs jax_enable_x64
 
 
@@ -31,11 +32,17 @@ class GPTConfig:
     drop_rate: float = 0.1  # dropout on embeddings, attention weights and residual branches
     qkv_bias: bool = False  # bias on the fused Q/K/V projection (GPT-2 checkpoints have it)
     tie_embeddings: bool = False  # output head shares the token-embedding matrix
-    attn_impl: str = "auto"  # "naive" (explicit einsums), "xla" (jax.nn.dot_product_attention), "auto"
+    attn_impl: str = "auto"  # "naive" (explicit einsums), "xla" (jax.nn.dot_product_attention), "blockwise", "auto"
     dtype: str = "float32"  # compute dtype; parameters stay float32. "auto": bf16 on GPU/TPU, f32 on CPU
     mlp_ratio: int = 4  # hidden width of the MLP is mlp_ratio * emb_dim
     ln_eps: float = 1e-5  # LayerNorm epsilon (GPT-2's)
     emb_init_std: float = 0.02  # std of the wte/wpe initialisation (GPT-2: 0.02; PyTorch nn.Embedding: 1.0)
+    # attention variants (docs/attention_variants.md); the defaults are GPT-2's
+    n_kv_heads: Optional[int] = None  # key/value heads: None = n_heads (multi-head), 1 = multi-query, else grouped
+    position: str = "learned"  # "learned" (GPT-2's wpe table), "rope", "alibi" or "none"
+    rope_base: float = 10000.0  # RoPE wavelength base
+    sliding_window: Optional[int] = None  # local attention over this many positions (None: global)
+    global_every: Optional[int] = None  # with sliding_window: every k-th layer stays global (6 = 5 local : 1 global)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "mlp_ratio"):
@@ -59,12 +66,40 @@ class GPTConfig:
             raise ConfigError(
                 f"GPTConfig.attn_impl must be one of {ATTENTION_IMPLS}, got {self.attn_impl!r}"
             )
+        if self.n_kv_heads is not None and (isinstance(self.n_kv_heads, bool) or not isinstance(self.n_kv_heads, int)
+                                            or self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads):
+            raise ConfigError(f"GPTConfig.n_kv_heads must be a positive divisor of n_heads ({self.n_heads}), "
+                              f"got {self.n_kv_heads!r}")
+        if self.position not in POSITIONS:
+            raise ConfigError(f"GPTConfig.position must be one of {POSITIONS}, got {self.position!r}")
+        if self.position == "rope" and self.head_dim % 2:
+            raise ConfigError(f"GPTConfig.position 'rope' needs an even head dimension, got {self.head_dim}")
+        if isinstance(self.rope_base, bool) or not isinstance(self.rope_base, (int, float)) or self.rope_base <= 1:
+            raise ConfigError(f"GPTConfig.rope_base must be a number > 1, got {self.rope_base!r}")
+        for name in ("sliding_window", "global_every"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+                raise ConfigError(f"GPTConfig.{name} must be a positive integer or unset, got {v!r}")
+        if self.global_every is not None and self.sliding_window is None:
+            raise ConfigError("GPTConfig.global_every needs a sliding_window for the other layers")
         if self.dtype not in DTYPES:
             raise ConfigError(f"GPTConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
 
     @property
     def head_dim(self) -> int:
         return self.emb_dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    def layer_window(self, layer: int) -> Optional[int]:
+        """The attention window of layer `layer` (0-based): None for a global layer."""
+        if self.sliding_window is None:
+            return None
+        if self.global_every is not None and (layer + 1) % self.global_every == 0:
+            return None
+        return self.sliding_window
 
     def replace(self, **changes: Any) -> "GPTConfig":
         """A copy with some fields changed (validated again)."""

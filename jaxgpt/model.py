@@ -42,21 +42,24 @@ class Block(nn.Module):
     config: GPTConfig
     attn_impl: str
     dtype: jnp.dtype
+    window: Optional[int] = None  # this layer's sliding window (None: global)
 
     @nn.compact
-    def __call__(self, x_btd: Array, *, deterministic: bool = True, kv_cache: Optional[dict] = None,
-                 cache_index: Optional[Array] = None, mask_bts: Optional[Array] = None):
+    def __call__(self, x_btd: Array, *, deterministic: bool = True, positions_bt: Optional[Array] = None,
+                 kv_cache: Optional[dict] = None, cache_index: Optional[Array] = None,
+                 mask_bts: Optional[Array] = None):
         cfg = self.config
         out_std = 0.02 / math.sqrt(2 * cfg.n_layers)
         ln = lambda name: nn.LayerNorm(epsilon=cfg.ln_eps, dtype=self.dtype, name=name)  # noqa: E731
         drop = nn.Dropout(cfg.drop_rate)
 
         attn = MultiHeadAttention(
-            n_heads=cfg.n_heads, drop_rate=cfg.drop_rate, qkv_bias=cfg.qkv_bias,
-            impl=self.attn_impl, dtype=self.dtype, out_init_std=out_std, name="attn",
+            n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, drop_rate=cfg.drop_rate, qkv_bias=cfg.qkv_bias,
+            impl=self.attn_impl, dtype=self.dtype, out_init_std=out_std, position=cfg.position,
+            rope_base=cfg.rope_base, window=self.window, name="attn",
         )
-        attn_out = attn(ln("ln_1")(x_btd), deterministic=deterministic, kv_cache=kv_cache,
-                        cache_index=cache_index, mask_bts=mask_bts)
+        attn_out = attn(ln("ln_1")(x_btd), deterministic=deterministic, positions_bt=positions_bt,
+                        kv_cache=kv_cache, cache_index=cache_index, mask_bts=mask_bts)
         if kv_cache is not None:
             attn_out, kv_cache = attn_out
         x_btd = x_btd + drop(attn_out, deterministic=deterministic)
@@ -93,18 +96,21 @@ class GPT(nn.Module):
         emb_init = nn.initializers.normal(cfg.emb_init_std)
 
         wte = nn.Embed(cfg.vocab_size, cfg.emb_dim, embedding_init=emb_init, dtype=dtype, name="wte")
-        wpe = nn.Embed(cfg.context_length, cfg.emb_dim, embedding_init=emb_init, dtype=dtype, name="wpe")
-        pos_emb = wpe(jnp.arange(t))[None] if positions_bt is None else wpe(positions_bt)
-        x_btd = nn.Dropout(cfg.drop_rate)(wte(idx_bt) + pos_emb, deterministic=deterministic)
+        positions_bt = jnp.broadcast_to(jnp.arange(t)[None], (b, t)) if positions_bt is None else positions_bt
+        x_btd = wte(idx_bt)
+        if cfg.position == "learned":  # the other schemes act inside attention (jaxgpt.positions)
+            wpe = nn.Embed(cfg.context_length, cfg.emb_dim, embedding_init=emb_init, dtype=dtype, name="wpe")
+            x_btd = x_btd + wpe(positions_bt)
+        x_btd = nn.Dropout(cfg.drop_rate)(x_btd, deterministic=deterministic)
 
         new_cache = []
         for i in range(cfg.n_layers):
-            block = Block(cfg, attn_impl=impl, dtype=dtype, name=f"h_{i}")
+            block = Block(cfg, attn_impl=impl, dtype=dtype, window=cfg.layer_window(i), name=f"h_{i}")
             if cache is None:
-                x_btd = block(x_btd, deterministic=deterministic)
+                x_btd = block(x_btd, deterministic=deterministic, positions_bt=positions_bt)
             else:
-                x_btd, layer_cache = block(x_btd, deterministic=deterministic, kv_cache=cache[i],
-                                           cache_index=cache_index, mask_bts=mask_bts)
+                x_btd, layer_cache = block(x_btd, deterministic=deterministic, positions_bt=positions_bt,
+                                           kv_cache=cache[i], cache_index=cache_index, mask_bts=mask_bts)
                 new_cache.append(layer_cache)
 
         x_btd = nn.LayerNorm(epsilon=cfg.ln_eps, dtype=dtype, name="ln_f")(x_btd)
@@ -119,10 +125,19 @@ class GPT(nn.Module):
 
 
 def init_cache(config: GPTConfig, batch: int, length: int) -> list:
-    """An empty key/value cache: per layer {"k", "v"} of shape (batch, length, n_heads, head_dim)."""
-    shape = (batch, length, config.n_heads, config.head_dim)
+    """An empty key/value cache: per layer {"k", "v"}: (batch, length, kv_heads, head_dim) and the
+    positions of the tokens in each slot, "pos": (batch, length) (windows and ALiBi need them)."""
+    shape = (batch, length, config.kv_heads, config.head_dim)
     dtype = resolve_dtype(config)
-    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.n_layers)]
+    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "pos": jnp.zeros((batch, length), jnp.int32)}
+            for _ in range(config.n_layers)]
+
+
+def kv_cache_bytes_per_token(config: GPTConfig) -> int:
+    """Bytes of KV cache one token occupies across all layers, computed from `init_cache` itself
+    (so docs and experiments report what decoding allocates), at the config's compute dtype."""
+    one = jax.eval_shape(lambda: init_cache(config, 1, 1))
+    return sum(math.prod(leaf.shape) * leaf.dtype.itemsize for leaf in jax.tree.leaves(one))
 
 
 def init_params(config: GPTConfig, seed: int = 0) -> dict:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from .config import GPTConfig
+from .positions import alibi_slopes  # a table of constants (the slopes), shared with the model
 
 GELU_C = np.sqrt(2.0 / np.pi)
 
@@ -129,9 +130,42 @@ def _merge_heads(a):  # [b, n, t, h] -> [b, t, d]
     return a.transpose(0, 2, 1, 3).reshape(b, t, n * h)
 
 
-def mha(x, c_attn, c_proj, n_heads):  # [b, t, d] -> [b, t, d]
-    q, k, v = np.split(linear(x, **c_attn), 3, axis=-1)  # 3 x [b, t, d] from [b, t, 3d]
-    out = attention(*(_split_heads(a, n_heads) for a in (q, k, v)), causal_mask(x.shape[1]))  # [b, n, t, h]
+def rope(x, pos, base):  # [b, n, t, h], [b, t] -> [b, n, t, h]: rotate pairs (x[i], x[i + h/2])
+    h = x.shape[-1]
+    freq = base ** (-np.arange(0, h, 2) / h)  # [h/2]
+    angle = pos[:, None, :, None] * freq  # [b, 1, t, h/2]
+    x1, x2 = x[..., : h // 2], x[..., h // 2:]
+    return np.concatenate([x1 * np.cos(angle) - x2 * np.sin(angle), x1 * np.sin(angle) + x2 * np.cos(angle)], -1)
+
+
+def attention_variant(q, k, v, q_pos, k_pos, window=None, slopes=None):
+    """[b, n, t, h], [b, m, s, h] x2, [b, t], [b, s] -> [b, n, t, h]: grouped heads (query head i
+    reads kv head i // (n/m)), causal by position, optional window and ALiBi slopes [n]."""
+    n, m = q.shape[1], k.shape[1]
+    k, v = np.repeat(k, n // m, axis=1), np.repeat(v, n // m, axis=1)  # [b, n, s, h]
+    delta = q_pos[:, None, :, None] - k_pos[:, None, None, :]  # [b, 1, t, s]
+    visible = delta >= 0
+    if window is not None:
+        visible &= delta < window
+    scores = q @ np.swapaxes(k, -1, -2) / np.sqrt(q.shape[-1])  # [b, n, t, s]
+    if slopes is not None:
+        scores = scores - np.asarray(slopes, np.float64)[None, :, None, None] * delta
+    return softmax(np.where(visible, scores, -np.inf)) @ v
+
+
+def mha(x, c_attn, c_proj, n_heads, n_kv_heads=None, position="learned", rope_base=10000.0, window=None):
+    """[b, t, d] -> [b, t, d]. The defaults are GPT-2's attention; the keywords select the variants."""
+    b, t, d = x.shape
+    h, m = d // n_heads, n_kv_heads or n_heads
+    qkv = linear(x, **c_attn)  # [b, t, (n + 2m) h]
+    q = _split_heads(qkv[..., : n_heads * h], n_heads)  # [b, n, t, h]
+    k = _split_heads(qkv[..., n_heads * h:(n_heads + m) * h], m)  # [b, m, t, h]
+    v = _split_heads(qkv[..., (n_heads + m) * h:], m)
+    pos = np.broadcast_to(np.arange(t), (b, t))
+    if position == "rope":
+        q, k = rope(q, pos, rope_base), rope(k, pos, rope_base)
+    slopes = alibi_slopes(n_heads) if position == "alibi" else None
+    out = attention_variant(q, k, v, pos, pos, window, slopes)  # [b, n, t, h]
     return linear(_merge_heads(out), **c_proj)
 
 
@@ -160,8 +194,8 @@ def mlp_backward(dout, x, c_fc, c_proj):  # dout [b, t, d] -> dx, {c_fc, c_proj}
     return dx, {"c_fc": g_fc, "c_proj": g_proj}
 
 
-def transformer_block(x, ln_1, attn, ln_2, mlp_params, n_heads, eps):  # [b, t, d] -> [b, t, d]
-    x = x + mha(layer_norm(x, **ln_1, eps=eps), **attn, n_heads=n_heads)
+def transformer_block(x, ln_1, attn, ln_2, mlp_params, n_heads, eps, **variant):  # [b, t, d] -> [b, t, d]
+    x = x + mha(layer_norm(x, **ln_1, eps=eps), **attn, n_heads=n_heads, **variant)
     x = x + mlp(layer_norm(x, **ln_2, eps=eps), **mlp_params)
     return x
 
@@ -190,9 +224,13 @@ def gpt_forward(params, ids, config: GPTConfig):  # {"params": …}, [b, t] -> [
     t = ids.shape[1]
     if t > config.context_length:
         raise ValueError(f"input of {t} tokens exceeds context_length {config.context_length}")
-    x = embedding(ids, p["wte"]["embedding"]) + p["wpe"]["embedding"][:t]  # [b, t, d]
+    x = embedding(ids, p["wte"]["embedding"])  # [b, t, d]
+    if config.position == "learned":
+        x = x + p["wpe"]["embedding"][:t]
     for i in range(config.n_layers):
-        x = transformer_block(x, *_block_params(p[f"h_{i}"]), config.n_heads, config.ln_eps)
+        variant = dict(n_kv_heads=config.n_kv_heads, position=config.position, rope_base=config.rope_base,
+                       window=config.layer_window(i))
+        x = transformer_block(x, *_block_params(p[f"h_{i}"]), config.n_heads, config.ln_eps, **variant)
     x = layer_norm(x, **p["ln_f"], eps=config.ln_eps)
     head = p["wte"]["embedding"].T if config.tie_embeddings else p["lm_head"]["kernel"]  # [d, v]
     return x @ head  # [b, t, v]
@@ -214,7 +252,13 @@ def cross_entropy_backward(logits, targets, ignore_index=-100):  # -> dlogits [b
 
 
 def gpt_loss_and_grads(params, ids, targets, config: GPTConfig, ignore_index=-100):
-    """(mean cross-entropy, gradients in the same tree as `params`) by the hand-written backward."""
+    """(mean cross-entropy, gradients in the same tree as `params`) by the hand-written backward.
+
+    The backward covers GPT-2's architecture (the attention variants have forward references only;
+    their gradients are checked against finite differences of those)."""
+    default = GPTConfig()
+    if any(getattr(config, f) != getattr(default, f) for f in ("n_kv_heads", "position", "sliding_window")):
+        raise NotImplementedError("the hand-written backward covers GPT-2's attention only (no variants)")
     p = params["params"] if "params" in params else params
     ids, targets = np.asarray(ids), np.asarray(targets)
     t, eps = ids.shape[1], config.ln_eps

@@ -60,8 +60,9 @@ def test_backends_agree_with_each_other_and_reference():
     rng = np.random.default_rng(0)
     q, k, v = (rng.normal(size=(2, 7, 3, 8)).astype(np.float32) for _ in range(3))  # btnh
     expected = ref.attention(*(a.transpose(0, 2, 1, 3).astype(np.float64) for a in (q, k, v)), ref.causal_mask(7))
+    pos = jnp.broadcast_to(jnp.arange(7), (2, 7))
     for name, fn in ATTENTION_BACKENDS.items():
-        out = np.asarray(fn(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)))
+        out = np.asarray(fn(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), q_pos_bt=pos, k_pos_bs=pos))
         np.testing.assert_allclose(out.transpose(0, 2, 1, 3), expected, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
