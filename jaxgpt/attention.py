@@ -167,6 +167,35 @@ ATTENTION_BACKENDS: dict[str, Callable[..., Array]] = {
 }
 
 
+def _ring_attend_and_write(ring: dict, k_btmh: Array, v_btmh: Array, pos_bt: Array, cache_index, mask_bts: Array):
+    """Keys/values a local layer attends to when its cache is a ring of W slots, and the new ring.
+
+    The queries see the ring as it was (the W columns before this chunk) plus the chunk itself;
+    `mask_bts` (over all cache columns) says which of those columns they may see, the window rule
+    applies on top. Then the chunk's last min(t, W) tokens overwrite the slots `column % W`.
+    Returns (k_bsmh, v_bsmh, k_pos_bs, mask_bts, ring) with s = W + t.
+    """
+    b, t = pos_bt.shape
+    w = ring["k"].shape[1]
+    col_bw = ring["col"]
+    ring_visible_btw = jnp.take_along_axis(mask_bts, jnp.broadcast_to(jnp.maximum(col_bw, 0)[:, None], (b, t, w)), axis=2)
+    ring_visible_btw = ring_visible_btw & (col_bw >= 0)[:, None, :]
+    chunk_visible_btt = jax.lax.dynamic_slice_in_dim(mask_bts, cache_index, t, axis=2)
+    k_bsmh = jnp.concatenate([ring["k"].astype(k_btmh.dtype), k_btmh], axis=1)
+    v_bsmh = jnp.concatenate([ring["v"].astype(v_btmh.dtype), v_btmh], axis=1)
+    k_pos_bs = jnp.concatenate([ring["pos"], pos_bt], axis=1)
+    visible_bts = jnp.concatenate([ring_visible_btw, chunk_visible_btt], axis=2)
+
+    keep = min(t, w)  # static
+    cols_k = cache_index + t - keep + jnp.arange(keep)
+    slots_k = cols_k % w
+    ring = {"k": ring["k"].at[:, slots_k].set(k_btmh[:, t - keep:].astype(ring["k"].dtype)),
+            "v": ring["v"].at[:, slots_k].set(v_btmh[:, t - keep:].astype(ring["v"].dtype)),
+            "pos": ring["pos"].at[:, slots_k].set(pos_bt[:, t - keep:]),
+            "col": ring["col"].at[:, slots_k].set(jnp.broadcast_to(cols_k, (b, keep)).astype(jnp.int32))}
+    return k_bsmh, v_bsmh, k_pos_bs, visible_bts, ring
+
+
 class MultiHeadAttention(nn.Module):
     """Causal attention with n query heads and m key/value heads (m = n: multi-head; 1: multi-query;
     in between: grouped-query), one fused projection `c_attn` (n + 2m heads wide) and `c_proj`.
@@ -189,6 +218,17 @@ class MultiHeadAttention(nn.Module):
     rope_base: float = 10000.0
     window: Optional[int] = None  # sliding-window (local) attention over this many positions
 
+    @staticmethod
+    def empty_cache(config, batch: int, length: int, dtype, window: Optional[int] = None) -> dict:
+        """{"k", "v", "pos"} for `length` slots; a local layer whose window is shorter gets a ring of
+        `window` slots instead, with "col": the cache column each slot holds (-1: empty)."""
+        slots = length if window is None else min(window, length)
+        shape = (batch, slots, config.kv_heads, config.head_dim)
+        cache = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "pos": jnp.zeros((batch, slots), jnp.int32)}
+        if slots < length:
+            cache["col"] = jnp.full((batch, slots), -1, jnp.int32)
+        return cache
+
     @nn.compact
     def __call__(self, x_btd: Array, *, deterministic: bool = True, positions_bt: Optional[Array] = None,
                  kv_cache: Optional[dict] = None, cache_index: Optional[Array] = None,
@@ -209,7 +249,10 @@ class MultiHeadAttention(nn.Module):
             q_btnh, k_btmh = apply_rope(q_btnh, pos_bt, self.rope_base), apply_rope(k_btmh, pos_bt, self.rope_base)
 
         k_pos_bs = pos_bt
-        if kv_cache is not None:
+        if kv_cache is not None and "col" in kv_cache:  # a local layer's ring of the last `window` tokens
+            k_btmh, v_btmh, k_pos_bs, mask_bts, kv_cache = _ring_attend_and_write(
+                kv_cache, k_btmh, v_btmh, pos_bt, cache_index, mask_bts)
+        elif kv_cache is not None:
             write = lambda cache, new: jax.lax.dynamic_update_slice_in_dim(cache, new.astype(cache.dtype), cache_index, 1)  # noqa: E731
             kv_cache = {"k": write(kv_cache["k"], k_btmh), "v": write(kv_cache["v"], v_btmh),
                         "pos": write(kv_cache["pos"], pos_bt)}

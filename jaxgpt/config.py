@@ -15,6 +15,7 @@ import jax
 
 ATTENTION_IMPLS = ("auto", "naive", "xla", "blockwise")
 POSITIONS = ("learned", "rope", "alibi", "none")  # see jaxgpt.positions
+ATTENTION_KINDS = ("softmax", "mla", "linear")  # see jaxgpt.model.ATTENTION_LAYERS
 DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")  # float64 needs jax_enable_x64
 
 
@@ -38,6 +39,8 @@ class GPTConfig:
     ln_eps: float = 1e-5  # LayerNorm epsilon (GPT-2's)
     emb_init_std: float = 0.02  # std of the wte/wpe initialisation (GPT-2: 0.02; PyTorch nn.Embedding: 1.0)
     # attention variants (docs/attention_variants.md); the defaults are GPT-2's
+    attention: str = "softmax"  # "softmax", "mla" (multi-head latent attention), "linear" (causal linear attention)
+    latent_dim: Optional[int] = None  # "mla": width of the shared key/value latent (what the cache stores)
     n_kv_heads: Optional[int] = None  # key/value heads: None = n_heads (multi-head), 1 = multi-query, else grouped
     position: str = "learned"  # "learned" (GPT-2's wpe table), "rope", "alibi" or "none"
     rope_base: float = 10000.0  # RoPE wavelength base
@@ -82,6 +85,15 @@ class GPTConfig:
                 raise ConfigError(f"GPTConfig.{name} must be a positive integer or unset, got {v!r}")
         if self.global_every is not None and self.sliding_window is None:
             raise ConfigError("GPTConfig.global_every needs a sliding_window for the other layers")
+        if self.attention not in ATTENTION_KINDS:
+            raise ConfigError(f"GPTConfig.attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
+        if (self.attention == "mla") != (self.latent_dim is not None):
+            raise ConfigError("GPTConfig.latent_dim is needed exactly when attention is 'mla'")
+        if self.latent_dim is not None and (isinstance(self.latent_dim, bool) or not isinstance(self.latent_dim, int)
+                                            or self.latent_dim <= 0):
+            raise ConfigError(f"GPTConfig.latent_dim must be a positive integer, got {self.latent_dim!r}")
+        if self.attention == "linear" and (self.position in ("rope", "alibi") or self.sliding_window is not None):
+            raise ConfigError("GPTConfig.attention 'linear' takes position 'learned' or 'none' and no sliding_window")
         if self.dtype not in DTYPES:
             raise ConfigError(f"GPTConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
 

@@ -16,9 +16,30 @@ import jax
 import jax.numpy as jnp
 
 from .attention import MultiHeadAttention
+from .latent_attention import LatentAttention
+from .linear_attention import LinearAttention
 from .config import GPTConfig, resolve_attn_impl, resolve_dtype
 
 Array = jax.Array
+
+
+# The attention layers a config can select (`GPTConfig.attention`). Each takes
+# (x_btd, *, deterministic, positions_bt, kv_cache, cache_index, mask_bts) and has
+# `empty_cache(config, batch, length, dtype)`; see docs/attention_variants.md to add one.
+ATTENTION_LAYERS = {"softmax": MultiHeadAttention, "mla": LatentAttention, "linear": LinearAttention}
+
+
+def attention_layer(cfg: GPTConfig, *, impl: str, dtype, out_init_std: float, window: Optional[int]) -> nn.Module:
+    """The configured attention layer of one block (named "attn", as GPT-2's)."""
+    common = dict(n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, qkv_bias=cfg.qkv_bias, dtype=dtype,
+                  out_init_std=out_init_std, name="attn")
+    if cfg.attention == "linear":
+        return LinearAttention(**common)
+    softmax_options = dict(drop_rate=cfg.drop_rate, impl=impl, position=cfg.position, rope_base=cfg.rope_base,
+                           window=window)
+    if cfg.attention == "mla":
+        return LatentAttention(latent_dim=cfg.latent_dim, **common, **softmax_options)
+    return MultiHeadAttention(**common, **softmax_options)
 
 
 class MLP(nn.Module):
@@ -53,11 +74,7 @@ class Block(nn.Module):
         ln = lambda name: nn.LayerNorm(epsilon=cfg.ln_eps, dtype=self.dtype, name=name)  # noqa: E731
         drop = nn.Dropout(cfg.drop_rate)
 
-        attn = MultiHeadAttention(
-            n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, drop_rate=cfg.drop_rate, qkv_bias=cfg.qkv_bias,
-            impl=self.attn_impl, dtype=self.dtype, out_init_std=out_std, position=cfg.position,
-            rope_base=cfg.rope_base, window=self.window, name="attn",
-        )
+        attn = attention_layer(cfg, impl=self.attn_impl, dtype=self.dtype, out_init_std=out_std, window=self.window)
         attn_out = attn(ln("ln_1")(x_btd), deterministic=deterministic, positions_bt=positions_bt,
                         kv_cache=kv_cache, cache_index=cache_index, mask_bts=mask_bts)
         if kv_cache is not None:
@@ -125,19 +142,28 @@ class GPT(nn.Module):
 
 
 def init_cache(config: GPTConfig, batch: int, length: int) -> list:
-    """An empty key/value cache: per layer {"k", "v"}: (batch, length, kv_heads, head_dim) and the
-    positions of the tokens in each slot, "pos": (batch, length) (windows and ALiBi need them)."""
-    shape = (batch, length, config.kv_heads, config.head_dim)
-    dtype = resolve_dtype(config)
-    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "pos": jnp.zeros((batch, length), jnp.int32)}
-            for _ in range(config.n_layers)]
+    """An empty decoding cache, one dict per layer, shaped by the layer's kind: softmax attention
+    {"k", "v": (batch, length, kv_heads, head_dim), "pos": (batch, length)} (a local layer: a ring of
+    its window's length, see `MultiHeadAttention.empty_cache`); latent attention
+    {"latent": (batch, length, latent_dim), "pos"}; linear attention its recurrent state."""
+    layer, dtype = ATTENTION_LAYERS[config.attention], resolve_dtype(config)
+    if config.attention == "softmax":  # local layers keep only their window (a ring)
+        return [layer.empty_cache(config, batch, length, dtype, config.layer_window(i)) for i in range(config.n_layers)]
+    return [layer.empty_cache(config, batch, length, dtype) for _ in range(config.n_layers)]
 
 
-def kv_cache_bytes_per_token(config: GPTConfig) -> int:
-    """Bytes of KV cache one token occupies across all layers, computed from `init_cache` itself
-    (so docs and experiments report what decoding allocates), at the config's compute dtype."""
-    one = jax.eval_shape(lambda: init_cache(config, 1, 1))
-    return sum(math.prod(leaf.shape) * leaf.dtype.itemsize for leaf in jax.tree.leaves(one))
+def kv_cache_bytes(config: GPTConfig, length: int, batch: int = 1) -> int:
+    """Bytes the decoding cache of `length` tokens occupies, computed from `init_cache` itself (so
+    docs and experiments report what decoding allocates), at the config's compute dtype."""
+    shapes = jax.eval_shape(lambda: init_cache(config, batch, length))
+    return sum(math.prod(leaf.shape) * leaf.dtype.itemsize for leaf in jax.tree.leaves(shapes))
+
+
+def kv_cache_bytes_per_token(config: GPTConfig, length: Optional[int] = None) -> float:
+    """Cache bytes per token at `length` tokens (default: the context length). Constant for softmax
+    and latent attention; for linear attention the fixed state is spread over the tokens."""
+    length = length or config.context_length
+    return kv_cache_bytes(config, length) / length
 
 
 def init_params(config: GPTConfig, seed: int = 0) -> dict:

@@ -153,20 +153,54 @@ def attention_variant(q, k, v, q_pos, k_pos, window=None, slopes=None):
     return softmax(np.where(visible, scores, -np.inf)) @ v
 
 
-def mha(x, c_attn, c_proj, n_heads, n_kv_heads=None, position="learned", rope_base=10000.0, window=None):
-    """[b, t, d] -> [b, t, d]. The defaults are GPT-2's attention; the keywords select the variants."""
-    b, t, d = x.shape
-    h, m = d // n_heads, n_kv_heads or n_heads
-    qkv = linear(x, **c_attn)  # [b, t, (n + 2m) h]
-    q = _split_heads(qkv[..., : n_heads * h], n_heads)  # [b, n, t, h]
-    k = _split_heads(qkv[..., n_heads * h:(n_heads + m) * h], m)  # [b, m, t, h]
-    v = _split_heads(qkv[..., (n_heads + m) * h:], m)
+def _split_qkv(qkv, n, m):  # [b, t, (n + 2m) h] -> q [b, n, t, h], k, v [b, m, t, h]
+    h = qkv.shape[-1] // (n + 2 * m)
+    return (_split_heads(qkv[..., : n * h], n), _split_heads(qkv[..., n * h:(n + m) * h], m),
+            _split_heads(qkv[..., (n + m) * h:], m))
+
+
+def _softmax_core(q, k, v, c_proj, n_heads, position, rope_base, window):  # q, k, v -> [b, t, d]
+    b, t = q.shape[0], q.shape[2]
     pos = np.broadcast_to(np.arange(t), (b, t))
     if position == "rope":
         q, k = rope(q, pos, rope_base), rope(k, pos, rope_base)
     slopes = alibi_slopes(n_heads) if position == "alibi" else None
-    out = attention_variant(q, k, v, pos, pos, window, slopes)  # [b, n, t, h]
+    return linear(_merge_heads(attention_variant(q, k, v, pos, pos, window, slopes)), **c_proj)
+
+
+def mha(x, c_attn, c_proj, n_heads, n_kv_heads=None, position="learned", rope_base=10000.0, window=None):
+    """[b, t, d] -> [b, t, d]. The defaults are GPT-2's attention; the keywords select the variants."""
+    q, k, v = _split_qkv(linear(x, **c_attn), n_heads, n_kv_heads or n_heads)  # from [b, t, (n + 2m) h]
+    return _softmax_core(q, k, v, c_proj, n_heads, position, rope_base, window)
+
+
+def latent_attention(x, c_q, c_kv_down, c_k_up, c_v_up, c_proj, n_heads, n_kv_heads=None, position="learned",
+                     rope_base=10000.0, window=None):
+    """Multi-head latent attention: k, v expanded from the latent x·W_down [b, t, r]."""
+    m = n_kv_heads or n_heads
+    latent = linear(x, **c_kv_down)  # [b, t, r]
+    q = _split_heads(linear(x, **c_q), n_heads)
+    k, v = _split_heads(linear(latent, **c_k_up), m), _split_heads(linear(latent, **c_v_up), m)
+    return _softmax_core(q, k, v, c_proj, n_heads, position, rope_base, window)
+
+
+def linear_attention(x, c_attn, c_proj, n_heads, n_kv_heads=None, **unused):
+    """Causal linear attention in its recurrent form, one token at a time (φ = elu + 1)."""
+    n = n_heads
+    q, k, v = _split_qkv(linear(x, **c_attn), n, n_kv_heads or n)
+    k, v = np.repeat(k, n // k.shape[1], axis=1), np.repeat(v, n // v.shape[1], axis=1)  # [b, n, t, h]
+    phi = lambda a: np.where(a > 0, a + 1.0, np.exp(a))  # noqa: E731  elu(a) + 1
+    state = np.zeros(q.shape[:2] + (q.shape[-1], v.shape[-1]))  # [b, n, h, h]
+    norm = np.zeros(q.shape[:2] + (q.shape[-1],))  # [b, n, h]
+    out = np.zeros_like(q)
+    for i in range(q.shape[2]):
+        state = state + phi(k[:, :, i])[..., :, None] * v[:, :, i][..., None, :]
+        norm = norm + phi(k[:, :, i])
+        out[:, :, i] = np.einsum("bnh,bnhe->bne", phi(q[:, :, i]), state) / np.einsum("bnh,bnh->bn", phi(q[:, :, i]), norm)[..., None]
     return linear(_merge_heads(out), **c_proj)
+
+
+ATTENTION = {"softmax": mha, "mla": latent_attention, "linear": linear_attention}
 
 
 def mha_backward(dout, x, c_attn, c_proj, n_heads):  # dout [b, t, d] -> dx [b, t, d], {c_attn, c_proj}
@@ -194,8 +228,8 @@ def mlp_backward(dout, x, c_fc, c_proj):  # dout [b, t, d] -> dx, {c_fc, c_proj}
     return dx, {"c_fc": g_fc, "c_proj": g_proj}
 
 
-def transformer_block(x, ln_1, attn, ln_2, mlp_params, n_heads, eps, **variant):  # [b, t, d] -> [b, t, d]
-    x = x + mha(layer_norm(x, **ln_1, eps=eps), **attn, n_heads=n_heads, **variant)
+def transformer_block(x, ln_1, attn, ln_2, mlp_params, n_heads, eps, attention="softmax", **variant):  # [b, t, d] -> [b, t, d]
+    x = x + ATTENTION[attention](layer_norm(x, **ln_1, eps=eps), **attn, n_heads=n_heads, **variant)
     x = x + mlp(layer_norm(x, **ln_2, eps=eps), **mlp_params)
     return x
 
@@ -230,7 +264,8 @@ def gpt_forward(params, ids, config: GPTConfig):  # {"params": …}, [b, t] -> [
     for i in range(config.n_layers):
         variant = dict(n_kv_heads=config.n_kv_heads, position=config.position, rope_base=config.rope_base,
                        window=config.layer_window(i))
-        x = transformer_block(x, *_block_params(p[f"h_{i}"]), config.n_heads, config.ln_eps, **variant)
+        x = transformer_block(x, *_block_params(p[f"h_{i}"]), config.n_heads, config.ln_eps,
+                              attention=config.attention, **variant)
     x = layer_norm(x, **p["ln_f"], eps=config.ln_eps)
     head = p["wte"]["embedding"].T if config.tie_embeddings else p["lm_head"]["kernel"]  # [d, v]
     return x @ head  # [b, t, v]
@@ -257,7 +292,7 @@ def gpt_loss_and_grads(params, ids, targets, config: GPTConfig, ignore_index=-10
     The backward covers GPT-2's architecture (the attention variants have forward references only;
     their gradients are checked against finite differences of those)."""
     default = GPTConfig()
-    if any(getattr(config, f) != getattr(default, f) for f in ("n_kv_heads", "position", "sliding_window")):
+    if any(getattr(config, f) != getattr(default, f) for f in ("n_kv_heads", "position", "sliding_window", "attention")):
         raise NotImplementedError("the hand-written backward covers GPT-2's attention only (no variants)")
     p = params["params"] if "params" in params else params
     ids, targets = np.asarray(ids), np.asarray(targets)

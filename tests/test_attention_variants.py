@@ -24,6 +24,10 @@ VARIANTS = {
     "none": dict(position="none"),
     "window-3": dict(sliding_window=3),
     "window-3-global-every-2": dict(sliding_window=3, global_every=2),
+    "mla-8": dict(attention="mla", latent_dim=8),
+    "mla-8-gqa-rope": dict(attention="mla", latent_dim=8, n_kv_heads=2, position="rope"),
+    "linear": dict(attention="linear"),
+    "linear-mqa-nopos": dict(attention="linear", n_kv_heads=1, position="none"),
 }
 
 
@@ -47,8 +51,9 @@ def test_gpt_variant_matches_numpy_reference(name):
     expected = ref.gpt_forward(ref.to_numpy(params), ids, config)
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=2e-5)  # float32 vs float64
     assert ("wpe" in params["params"]) == (config.position == "learned")
-    qkv_width = params["params"]["h_0"]["attn"]["c_attn"]["kernel"].shape[1]
-    assert qkv_width == (config.n_heads + 2 * config.kv_heads) * config.head_dim
+    if config.attention != "mla":
+        qkv_width = params["params"]["h_0"]["attn"]["c_attn"]["kernel"].shape[1]
+        assert qkv_width == (config.n_heads + 2 * config.kv_heads) * config.head_dim
 
 
 @settings(max_examples=6)
@@ -166,7 +171,10 @@ def test_alibi_slopes_are_the_papers():
 
 @pytest.mark.parametrize("variant", [dict(n_kv_heads=2, position="rope"),
                                      dict(n_kv_heads=1, position="alibi", sliding_window=3, global_every=2),
-                                     dict(position="none", attn_impl="blockwise")])
+                                     dict(sliding_window=2, position="rope"),
+                                     dict(position="none", attn_impl="blockwise"),
+                                     dict(attention="mla", latent_dim=8, position="rope", n_kv_heads=2),
+                                     dict(attention="linear", n_kv_heads=2)])
 def test_cached_decoding_equals_uncached(variant):
     config = TEST.replace(**variant)
     params = init_params(config, seed=1)
@@ -186,6 +194,16 @@ def test_kv_cache_bytes_per_token():
     assert kv_cache_bytes_per_token(small) == 12 * (2 * 12 * 64 * 4 + 4)
     assert kv_cache_bytes_per_token(small.replace(n_kv_heads=4)) == 12 * (2 * 4 * 64 * 4 + 4)
     assert kv_cache_bytes_per_token(small.replace(n_kv_heads=1)) == 12 * (2 * 64 * 4 + 4)
+    # latent attention caches the latent: 12 layers × (128 × 4 bytes + position)
+    assert kv_cache_bytes_per_token(small.replace(attention="mla", latent_dim=128)) == 12 * (128 * 4 + 4)
+    # linear attention: a fixed state (12 heads × (64 × 64 + 64) float32 per layer), whatever the length
+    # sliding windows: a local layer caches its window only (5 local : 1 global, window 128, at 1024)
+    local = small.replace(sliding_window=128, global_every=6)
+    ring = 2 * 12 * 64 * 4 * 128 + 2 * 4 * 128  # K, V, and "pos" + "col" of 128 slots
+    full = (2 * 12 * 64 * 4 + 4) * 1024
+    assert kv_cache_bytes_per_token(local, length=1024) == (10 * ring + 2 * full) / 1024
+    state = 12 * 12 * (64 * 64 + 64) * 4
+    assert kv_cache_bytes_per_token(small.replace(attention="linear"), length=1024) == state / 1024
 
 
 def test_variant_config_errors_name_the_field():
@@ -195,3 +213,7 @@ def test_variant_config_errors_name_the_field():
         TEST.replace(position="sinusoidal")
     with pytest.raises(ConfigError, match="global_every"):
         TEST.replace(global_every=2)
+    with pytest.raises(ConfigError, match="latent_dim"):
+        TEST.replace(attention="mla")
+    with pytest.raises(ConfigError, match="linear"):
+        TEST.replace(attention="linear", position="rope")

@@ -1,0 +1,86 @@
+"""Causal linear attention (Katharopoulos et al. 2020, "Transformers are RNNs"): a non-softmax family.
+
+The softmax similarity exp(q·k) is replaced by a feature map φ(q)·φ(k) with φ(x) = elu(x) + 1 > 0:
+
+    out_i = φ(q_i)ᵀ Σ_{j≤i} φ(k_j) v_jᵀ  /  φ(q_i)ᵀ Σ_{j≤i} φ(k_j)
+
+- parallel form (training): the masked (t × t) matrix φ(Q)φ(K)ᵀ, as attention without softmax;
+- recurrent form (decoding): a state S = Σ φ(k) vᵀ (h × h per head) and z = Σ φ(k) (h per head),
+  updated once per token. The cache is that state: constant size, whatever the length.
+Positions come from the learned table (or none): windows, ALiBi and RoPE are softmax-attention ideas
+and are refused for this family.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def feature_map(x: Array) -> Array:
+    """φ(x) = elu(x) + 1, positive everywhere, computed in float32."""
+    return jax.nn.elu(x.astype(jnp.float32)) + 1.0
+
+
+def linear_attention_parallel(q_btnh: Array, k_btmh: Array, v_btmh: Array, visible_btt: Array) -> Array:
+    """The parallel (training) form over the visible pairs; m key/value heads shared by n/m queries."""
+    b, t, n, h = q_btnh.shape
+    m = k_btmh.shape[2]
+    k_btnh, v_btnh = jnp.repeat(k_btmh, n // m, axis=2), jnp.repeat(v_btmh, n // m, axis=2)
+    a_bnts = jnp.einsum("btnh,bsnh->bnts", feature_map(q_btnh), feature_map(k_btnh)) * visible_btt[:, None]
+    num_btnh = jnp.einsum("bnts,bsnh->btnh", a_bnts, v_btnh.astype(jnp.float32))
+    den_btn = jnp.sum(a_bnts, axis=-1).transpose(0, 2, 1)
+    return num_btnh / jnp.maximum(den_btn, 1e-6)[..., None]
+
+
+class LinearAttention(nn.Module):
+    n_heads: int
+    n_kv_heads: Optional[int] = None
+    qkv_bias: bool = False
+    dtype: jnp.dtype = jnp.float32
+    out_init_std: float = 0.02
+
+    @staticmethod
+    def empty_cache(config, batch: int, length: int, dtype) -> dict:
+        m, h = config.kv_heads, config.head_dim
+        return {"state": jnp.zeros((batch, m, h, h), jnp.float32), "norm": jnp.zeros((batch, m, h), jnp.float32)}
+
+    @nn.compact
+    def __call__(self, x_btd: Array, *, deterministic: bool = True, positions_bt: Optional[Array] = None,
+                 kv_cache: Optional[dict] = None, cache_index: Optional[Array] = None,
+                 mask_bts: Optional[Array] = None):
+        b, t, d = x_btd.shape
+        n, h = self.n_heads, d // self.n_heads
+        m = self.n_kv_heads or n
+        qkv_bte = nn.Dense((n + 2 * m) * h, use_bias=self.qkv_bias, dtype=self.dtype,
+                           kernel_init=nn.initializers.normal(0.02), name="c_attn")(x_btd)
+        q_btnh = qkv_bte[..., : n * h].reshape(b, t, n, h)
+        k_btmh = qkv_bte[..., n * h:(n + m) * h].reshape(b, t, m, h)
+        v_btmh = qkv_bte[..., (n + m) * h:].reshape(b, t, m, h)
+
+        if kv_cache is None:
+            out_btnh = linear_attention_parallel(q_btnh, k_btmh, v_btmh, jnp.tril(jnp.ones((t, t), bool))[None])
+        else:
+            # tokens of this chunk that are real (a padding token does not even see itself)
+            real_bt = jnp.diagonal(jax.lax.dynamic_slice_in_dim(mask_bts, cache_index, t, axis=2), axis1=1, axis2=2)
+            visible_btt = jnp.tril(jnp.ones((t, t), bool))[None] & real_bt[:, None, :]
+            phi_q_btmgh = feature_map(q_btnh).reshape(b, t, m, n // m, h)
+            # what the earlier tokens contribute, from the state; then the chunk itself, in parallel
+            num_btnh = jnp.einsum("btmgh,bmhe->btmge", phi_q_btmgh, kv_cache["state"]).reshape(b, t, n, h)
+            den_btn = jnp.einsum("btmgh,bmh->btmg", phi_q_btmgh, kv_cache["norm"]).reshape(b, t, n)
+            k_btnh, v_btnh = jnp.repeat(k_btmh, n // m, axis=2), jnp.repeat(v_btmh, n // m, axis=2)
+            a_bnts = jnp.einsum("btnh,bsnh->bnts", feature_map(q_btnh), feature_map(k_btnh)) * visible_btt[:, None]
+            num_btnh = num_btnh + jnp.einsum("bnts,bsnh->btnh", a_bnts, v_btnh.astype(jnp.float32))
+            den_btn = den_btn + jnp.sum(a_bnts, axis=-1).transpose(0, 2, 1)
+            out_btnh = num_btnh / jnp.maximum(den_btn, 1e-6)[..., None]
+            phi_k_btmh = feature_map(k_btmh) * real_bt[:, :, None, None]
+            kv_cache = {"state": kv_cache["state"] + jnp.einsum("btmh,btme->bmhe", phi_k_btmh, v_btmh.astype(jnp.float32)),
+                        "norm": kv_cache["norm"] + jnp.sum(phi_k_btmh, axis=1)}
+        out_btd = out_btnh.astype(x_btd.dtype).reshape(b, t, d)
+        out_btd = nn.Dense(d, dtype=self.dtype, kernel_init=nn.initializers.normal(self.out_init_std), name="c_proj")(out_btd)
+        return out_btd if kv_cache is None else (out_btd, kv_cache)
