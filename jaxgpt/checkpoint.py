@@ -68,6 +68,11 @@ def _resolve(path: Path) -> tuple[Path, Optional[int]]:
     if not path.exists():
         raise CheckpointError(f"no such checkpoint path: {path}")
     if (path / "checkpoints").is_dir():
+        # a run's newest state: its latest periodic save, or its best one when that is newer (a run
+        # that died before or between periodic saves still has the state of its last evaluation)
+        newest = lambda d: max((int(p.name) for p in d.iterdir() if p.name.isdigit()), default=-1) if d.is_dir() else -1  # noqa: E731
+        if newest(path / "best") > newest(path / "checkpoints"):
+            return path / "best", None
         return path / "checkpoints", None
     if path.name.isdigit() and path.is_dir():
         return path.parent, int(path.name)
@@ -134,7 +139,10 @@ def restore(path: Path, abstract_state: Any) -> tuple[dict, dict]:
 
 
 def check_compatible(saved: dict, requested: GPTConfig) -> None:
-    """Raise naming every model-config field where the checkpoint differs from the request."""
+    """Raise naming every model-config field where the checkpoint differs from the request.
+
+    Fields a checkpoint predates take their defaults (the architecture it was trained with)."""
+    saved = GPTConfig.from_dict(saved).to_dict()
     diffs = {k: (saved.get(k), v) for k, v in requested.to_dict().items() if saved.get(k) != v}
     if diffs:
         detail = ", ".join(f"{k}: checkpoint {a!r} vs requested {b!r}" for k, (a, b) in diffs.items())

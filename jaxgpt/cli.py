@@ -460,6 +460,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 CPU_DEVICES_FLAG = "--xla_force_host_platform_device_count"
+# XLA's CPU collectives abort the process when one device's thread waits 40 s for the others; on a
+# busy machine (other jobs on the same cores) that kills healthy training runs, so wait longer.
+COLLECTIVE_TIMEOUT_FLAGS = ("--xla_cpu_collective_call_terminate_timeout_seconds=1800",
+                            "--xla_cpu_collective_call_warn_stuck_timeout_seconds=120")
 
 
 def _one_cpu_device_per_core() -> None:
@@ -476,7 +480,8 @@ def _one_cpu_device_per_core() -> None:
     cores = os.cpu_count() or 1
     if "jax" in sys.modules or CPU_DEVICES_FLAG in flags or cores < 2 or os.environ.get("JAXGPT_CPU_DEVICES") == "1":
         return
-    os.environ["XLA_FLAGS"] = f"{flags} {CPU_DEVICES_FLAG}={cores}".strip()
+    extra = [f for f in COLLECTIVE_TIMEOUT_FLAGS if f.split("=")[0] not in flags]
+    os.environ["XLA_FLAGS"] = " ".join([flags, f"{CPU_DEVICES_FLAG}={cores}", *extra]).strip()
 
 
 def main(argv=None) -> int:

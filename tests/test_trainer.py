@@ -169,3 +169,21 @@ def test_resume_refuses_changes_that_alter_the_training(corpus, tmp_path):
         train(None, cfg.replace(lr=1e-2), tmp_path / "r", resume=True, progress=False)
     summary = train(None, cfg.replace(max_steps=4, log_every=1), tmp_path / "r", resume=True, progress=False)
     assert summary["step"] == 4
+
+
+def test_resume_takes_the_newest_saved_state_and_old_metadata(tmp_path):
+    """A run killed before its first periodic save resumes from its best (evaluation) checkpoint,
+    and checkpoints written before a config field existed still match that field's default."""
+    from jaxgpt.checkpoint import _resolve, check_compatible
+    from jaxgpt.config import get_preset
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "best" / "100").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "200.orbax-checkpoint-tmp-1").mkdir()  # an unfinished save
+    assert _resolve(tmp_path) == (tmp_path / "best", None)
+    (tmp_path / "checkpoints" / "150").mkdir()
+    assert _resolve(tmp_path) == (tmp_path / "checkpoints", None)
+    old = {k: v for k, v in get_preset("test").to_dict().items() if k not in ("attention", "position", "n_kv_heads")}
+    check_compatible(old, get_preset("test"))
+    with pytest.raises(CheckpointError, match="position"):
+        check_compatible(old, get_preset("test", position="rope"))
