@@ -116,10 +116,10 @@ def alibi_bias(q_pos_bt: Array, k_pos_bs: Array, slopes_n: Array) -> Array:
     return -jnp.asarray(slopes_n, jnp.float32)[None, :, None, None] * delta_bts[:, None]
 
 
-def naive_attention(q_btnh: Array, k_bsmh: Array, v_bsmh: Array, *, q_pos_bt: Array, k_pos_bs: Array,
-                    mask_bts: Optional[Array] = None, window: Optional[int] = None,
-                    slopes_n: Optional[Array] = None, dropout: Optional[DropoutFn] = None) -> Array:
-    """Explicit scaled dot-product attention: all scores (b, n, t, s), mask, softmax, weighted sum."""
+def attention_weights(q_btnh: Array, k_bsmh: Array, *, q_pos_bt: Array, k_pos_bs: Array,
+                      mask_bts: Optional[Array] = None, window: Optional[int] = None,
+                      slopes_n: Optional[Array] = None) -> Array:
+    """The softmax attention weights (b, n, t, s) — what `jaxgpt attention-map` draws."""
     b, t, n, h = q_btnh.shape
     m = k_bsmh.shape[2]
     q_btmgh = q_btnh.reshape(b, t, m, n // m, h)  # query head i = (kv head i // g, member i % g)
@@ -130,7 +130,17 @@ def naive_attention(q_btnh: Array, k_bsmh: Array, v_bsmh: Array, *, q_pos_bt: Ar
     visible_b1ts = visible_keys(q_pos_bt, k_pos_bs, mask_bts, window)[:, None]
     weights_bnts = masked_softmax(scores_bnts, visible_b1ts)
     # a query that sees no key at all (a padding row) gets zeros, not NaN
-    weights_bnts = jnp.where(jnp.any(visible_b1ts, axis=-1, keepdims=True), weights_bnts, 0.0)
+    return jnp.where(jnp.any(visible_b1ts, axis=-1, keepdims=True), weights_bnts, 0.0)
+
+
+def naive_attention(q_btnh: Array, k_bsmh: Array, v_bsmh: Array, *, q_pos_bt: Array, k_pos_bs: Array,
+                    mask_bts: Optional[Array] = None, window: Optional[int] = None,
+                    slopes_n: Optional[Array] = None, dropout: Optional[DropoutFn] = None) -> Array:
+    """Explicit scaled dot-product attention: all scores (b, n, t, s), mask, softmax, weighted sum."""
+    b, t, n, h = q_btnh.shape
+    m = k_bsmh.shape[2]
+    weights_bnts = attention_weights(q_btnh, k_bsmh, q_pos_bt=q_pos_bt, k_pos_bs=k_pos_bs, mask_bts=mask_bts,
+                                     window=window, slopes_n=slopes_n)
     if dropout is not None:
         weights_bnts = dropout(weights_bnts)
     weights_bmgts = weights_bnts.reshape(b, m, n // m, t, -1).astype(v_bsmh.dtype)
@@ -265,9 +275,10 @@ class MultiHeadAttention(nn.Module):
         if self.impl not in ATTENTION_BACKENDS:
             raise ValueError(f"unknown attention backend {self.impl!r}; known: {sorted(ATTENTION_BACKENDS)}")
         slopes_n = alibi_slopes(n) if self.position == "alibi" else None
-        out_btnh = ATTENTION_BACKENDS[self.impl](q_btnh, k_btmh, v_btmh, q_pos_bt=pos_bt, k_pos_bs=k_pos_bs,
-                                                 mask_bts=mask_bts, window=self.window, slopes_n=slopes_n,
-                                                 dropout=dropout)
+        kw = dict(q_pos_bt=pos_bt, k_pos_bs=k_pos_bs, mask_bts=mask_bts, window=self.window, slopes_n=slopes_n)
+        if self.is_mutable_collection("intermediates"):  # asked for the weights (attention maps)
+            self.sow("intermediates", "attention_weights", attention_weights(q_btnh, k_btmh, **kw))
+        out_btnh = ATTENTION_BACKENDS[self.impl](q_btnh, k_btmh, v_btmh, **kw, dropout=dropout)
 
         out_btd = out_btnh.reshape(b, t, d)
         out_btd = nn.Dense(d, dtype=self.dtype, kernel_init=nn.initializers.normal(self.out_init_std), name="c_proj")(out_btd)

@@ -302,6 +302,25 @@ def _cmd_classify(args) -> int:
     return 0
 
 
+def _cmd_attention_map(args) -> int:
+    from .attention_map import attention_maps, plot_attention_maps
+
+    params, config, tokenizer = _load_for_generation(args)
+    ids = (tokenizer.encode(args.prompt) or [tokenizer.eot_id])[-config.context_length:]
+    maps = attention_maps(params, config, ids)
+    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    if layers and not all(0 <= x < config.n_layers for x in layers):
+        raise ValueError(f"--layers must lie in [0, {config.n_layers})")
+    out = plot_attention_maps(maps, [tokenizer.decode([i]) for i in ids], args.out, layers=layers,
+                              title=f"attention weights: {args.prompt[:60]!r}")
+    if args.json:
+        print(json.dumps({"out": str(out), "tokens": ids, "layers": config.n_layers, "heads": config.n_heads,
+                          "weights": maps.round(5).tolist()}))
+    else:
+        print(out)
+    return 0
+
+
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=50)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -447,6 +466,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_classify)
+
+    p = sub.add_parser("attention-map", help="heat maps of a model's attention weights for a prompt")
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--hf", default=None)
+    p.add_argument("--download", action="store_true")
+    p.add_argument("--preset", default="small", help="random model of this preset when no weights are given")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--layers", default=None, help="comma-separated layers to draw (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="also print the weights as JSON")
+    p.set_defaults(func=_cmd_attention_map)
 
     p = sub.add_parser("judge", help="score instruction responses with an LLM judge (Ollama-compatible API)")
     p.add_argument("responses", help="a test-responses.json written by `finetune instruct`")

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .attention import ATTENTION_BACKENDS
+from .attention import ATTENTION_BACKENDS, attention_weights
 
 Array = jax.Array
 
@@ -69,8 +69,9 @@ class LatentAttention(nn.Module):
         if self.drop_rate > 0.0 and not deterministic:
             dropout = lambda w: nn.Dropout(self.drop_rate, name="attn_drop")(w, deterministic=False)  # noqa: E731
         slopes_n = alibi_slopes(n) if self.position == "alibi" else None
-        out_btnh = ATTENTION_BACKENDS[self.impl](q_btnh, k_bsmh, v_bsmh, q_pos_bt=pos_bt, k_pos_bs=k_pos_bs,
-                                                 mask_bts=mask_bts, window=self.window, slopes_n=slopes_n,
-                                                 dropout=dropout)
+        kw = dict(q_pos_bt=pos_bt, k_pos_bs=k_pos_bs, mask_bts=mask_bts, window=self.window, slopes_n=slopes_n)
+        if self.is_mutable_collection("intermediates"):  # asked for the weights (attention maps)
+            self.sow("intermediates", "attention_weights", attention_weights(q_btnh, k_bsmh, **kw))
+        out_btnh = ATTENTION_BACKENDS[self.impl](q_btnh, k_bsmh, v_bsmh, **kw, dropout=dropout)
         out_btd = dense(d, "c_proj", bias=True, std=self.out_init_std)(out_btnh.reshape(b, t, d))
         return out_btd if kv_cache is None else (out_btd, kv_cache)

@@ -64,7 +64,12 @@ class LinearAttention(nn.Module):
         v_btmh = qkv_bte[..., (n + m) * h:].reshape(b, t, m, h)
 
         if kv_cache is None:
-            out_btnh = linear_attention_parallel(q_btnh, k_btmh, v_btmh, jnp.tril(jnp.ones((t, t), bool))[None])
+            causal_btt = jnp.tril(jnp.ones((t, t), bool))[None]
+            out_btnh = linear_attention_parallel(q_btnh, k_btmh, v_btmh, causal_btt)
+            if self.is_mutable_collection("intermediates"):  # the implied weights φ(q)·φ(k) / Σ, for maps
+                k_btnh = jnp.repeat(k_btmh, n // m, axis=2)
+                a_bnts = jnp.einsum("btnh,bsnh->bnts", feature_map(q_btnh), feature_map(k_btnh)) * causal_btt[:, None]
+                self.sow("intermediates", "attention_weights", a_bnts / jnp.sum(a_bnts, -1, keepdims=True))
         else:
             # tokens of this chunk that are real (a padding token does not even see itself)
             real_bt = jnp.diagonal(jax.lax.dynamic_slice_in_dim(mask_bts, cache_index, t, axis=2), axis1=1, axis2=2)

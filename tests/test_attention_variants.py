@@ -217,3 +217,24 @@ def test_variant_config_errors_name_the_field():
         TEST.replace(attention="mla")
     with pytest.raises(ConfigError, match="linear"):
         TEST.replace(attention="linear", position="rope")
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(attention="mla", latent_dim=8, position="alibi"),
+                                     dict(attention="linear")])
+def test_attention_maps_are_causal_distributions(variant):
+    from jaxgpt.attention_map import attention_maps
+
+    config = TEST.replace(**variant)
+    maps = attention_maps(init_params(config), config, [1, 2, 3, 4, 5])
+    assert maps.shape == (config.n_layers, config.n_heads, 5, 5)
+    np.testing.assert_allclose(maps.sum(-1), 1.0, rtol=1e-5)
+    assert np.all(np.triu(maps, k=1) == 0)
+
+
+def test_attention_map_cli(tmp_path, capsys):
+    from jaxgpt.cli import main
+
+    out = tmp_path / "map.png"
+    assert main(["attention-map", "--preset", "test", "--prompt", "Hello there", "--out", str(out), "--json"]) == 0
+    result = __import__("json").loads(capsys.readouterr().out)
+    assert out.stat().st_size > 1000 and len(result["weights"]) == 2
