@@ -238,3 +238,22 @@ def test_attention_map_cli(tmp_path, capsys):
     assert main(["attention-map", "--preset", "test", "--prompt", "Hello there", "--out", str(out), "--json"]) == 0
     result = __import__("json").loads(capsys.readouterr().out)
     assert out.stat().st_size > 1000 and len(result["weights"]) == 2
+
+
+def test_blockwise_memory_grows_linearly_naive_quadratically():
+    """XLA's own memory account of the compiled forward+backward: doubling the length about doubles
+    blockwise's memory (no t × s matrix anywhere, backward included) and quadruples naive's scores."""
+
+    def memory(name, t):
+        pos = jnp.arange(t)[None]
+        fn = ATTENTION_BACKENDS[name]
+        grad = jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v, q_pos_bt=pos, k_pos_bs=pos)), argnums=(0, 1, 2))
+        x = jax.ShapeDtypeStruct((1, t, 4, 16), jnp.float32)
+        mem = jax.jit(grad).lower(x, x, x).compile().memory_analysis()
+        return mem.temp_size_in_bytes + mem.output_size_in_bytes
+
+    blockwise = [memory("blockwise", t) for t in (512, 1024, 2048)]
+    naive = [memory("naive", t) for t in (512, 1024, 2048)]
+    assert blockwise[2] / blockwise[1] < 2.5 and blockwise[1] / blockwise[0] < 2.5, blockwise
+    assert naive[2] / naive[1] > 3.0, naive
+    assert blockwise[2] < naive[2] / 8
