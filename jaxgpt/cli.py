@@ -479,6 +479,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="also print the weights as JSON")
     p.set_defaults(func=_cmd_attention_map)
 
+    p = sub.add_parser("bench", add_help=False,
+                       help="time named workloads against PyTorch side by side (`jaxgpt bench --help`)")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)  # parsed by jaxgpt.bench (see main)
+
     p = sub.add_parser("judge", help="score instruction responses with an LLM judge (Ollama-compatible API)")
     p.add_argument("responses", help="a test-responses.json written by `finetune instruct`")
     p.add_argument("--url", default="http://localhost:11434", help="Ollama server")
@@ -516,6 +520,11 @@ def _one_cpu_device_per_core() -> None:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # its own parser (jaxgpt.bench), options and all
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "train":
         _one_cpu_device_per_core()

@@ -1,0 +1,309 @@
+"""`jaxgpt bench`: named workloads timed side by side against PyTorch on the same machine.
+
+Each measurement runs in a fresh subprocess (so compile time, peak memory and thread pools are its
+own), and the implementations of a workload alternate A B C A B C … for `rounds` rounds, so slow
+drifts of the machine hit them alike. A worker runs `warmup` steps (the first includes jaxgpt's
+compilation, reported as compile time) and then `steps` timed steps; the report gives medians over
+all timed steps of all rounds, and each ratio is the median of the per-round ratios.
+
+MFU is model FLOPs per second (`metrics.flops_per_token`) over the fp32 matmul peak the harness
+measures itself (best of NumPy, PyTorch and JAX on a 4096² matmul). Peak memory is the worker's
+maximum resident set size.
+
+The PyTorch baselines (`jaxgpt.torch_baselines`) need the `bench` extra (torch 2.13.0 CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class Workload:
+    kind: str  # "train" or "decode"
+    preset: str
+    overrides: dict = field(default_factory=dict)
+    batch: int = 2
+    seq_len: int = 256  # train: context; decode: prompt tokens
+    new_tokens: int = 0  # decode only
+    steps: int = 5
+    warmup: int = 2
+    impls: tuple = ("jaxgpt", "torch-book", "torch-fast")
+    note: str = ""
+
+
+WORKLOADS: dict[str, Workload] = {
+    "nanogpt-cpu": Workload("train", "tiny", {"vocab_size": 65, "drop_rate": 0.0}, batch=12, seq_len=64, steps=40,
+                            warmup=3, note="nanoGPT's CPU recipe: char tinyshakespeare, 4 layers, 4 heads, 128 wide"),
+    "gpt2-small-b2": Workload("train", "gpt2-small", {"context_length": 256, "drop_rate": 0.1}, batch=2, seq_len=256,
+                              note="the book's chapter 5 run: gpt2-small, context 256, batch 2, dropout 0.1"),
+    "gpt2-small-b8": Workload("train", "gpt2-small", {"context_length": 256, "drop_rate": 0.1}, batch=8, seq_len=256,
+                              steps=3, note="the same at batch 8"),
+    "decode-b1": Workload("decode", "gpt2-small", {"drop_rate": 0.0, "tie_embeddings": True, "qkv_bias": True}, batch=1,
+                          seq_len=16, new_tokens=128, steps=3, warmup=1, impls=("jaxgpt", "transformers"),
+                          note="gpt2-small greedy decode with KV cache, 16-token prompt, 128 new tokens"),
+    "decode-b8": Workload("decode", "gpt2-small", {"drop_rate": 0.0, "tie_embeddings": True, "qkv_bias": True}, batch=8,
+                          seq_len=16, new_tokens=128, steps=3, warmup=1, impls=("jaxgpt", "transformers"),
+                          note="the same at batch 8"),
+}
+
+
+def _config(w: Workload):
+    from .config import get_preset
+
+    return get_preset(w.preset, **w.overrides)
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+# --- workers: one implementation of one workload, in its own process ------------------------------
+
+def _jax_train(w: Workload, cfg):
+    import jax
+    import numpy as np
+
+    from .optim import build_optimizer
+    from .model import GPT, init_params
+    from .train_config import TrainConfig
+    from .train_step import ParallelTrainer, create_state
+    from .trainer import default_device_count
+
+    tcfg = TrainConfig(batch_size=w.batch, max_steps=1000, warmup_steps=10)
+    trainer = ParallelTrainer(GPT(cfg), build_optimizer(tcfg), default_device_count(tcfg), 1)
+    state = trainer.put_state(create_state(GPT(cfg), build_optimizer(tcfg), init_params(cfg), 0))
+    rng = np.random.default_rng(0)
+    batch = [rng.integers(0, cfg.vocab_size, (w.batch, w.seq_len)).astype(np.int32) for _ in range(2)]
+
+    def step():
+        nonlocal state
+        state, metrics = trainer(state, *batch)
+        jax.block_until_ready(metrics["loss"])
+
+    return step, f"{trainer.n_devices} device(s)"
+
+
+def _torch_train(w: Workload, cfg, impl: str):
+    import torch
+
+    from .torch_baselines import BookGPT, FastGPT, train_step_fn
+
+    torch.manual_seed(0)
+    model = (BookGPT if impl == "torch-book" else FastGPT)(cfg)
+    step_fn = train_step_fn(model)
+    x = torch.randint(0, cfg.vocab_size, (w.batch, w.seq_len))
+    y = torch.randint(0, cfg.vocab_size, (w.batch, w.seq_len))
+    return (lambda: step_fn(x, y)), f"{torch.get_num_threads()} threads"
+
+
+def _jax_decode(w: Workload, cfg):
+    import numpy as np
+
+    from .generate import generate_batch
+    from .model import init_params
+
+    params = init_params(cfg)
+    prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (w.batch, w.seq_len)).tolist()
+    return (lambda: generate_batch(params, cfg, prompts, w.new_tokens)), "KV cache"
+
+
+def _transformers_decode(w: Workload, cfg):
+    import tempfile
+
+    import torch
+    import transformers
+
+    from .hf import save_hf
+    from .model import init_params
+
+    with tempfile.TemporaryDirectory() as d:
+        save_hf(init_params(cfg), cfg, Path(d))
+        model = transformers.GPT2LMHeadModel.from_pretrained(d).eval()
+    inp = torch.randint(0, cfg.vocab_size, (w.batch, w.seq_len))
+
+    def run():
+        with torch.no_grad():
+            out = model.generate(inp, max_new_tokens=w.new_tokens, min_new_tokens=w.new_tokens, do_sample=False,
+                                 use_cache=True, pad_token_id=0)
+        assert out.shape[1] == w.seq_len + w.new_tokens
+
+    return run, f"transformers {transformers.__version__}, KV cache"
+
+
+def run_worker(name: str, impl: str) -> dict:
+    """Time one implementation of one workload in this process; returns the raw measurements."""
+    w = WORKLOADS[name]
+    cfg = _config(w)
+    if w.kind == "train":
+        step, detail = _jax_train(w, cfg) if impl == "jaxgpt" else _torch_train(w, cfg, impl)
+    else:
+        step, detail = _jax_decode(w, cfg) if impl == "jaxgpt" else _transformers_decode(w, cfg)
+    first = []
+    for _ in range(w.warmup):
+        t0 = time.perf_counter()
+        step()
+        first.append(time.perf_counter() - t0)
+    times = []
+    for _ in range(w.steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return {"workload": name, "impl": impl, "detail": detail, "first_step_s": first[0],
+            "compile_s": max(first[0] - statistics.median(times), 0.0), "step_s": times,
+            "peak_rss_bytes": _peak_rss_bytes()}
+
+
+# --- the harness ----------------------------------------------------------------------------------
+
+def measure_matmul_peak(size: int = 4096, repeats: int = 5) -> dict:
+    """fp32 matmul FLOP/s of NumPy, PyTorch (if installed) and JAX; the best is the MFU denominator."""
+    import numpy as np
+
+    from .metrics import measure_peak_flops
+
+    def best_of(fn) -> float:
+        fn()
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t0)
+        return 2.0 * size**3 / best
+
+    a = np.ones((size, size), np.float32)
+    peaks = {"numpy": best_of(lambda: a @ a), "jax": measure_peak_flops(size, repeats)}
+    try:
+        import torch
+
+        t = torch.ones(size, size)
+        peaks["torch"] = best_of(lambda: t @ t)
+    except ImportError:
+        pass
+    return peaks
+
+
+def _spawn(name: str, impl: str) -> dict:
+    env = dict(os.environ)
+    cmd = [sys.executable, "-m", "jaxgpt.bench", "--worker", name, impl]
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench worker {name}/{impl} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_bench(names: list[str], rounds: int = 2, progress=print) -> dict:
+    """Run the workloads `names` A B A B for `rounds` rounds; medians, ratios, MFU, memory."""
+    from .metrics import flops_per_token
+    from .model import count_params, param_shapes
+
+    unknown = set(names) - set(WORKLOADS)
+    if unknown:
+        raise ValueError(f"unknown workload(s) {sorted(unknown)}; known: {sorted(WORKLOADS)}")
+    peaks = measure_matmul_peak()
+    peak = max(peaks.values())
+    report = {"matmul_peak_flops": peaks, "mfu_denominator": peak, "rounds": rounds, "workloads": {}}
+    for name in names:
+        w = WORKLOADS[name]
+        raw = {impl: [] for impl in w.impls}
+        for r in range(rounds):
+            for impl in w.impls:
+                progress(f"[bench] {name}: {impl} (round {r + 1}/{rounds})")
+                raw[impl].append(_spawn(name, impl))
+        cfg = _config(w)
+        tokens = w.batch * (w.seq_len if w.kind == "train" else w.new_tokens)
+        flops = flops_per_token(cfg, w.seq_len, count_params(param_shapes(cfg))) * tokens if w.kind == "train" else None
+        rows = {}
+        for impl, runs in raw.items():
+            times = [t for run in runs for t in run["step_s"]]
+            med = statistics.median(times)
+            rows[impl] = {"step_s": med, "tokens_per_s": tokens / med, "compile_s": statistics.median(r["compile_s"] for r in runs),
+                          "peak_rss_gb": max(r["peak_rss_bytes"] for r in runs) / 1e9, "detail": runs[0]["detail"],
+                          "per_round_step_s": [statistics.median(r["step_s"]) for r in runs]}
+            if flops:
+                rows[impl]["mfu"] = flops / med / peak
+        ratios = {}
+        for impl in w.impls[1:]:  # speed of jaxgpt relative to each baseline, per round, then the median
+            per_round = [b / a for a, b in zip(rows["jaxgpt"]["per_round_step_s"], rows[impl]["per_round_step_s"])]
+            ratios[f"jaxgpt_vs_{impl}"] = statistics.median(per_round)
+        report["workloads"][name] = {"workload": asdict(w), "tokens_per_step": tokens, "results": rows, "speedup": ratios}
+        progress(f"[bench] {name}: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
+    return report
+
+
+def markdown(report: dict) -> str:
+    """One table per workload (what docs/results/bench.md holds)."""
+    lines = [f"Matmul peak (fp32 4096², FLOP/s): " + ", ".join(f"{k} {v / 1e9:.0f} G" for k, v in report["matmul_peak_flops"].items()),
+             f"— MFU is against {report['mfu_denominator'] / 1e9:.0f} GFLOP/s. Medians over {report['rounds']} alternating rounds.", ""]
+    for name, wl in report["workloads"].items():
+        lines += [f"### {name}", "", wl["workload"]["note"], "",
+                  "| implementation | step (s) | tokens/s | MFU | compile (s) | peak RSS (GB) | jaxgpt speed-up |",
+                  "|---|---|---|---|---|---|---|"]
+        for impl, r in wl["results"].items():
+            mfu = f"{r['mfu']:.0%}" if "mfu" in r else "—"
+            ratio = wl["speedup"].get(f"jaxgpt_vs_{impl}")
+            lines.append(f"| {impl} ({r['detail']}) | {r['step_s']:.4f} | {r['tokens_per_s']:,.0f} | {mfu} | "
+                         f"{r['compile_s']:.1f} | {r['peak_rss_gb']:.2f} | {'' if ratio is None else f'{ratio:.2f}×'} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(report: dict, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["workloads"])
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.6), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        res = report["workloads"][name]["results"]
+        ax.bar(list(res), [r["tokens_per_s"] for r in res.values()], color=["C0", "C1", "C2"][: len(res)])
+        ax.set_title(name, fontsize=9)
+        ax.set_ylabel("tokens/s")
+        ax.tick_params(axis="x", labelrotation=30, labelsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def main(argv: Optional[list] = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="jaxgpt bench")
+    p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated, from {sorted(WORKLOADS)}")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--out", default=None, help="directory for bench.json, bench.md and bench.png")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--worker", nargs=2, metavar=("WORKLOAD", "IMPL"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        if args.worker[0] in WORKLOADS and WORKLOADS[args.worker[0]].kind == "train" and args.worker[1] == "jaxgpt":
+            from .cli import _one_cpu_device_per_core
+
+            _one_cpu_device_per_core()  # the layout `jaxgpt train` uses
+        print(json.dumps(run_worker(*args.worker)))
+        return 0
+    report = run_bench(args.workloads.split(","), args.rounds, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench.json").write_text(json.dumps(report, indent=2))
+        (out / "bench.md").write_text(markdown(report))
+        plot(report, out / "bench.png")
+    print(json.dumps(report) if args.json else markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
