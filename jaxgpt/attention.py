@@ -177,6 +177,20 @@ ATTENTION_BACKENDS: dict[str, Callable[..., Array]] = {
 }
 
 
+def head_counts(x_btd: Array, n_heads: int, n_kv_heads: Optional[int], positions_bt: Optional[Array]):
+    """What every attention layer starts from: (b, t, d, n, m, h, pos_bt), positions 0..t-1 by default."""
+    b, t, d = x_btd.shape
+    pos_bt = jnp.broadcast_to(jnp.arange(t)[None], (b, t)) if positions_bt is None else positions_bt
+    return b, t, d, n_heads, n_kv_heads or n_heads, d // n_heads, pos_bt
+
+
+def split_qkv(qkv_bte: Array, n: int, m: int, h: int) -> tuple[Array, Array, Array]:
+    """A fused projection's (b, t, (n + 2m)·h) output as q (b, t, n, h), k and v (b, t, m, h)."""
+    b, t = qkv_bte.shape[:2]
+    return (qkv_bte[..., : n * h].reshape(b, t, n, h), qkv_bte[..., n * h:(n + m) * h].reshape(b, t, m, h),
+            qkv_bte[..., (n + m) * h:].reshape(b, t, m, h))
+
+
 def _ring_attend_and_write(ring: dict, k_btmh: Array, v_btmh: Array, pos_bt: Array, cache_index, mask_bts: Array):
     """Keys/values a local layer attends to when its cache is a ring of W slots, and the new ring.
 
@@ -245,16 +259,10 @@ class MultiHeadAttention(nn.Module):
                  mask_bts: Optional[Array] = None):
         from .positions import alibi_slopes, apply_rope
 
-        b, t, d = x_btd.shape
-        n, h = self.n_heads, d // self.n_heads
-        m = self.n_kv_heads or n
-        pos_bt = jnp.broadcast_to(jnp.arange(t)[None], (b, t)) if positions_bt is None else positions_bt
-        init = nn.initializers.normal(0.02)
-        qkv_bte = nn.Dense((n + 2 * m) * h, use_bias=self.qkv_bias, dtype=self.dtype, kernel_init=init,
-                           name="c_attn")(x_btd)
-        q_btnh = qkv_bte[..., : n * h].reshape(b, t, n, h)
-        k_btmh = qkv_bte[..., n * h:(n + m) * h].reshape(b, t, m, h)
-        v_btmh = qkv_bte[..., (n + m) * h:].reshape(b, t, m, h)
+        b, t, d, n, m, h, pos_bt = head_counts(x_btd, self.n_heads, self.n_kv_heads, positions_bt)
+        qkv_bte = nn.Dense((n + 2 * m) * h, use_bias=self.qkv_bias, dtype=self.dtype,
+                           kernel_init=nn.initializers.normal(0.02), name="c_attn")(x_btd)
+        q_btnh, k_btmh, v_btmh = split_qkv(qkv_bte, n, m, h)
         if self.position == "rope":
             q_btnh, k_btmh = apply_rope(q_btnh, pos_bt, self.rope_base), apply_rope(k_btmh, pos_bt, self.rope_base)
 

@@ -329,6 +329,14 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _add_model_source_args(p: argparse.ArgumentParser, what: str = "start from") -> None:
+    """--checkpoint / --hf / --download / --preset: where a command's model comes from."""
+    p.add_argument("--checkpoint", default=None, help=f"{what} this jaxgpt run or checkpoint directory")
+    p.add_argument("--hf", default=None, help=f"{what} Hugging Face GPT-2 weights (directory or cached name: gpt2, …)")
+    p.add_argument("--download", action="store_true", help="allow downloading --hf weights when not cached")
+    p.add_argument("--preset", default="small", help="a random model of this preset when neither is given")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxgpt", description="A GPT built from scratch in JAX/Flax.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -341,10 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text from a checkpoint, GPT-2 weights, or a random model")
     p.add_argument("--prompt", default=None)
     p.add_argument("--batch-file", default=None, help="a file with one prompt per line, decoded as one batch")
-    p.add_argument("--checkpoint", default=None, help="run directory or checkpoint directory")
-    p.add_argument("--hf", default=None, help="Hugging Face GPT-2 directory or cached model name (gpt2, …)")
-    p.add_argument("--download", action="store_true", help="allow downloading --hf weights when not cached")
-    p.add_argument("--preset", default="small", help="model preset when neither --checkpoint nor --hf is given")
+    _add_model_source_args(p, "generate with")
     p.add_argument("--no-cache", action="store_true", help="recompute the window each step (no KV cache)")
     _add_sampling_args(p)
     p.add_argument("--json", action="store_true")
@@ -382,10 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_plot)
 
     p = sub.add_parser("serve", help="an OpenAI-style HTTP API and a web playground for a model")
-    p.add_argument("--checkpoint", default=None)
-    p.add_argument("--hf", default=None)
-    p.add_argument("--download", action="store_true")
-    p.add_argument("--preset", default="small", help="random model of this preset when no weights are given")
+    _add_model_source_args(p, "serve")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-name", default=None)
@@ -423,10 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     for task in ("classify", "instruct"):
         p = ft_sub.add_parser(task, help={"classify": "text classification (default: SMS spam, the book's ch. 6)",
                                           "instruct": "instruction following on Alpaca-style data (the book's ch. 7)"}[task])
-        p.add_argument("--checkpoint", default=None, help="start from this jaxgpt run/checkpoint")
-        p.add_argument("--hf", default=None, help="start from Hugging Face GPT-2 weights (directory or cached name)")
-        p.add_argument("--download", action="store_true")
-        p.add_argument("--preset", default="small", help="random model of this preset when no weights are given")
+        _add_model_source_args(p)
         p.add_argument("--data", default="sms-spam" if task == "classify" else "instruction-data",
                        help="named data set or file" + (" (.tsv/.csv/.jsonl with text,label)" if task == "classify" else ""))
         p.add_argument("--out", default=None)
@@ -468,10 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_classify)
 
     p = sub.add_parser("attention-map", help="heat maps of a model's attention weights for a prompt")
-    p.add_argument("--checkpoint", default=None)
-    p.add_argument("--hf", default=None)
-    p.add_argument("--download", action="store_true")
-    p.add_argument("--preset", default="small", help="random model of this preset when no weights are given")
+    _add_model_source_args(p, "draw")
     p.add_argument("--prompt", required=True)
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--layers", default=None, help="comma-separated layers to draw (default: all)")

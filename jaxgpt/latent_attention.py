@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .attention import ATTENTION_BACKENDS, attention_weights
+from .attention import ATTENTION_BACKENDS, attention_weights, head_counts
 
 Array = jax.Array
 
@@ -45,10 +45,7 @@ class LatentAttention(nn.Module):
                  mask_bts: Optional[Array] = None):
         from .positions import alibi_slopes, apply_rope
 
-        b, t, d = x_btd.shape
-        n, h = self.n_heads, d // self.n_heads
-        m = self.n_kv_heads or n
-        pos_bt = jnp.broadcast_to(jnp.arange(t)[None], (b, t)) if positions_bt is None else positions_bt
+        b, t, d, n, m, h, pos_bt = head_counts(x_btd, self.n_heads, self.n_kv_heads, positions_bt)
         dense = lambda width, name, bias=self.qkv_bias, std=0.02: nn.Dense(  # noqa: E731
             width, use_bias=bias, dtype=self.dtype, kernel_init=nn.initializers.normal(std), name=name)
         q_btnh = dense(n * h, "c_q")(x_btd).reshape(b, t, n, h)

@@ -19,6 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from .attention import head_counts, split_qkv
+
 Array = jax.Array
 
 
@@ -54,14 +56,10 @@ class LinearAttention(nn.Module):
     def __call__(self, x_btd: Array, *, deterministic: bool = True, positions_bt: Optional[Array] = None,
                  kv_cache: Optional[dict] = None, cache_index: Optional[Array] = None,
                  mask_bts: Optional[Array] = None):
-        b, t, d = x_btd.shape
-        n, h = self.n_heads, d // self.n_heads
-        m = self.n_kv_heads or n
+        b, t, d, n, m, h, _ = head_counts(x_btd, self.n_heads, self.n_kv_heads, positions_bt)
         qkv_bte = nn.Dense((n + 2 * m) * h, use_bias=self.qkv_bias, dtype=self.dtype,
                            kernel_init=nn.initializers.normal(0.02), name="c_attn")(x_btd)
-        q_btnh = qkv_bte[..., : n * h].reshape(b, t, n, h)
-        k_btmh = qkv_bte[..., n * h:(n + m) * h].reshape(b, t, m, h)
-        v_btmh = qkv_bte[..., (n + m) * h:].reshape(b, t, m, h)
+        q_btnh, k_btmh, v_btmh = split_qkv(qkv_bte, n, m, h)
 
         if kv_cache is None:
             causal_btt = jnp.tril(jnp.ones((t, t), bool))[None]
