@@ -125,10 +125,17 @@ class ParallelTrainer:
         return jax.tree.map(lambda a: np.broadcast_to(np.asarray(a), (self.n_devices,) + np.shape(a)), state)
 
     def get_state(self, state) -> dict:
-        """The state as one (unreplicated) copy."""
+        """The state as one (unreplicated) copy: device 0's replica, taken without computing.
+
+        Indexing the replicated arrays (`a[0]`) would launch a program over all devices; with Orbax
+        saving in a background thread at the same time, the CPU devices could enter two such
+        programs' collectives in different orders and deadlock (seen at a step where a best and a
+        periodic checkpoint were saved together). `addressable_data(0)` is device 0's own (1, …)
+        shard; indexing it runs on that device alone and copies (the next step donates the state).
+        """
         if self.n_devices == 1:
             return state
-        return jax.tree.map(lambda a: a[0], state)
+        return jax.tree.map(lambda a: a.addressable_data(0)[0], state)
 
     def params(self, state):
         return self.get_state(state)["params"]
@@ -150,5 +157,5 @@ class ParallelTrainer:
     def __call__(self, state, x_bt: np.ndarray, y_bt: np.ndarray):
         state, metrics = self.step(state, self.split_batch(x_bt), self.split_batch(y_bt))
         if self.n_devices > 1:
-            metrics = jax.tree.map(lambda m: m[0], metrics)  # identical on every device after pmean
+            metrics = jax.tree.map(lambda m: m.addressable_data(0)[0], metrics)  # identical on every device after pmean
         return state, metrics

@@ -48,7 +48,10 @@ def main() -> None:
         for x, y in batches:
             state, metrics = trainer(state, x, y)
         key = f"{mode}:{devices}x{micro}"
-        results[key] = jax.tree.map(np.asarray, trainer.get_state(state)["params"])
+        one_copy = trainer.get_state(state)
+        if mode == "pmap":  # one device's own buffers: no program over all devices (see get_state)
+            assert all(len(a.devices()) == 1 for a in jax.tree.leaves(one_copy)), key
+        results[key] = jax.tree.map(np.asarray, one_copy["params"])
         losses[key] = float(metrics["loss"])
     base = results["pmap:1x1"]
     diffs = {
