@@ -56,7 +56,7 @@ def test_gpt_variant_matches_numpy_reference(name):
         assert qkv_width == (config.n_heads + 2 * config.kv_heads) * config.head_dim
 
 
-@settings(max_examples=6)
+@settings(max_examples=4)
 @given(b=st.integers(1, 2), t=st.integers(1, 40), groups=st.sampled_from([(4, 4), (4, 2), (4, 1), (2, 1)]),
        window=st.sampled_from([None, 1, 5, 64]), alibi=st.booleans(), seed=st.integers(0, 3))
 def test_backends_agree_with_naive_and_reference(b, t, groups, window, alibi, seed):
@@ -71,7 +71,7 @@ def test_backends_agree_with_naive_and_reference(b, t, groups, window, alibi, se
         np.testing.assert_allclose(fn(q, k, v, **kw, **extra), expected, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
-@settings(max_examples=4)
+@settings(max_examples=3)
 @given(t=st.integers(2, 37), groups=st.sampled_from([(4, 4), (4, 2)]), window=st.sampled_from([None, 6]),
        alibi=st.booleans())
 def test_blockwise_gradients_match_naive(t, groups, window, alibi):
@@ -106,7 +106,7 @@ def test_causality(t, groups, window, alibi, backend):
     assert out.shape == q.shape
 
 
-@settings(max_examples=5)
+@settings(max_examples=3)
 @given(t=st.integers(1, 12), n_kv=st.sampled_from([1, 2, 4]), seed=st.integers(0, 5))
 def test_grouped_query_equals_multihead_with_shared_key_value_weights(t, n_kv, seed):
     """GQA with m KV heads = MHA whose K/V projections repeat each KV head's weights for its group;
