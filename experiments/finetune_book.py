@@ -42,12 +42,15 @@ if not (base / "checkpoints").is_dir():
     jaxgpt("train", "--preset", "small", "--tokenizer", "gpt2", "--max-steps", str(args.pretrain_steps),
            "--set", "model.context_length=256", "--set", "train.batch_size=8", "--set", "train.eval_every=100",
            "--out", str(base))
-pretrain = json.loads((base / "config.json").read_text())
+from jaxgpt.checkpoint import read_meta  # noqa: E402
+
+pretrain = read_meta(base)  # the checkpoint finetuning starts from (the run's newest saved state)
 results_path = ROOT / "docs" / "results" / "finetune_book.json"
 results = json.loads(results_path.read_text()) if results_path.exists() else {}
 results["base_model"] = {"command": f"jaxgpt train --preset small --tokenizer gpt2 --max-steps {args.pretrain_steps} "
                                     "--set model.context_length=256 --set train.batch_size=8",
-                         "model": pretrain["model"], "best_val_loss": pretrain.get("best_val_loss")}
+                         "model": pretrain["model"], "checkpoint_step": pretrain.get("step"),
+                         "best_val_loss": pretrain.get("best_val_loss")}
 
 CLASSIFY = {  # name: (extra CLI arguments)
     "last-block, last token (book)": ["--checkpoint", str(base), "--pooling", "last"],
