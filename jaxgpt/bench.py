@@ -242,7 +242,7 @@ def run_bench(names: list[str], rounds: int = 2, progress=print) -> dict:
 
 def markdown(report: dict) -> str:
     """One table per workload (what docs/results/bench.md holds)."""
-    lines = [f"Matmul peak (fp32 4096², FLOP/s): " + ", ".join(f"{k} {v / 1e9:.0f} G" for k, v in report["matmul_peak_flops"].items()),
+    lines = ["Matmul peak (fp32 4096², FLOP/s): " + ", ".join(f"{k} {v / 1e9:.0f} G" for k, v in report["matmul_peak_flops"].items()),
              f"— MFU is against {report['mfu_denominator'] / 1e9:.0f} GFLOP/s. Medians over {report['rounds']} alternating rounds.", ""]
     for name, wl in report["workloads"].items():
         lines += [f"### {name}", "", wl["workload"]["note"], "",

@@ -9,6 +9,7 @@ Data: the SMS Spam Collection with the book's exact balanced 70/10/20 split, or 
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import sys
 from dataclasses import dataclass
@@ -189,15 +190,10 @@ def accuracy_and_loss(params, config: GPTConfig, split: EncodedSplit, *, pooling
     return correct / len(split), loss_sum / len(split)
 
 
-_EVAL_CACHE: dict = {}
-
-
-def _eval_fn(config, pooling, lora):
-    key = (config, pooling, lora)
-    if key not in _EVAL_CACHE:
-        _EVAL_CACHE[key] = jax.jit(lambda p, ids, lengths: classifier_logits(p, config, ids, lengths,
-                                                                             pooling=pooling, lora=lora))
-    return _EVAL_CACHE[key]
+@functools.lru_cache(maxsize=None)
+def _eval_fn(config: GPTConfig, pooling: str, lora: Optional[LoRAConfig]):
+    """The jitted class-logits function of one classifier shape (built once, reused every epoch)."""
+    return jax.jit(lambda p, ids, lengths: classifier_logits(p, config, ids, lengths, pooling=pooling, lora=lora))
 
 
 def _loss_fn(config: GPTConfig, pooling: str, lora):

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 

@@ -4,6 +4,7 @@ test-set responses, and their evaluation (automatic overlap scores and an option
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import sys
@@ -12,7 +13,6 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from .config import GPTConfig
@@ -123,14 +123,11 @@ def mean_loss(params, config, lora, seqs, prompts, tokenizer, batch_size: int, m
     return total / max(count, 1)
 
 
-_EVAL: dict = {}
-
-
-def _eval_loss_fn(config, lora):
-    if (config, lora) not in _EVAL:
-        loss_fn = _loss_fn(config, lora)
-        _EVAL[(config, lora)] = jax.jit(lambda p, x, y: loss_fn(p, {"inputs": x, "targets": y}, None, True)[0])
-    return _EVAL[(config, lora)]
+@functools.lru_cache(maxsize=None)
+def _eval_loss_fn(config: GPTConfig, lora):
+    """The jitted evaluation loss of one model shape (built once, reused every epoch)."""
+    loss_fn = _loss_fn(config, lora)
+    return jax.jit(lambda p, x, y: loss_fn(p, {"inputs": x, "targets": y}, None, True)[0])
 
 
 def finetune_instructions(gpt_params: dict, config: GPTConfig, tokenizer, splits, cfg: FinetuneConfig,
