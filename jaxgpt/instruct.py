@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import shutil
 import sys
 import urllib.request
 from pathlib import Path
@@ -179,9 +180,19 @@ def finetune_instructions(gpt_params: dict, config: GPTConfig, tokenizer, splits
     history: list[dict] = []
     kw = dict(batch_size=cfg.batch_size, mask_prompt=mask_prompt, pad_to_multiple=pad_to_multiple)
 
+    model_dir = out_dir / "model"
+
+    def save_model(p) -> dict:
+        """The finetuned model (adapters merged) as a plain jaxgpt checkpoint in `model/`."""
+        merged = {"params": model_params(p, cfg.lora)}
+        shutil.rmtree(model_dir, ignore_errors=True)
+        save_for_inference(merged, config.replace(drop_rate=0.0), tokenizer, model_dir)
+        return merged
+
     def end_of_epoch(p, epoch, step):
         record = {"epoch": epoch, "val_loss": mean_loss(p, config, cfg.lora, val_seqs, val_prompts, tokenizer, **kw)}
         history.append(record)
+        save_model(p)
         print(f"[jaxgpt] epoch {epoch}: val loss {record['val_loss']:.4f}", file=sys.stderr)
         return record
 
@@ -191,13 +202,7 @@ def finetune_instructions(gpt_params: dict, config: GPTConfig, tokenizer, splits
                      logger.log, progress=progress)
     finally:
         logger.close()
-    merged = {"params": model_params(params, cfg.lora)}
-    model_dir = out_dir / "model"
-    if model_dir.exists():
-        import shutil
-
-        shutil.rmtree(model_dir)
-    save_for_inference(merged, config.replace(drop_rate=0.0), tokenizer, model_dir)
+    merged = {"params": model_params(params, cfg.lora)}  # as saved at the end of the last epoch
     from .metrics import read_jsonl
 
     records = read_jsonl(out_dir / "metrics.jsonl")
