@@ -47,7 +47,7 @@ WORKLOADS: dict[str, Workload] = {
     "gpt2-small-b2": Workload("train", "gpt2-small", {"context_length": 256, "drop_rate": 0.1}, batch=2, seq_len=256,
                               note="the book's chapter 5 run: gpt2-small, context 256, batch 2, dropout 0.1"),
     "gpt2-small-b8": Workload("train", "gpt2-small", {"context_length": 256, "drop_rate": 0.1}, batch=8, seq_len=256,
-                              steps=3, note="the same at batch 8"),
+                              steps=3, warmup=1, note="the same at batch 8"),
     "decode-b1": Workload("decode", "gpt2-small", {"drop_rate": 0.0, "tie_embeddings": True, "qkv_bias": True}, batch=1,
                           seq_len=16, new_tokens=128, steps=3, warmup=1, impls=("jaxgpt", "transformers"),
                           note="gpt2-small greedy decode with KV cache, 16-token prompt, 128 new tokens"),
@@ -80,7 +80,7 @@ def _jax_train(w: Workload, cfg):
     from .trainer import default_device_count
 
     tcfg = TrainConfig(batch_size=w.batch, max_steps=1000, warmup_steps=10)
-    trainer = ParallelTrainer(GPT(cfg), build_optimizer(tcfg), default_device_count(tcfg), 1)
+    trainer = ParallelTrainer(GPT(cfg), build_optimizer(tcfg), default_device_count(tcfg, cfg), 1)
     state = trainer.put_state(create_state(GPT(cfg), build_optimizer(tcfg), init_params(cfg), 0))
     rng = np.random.default_rng(0)
     batch = [rng.integers(0, cfg.vocab_size, (w.batch, w.seq_len)).astype(np.int32) for _ in range(2)]
@@ -201,8 +201,10 @@ def _spawn(name: str, impl: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run_bench(names: list[str], rounds: int = 2, progress=print) -> dict:
-    """Run the workloads `names` A B A B for `rounds` rounds; medians, ratios, MFU, memory."""
+def run_bench(names: list[str], rounds: int = 2, progress=print, on_workload=None) -> dict:
+    """Run the workloads `names` A B A B for `rounds` rounds; medians, ratios, MFU, memory.
+
+    `on_workload(report)` is called after each workload (to write partial results of long runs)."""
     from .metrics import flops_per_token
     from .model import count_params, param_shapes
 
@@ -237,6 +239,8 @@ def run_bench(names: list[str], rounds: int = 2, progress=print) -> dict:
             ratios[f"jaxgpt_vs_{impl}"] = statistics.median(per_round)
         report["workloads"][name] = {"workload": asdict(w), "tokens_per_step": tokens, "results": rows, "speedup": ratios}
         progress(f"[bench] {name}: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
+        if on_workload is not None:
+            on_workload(report)
     return report
 
 
@@ -294,13 +298,16 @@ def main(argv: Optional[list] = None) -> int:
             _one_cpu_device_per_core()  # the layout `jaxgpt train` uses
         print(json.dumps(run_worker(*args.worker)))
         return 0
-    report = run_bench(args.workloads.split(","), args.rounds, progress=lambda m: print(m, file=sys.stderr, flush=True))
-    if args.out:
+
+    def write(report: dict) -> None:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "bench.json").write_text(json.dumps(report, indent=2))
         (out / "bench.md").write_text(markdown(report))
         plot(report, out / "bench.png")
+
+    report = run_bench(args.workloads.split(","), args.rounds, progress=lambda m: print(m, file=sys.stderr, flush=True),
+                       on_workload=write if args.out else None)
     print(json.dumps(report) if args.json else markdown(report))
     return 0
 

@@ -46,6 +46,11 @@ def test_default_device_count_divides_the_batch(monkeypatch):
     assert default_device_count(TrainConfig(batch_size=6)) == 3
     assert default_device_count(TrainConfig(batch_size=10, micro_batches=5)) == 2
     assert default_device_count(TrainConfig(batch_size=7)) == 1
+    # on a CPU a wide model trains on one device (its matmuls already use every core)
+    from jaxgpt.config import get_preset
+
+    assert default_device_count(TrainConfig(batch_size=16), get_preset("tiny")) == 4
+    assert default_device_count(TrainConfig(batch_size=16), get_preset("gpt2-small")) == 1
 
 
 def test_train_cli_end_to_end_with_pmap_over_2_devices(tmp_path):
