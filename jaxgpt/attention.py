@@ -184,9 +184,12 @@ def head_counts(x_btd: Array, n_heads: int, n_kv_heads: Optional[int], positions
     return b, t, d, n_heads, n_kv_heads or n_heads, d // n_heads, pos_bt
 
 
-def split_qkv(qkv_bte: Array, n: int, m: int, h: int) -> tuple[Array, Array, Array]:
-    """A fused projection's (b, t, (n + 2m)·h) output as q (b, t, n, h), k and v (b, t, m, h)."""
-    b, t = qkv_bte.shape[:2]
+def fused_qkv(x_btd: Array, n: int, m: int, h: int, *, use_bias: bool, dtype) -> tuple[Array, Array, Array]:
+    """One projection `c_attn` of (n + 2m)·h columns (GPT-2's layout when m = n), split into
+    q (b, t, n, h), k and v (b, t, m, h). Call it from inside a layer's compact `__call__`."""
+    b, t = x_btd.shape[:2]
+    qkv_bte = nn.Dense((n + 2 * m) * h, use_bias=use_bias, dtype=dtype, kernel_init=nn.initializers.normal(0.02),
+                       name="c_attn")(x_btd)
     return (qkv_bte[..., : n * h].reshape(b, t, n, h), qkv_bte[..., n * h:(n + m) * h].reshape(b, t, m, h),
             qkv_bte[..., (n + m) * h:].reshape(b, t, m, h))
 
@@ -260,9 +263,7 @@ class MultiHeadAttention(nn.Module):
         from .positions import alibi_slopes, apply_rope
 
         b, t, d, n, m, h, pos_bt = head_counts(x_btd, self.n_heads, self.n_kv_heads, positions_bt)
-        qkv_bte = nn.Dense((n + 2 * m) * h, use_bias=self.qkv_bias, dtype=self.dtype,
-                           kernel_init=nn.initializers.normal(0.02), name="c_attn")(x_btd)
-        q_btnh, k_btmh, v_btmh = split_qkv(qkv_bte, n, m, h)
+        q_btnh, k_btmh, v_btmh = fused_qkv(x_btd, n, m, h, use_bias=self.qkv_bias, dtype=self.dtype)
         if self.position == "rope":
             q_btnh, k_btmh = apply_rope(q_btnh, pos_bt, self.rope_base), apply_rope(k_btmh, pos_bt, self.rope_base)
 

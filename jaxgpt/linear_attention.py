@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .attention import head_counts, split_qkv
+from .attention import fused_qkv, head_counts
 
 Array = jax.Array
 
@@ -57,9 +57,7 @@ class LinearAttention(nn.Module):
                  kv_cache: Optional[dict] = None, cache_index: Optional[Array] = None,
                  mask_bts: Optional[Array] = None):
         b, t, d, n, m, h, _ = head_counts(x_btd, self.n_heads, self.n_kv_heads, positions_bt)
-        qkv_bte = nn.Dense((n + 2 * m) * h, use_bias=self.qkv_bias, dtype=self.dtype,
-                           kernel_init=nn.initializers.normal(0.02), name="c_attn")(x_btd)
-        q_btnh, k_btmh, v_btmh = split_qkv(qkv_bte, n, m, h)
+        q_btnh, k_btmh, v_btmh = fused_qkv(x_btd, n, m, h, use_bias=self.qkv_bias, dtype=self.dtype)
 
         if kv_cache is None:
             causal_btt = jnp.tril(jnp.ones((t, t), bool))[None]
