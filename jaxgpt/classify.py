@@ -25,7 +25,7 @@ from .data import DataError
 from .finetune import (FinetuneConfig, count_trainable, fit, gpt_config_for_finetuning, load_finetuned,
                        model_params, plot_history, save_finetuned, trainable_mask, with_lora, write_results)
 from .lora import LoRAConfig
-from .model import GPT
+from .model import GPT, count_params
 
 POOLINGS = ("last", "last-nonpad", "mean")
 # "last": the hidden state at the last position of the padded sequence (the book's choice; for a
@@ -245,7 +245,7 @@ def finetune_classifier(gpt_params: dict, config: GPTConfig, tokenizer, splits, 
     config = gpt_config_for_finetuning(config, cfg)
     params = new_classifier(gpt_params["params"], config, len(classes), cfg)
     mask = trainable_mask(params, cfg, config.n_layers)
-    results["params"] = {"trainable": count_trainable(params, mask), "total": count_trainable(params, jax.tree.map(lambda _: True, mask))}
+    results["params"] = {"trainable": count_trainable(params, mask), "total": count_params(params)}
     print(f"[jaxgpt] classes {classes}; {len(train)}/{len(val)}/{len(test)} examples of {max_length} tokens; "
           f"training {results['params']['trainable']:,} of {results['params']['total']:,} parameters ({cfg.trainable})",
           file=sys.stderr)

@@ -20,7 +20,7 @@ from .config import GPTConfig
 from .data import DataError
 from .finetune import (FinetuneConfig, count_trainable, fit, gpt_config_for_finetuning, model_params,
                        plot_history, trainable_mask, with_lora, write_results)
-from .model import GPT, cross_entropy
+from .model import GPT, count_params, cross_entropy
 
 IGNORE_INDEX = -100
 PREAMBLE = ("Below is an instruction that describes a task. "
@@ -160,7 +160,7 @@ def finetune_instructions(gpt_params: dict, config: GPTConfig, tokenizer, splits
     results: dict = {"examples": {"train": len(train_e), "val": len(val_e), "test": len(test_e)},
                      "mask_prompt": mask_prompt, "finetune": cfg.to_dict(),
                      "params": {"trainable": count_trainable(params, mask),
-                                "total": count_trainable(params, jax.tree.map(lambda _: True, mask))}}
+                                "total": count_params(params)}}
     print(f"[jaxgpt] training {results['params']['trainable']:,} of {results['params']['total']:,} parameters "
           f"({cfg.trainable}) on {len(train_e)} examples", file=sys.stderr)
     rng = np.random.default_rng(cfg.seed)

@@ -29,14 +29,18 @@ def feature_map(x: Array) -> Array:
     return jax.nn.elu(x.astype(jnp.float32)) + 1.0
 
 
-def linear_attention_parallel(q_btnh: Array, k_btmh: Array, v_btmh: Array, visible_btt: Array) -> Array:
-    """The parallel (training) form over the visible pairs; m key/value heads shared by n/m queries."""
-    b, t, n, h = q_btnh.shape
-    m = k_btmh.shape[2]
+def chunk_sums(q_btnh: Array, k_btmh: Array, v_btmh: Array, visible_btt: Array) -> tuple[Array, Array, Array]:
+    """The parallel form's pieces over the visible pairs of one chunk: the weights
+    a = φ(q)·φ(k) (b, n, t, s), the numerator Σ a·v (b, t, n, h) and the denominator Σ a (b, t, n).
+    m key/value heads are shared by n/m query heads."""
+    n, m = q_btnh.shape[2], k_btmh.shape[2]
     k_btnh, v_btnh = jnp.repeat(k_btmh, n // m, axis=2), jnp.repeat(v_btmh, n // m, axis=2)
     a_bnts = jnp.einsum("btnh,bsnh->bnts", feature_map(q_btnh), feature_map(k_btnh)) * visible_btt[:, None]
     num_btnh = jnp.einsum("bnts,bsnh->btnh", a_bnts, v_btnh.astype(jnp.float32))
-    den_btn = jnp.sum(a_bnts, axis=-1).transpose(0, 2, 1)
+    return a_bnts, num_btnh, jnp.sum(a_bnts, axis=-1).transpose(0, 2, 1)
+
+
+def normalise(num_btnh: Array, den_btn: Array) -> Array:
     return num_btnh / jnp.maximum(den_btn, 1e-6)[..., None]
 
 
@@ -60,11 +64,9 @@ class LinearAttention(nn.Module):
         q_btnh, k_btmh, v_btmh = fused_qkv(x_btd, n, m, h, use_bias=self.qkv_bias, dtype=self.dtype)
 
         if kv_cache is None:
-            causal_btt = jnp.tril(jnp.ones((t, t), bool))[None]
-            out_btnh = linear_attention_parallel(q_btnh, k_btmh, v_btmh, causal_btt)
+            a_bnts, num_btnh, den_btn = chunk_sums(q_btnh, k_btmh, v_btmh, jnp.tril(jnp.ones((t, t), bool))[None])
+            out_btnh = normalise(num_btnh, den_btn)
             if self.is_mutable_collection("intermediates"):  # the implied weights φ(q)·φ(k) / Σ, for maps
-                k_btnh = jnp.repeat(k_btmh, n // m, axis=2)
-                a_bnts = jnp.einsum("btnh,bsnh->bnts", feature_map(q_btnh), feature_map(k_btnh)) * causal_btt[:, None]
                 self.sow("intermediates", "attention_weights", a_bnts / jnp.sum(a_bnts, -1, keepdims=True))
         else:
             # tokens of this chunk that are real (a padding token does not even see itself)
@@ -74,11 +76,8 @@ class LinearAttention(nn.Module):
             # what the earlier tokens contribute, from the state; then the chunk itself, in parallel
             num_btnh = jnp.einsum("btmgh,bmhe->btmge", phi_q_btmgh, kv_cache["state"]).reshape(b, t, n, h)
             den_btn = jnp.einsum("btmgh,bmh->btmg", phi_q_btmgh, kv_cache["norm"]).reshape(b, t, n)
-            k_btnh, v_btnh = jnp.repeat(k_btmh, n // m, axis=2), jnp.repeat(v_btmh, n // m, axis=2)
-            a_bnts = jnp.einsum("btnh,bsnh->bnts", feature_map(q_btnh), feature_map(k_btnh)) * visible_btt[:, None]
-            num_btnh = num_btnh + jnp.einsum("bnts,bsnh->btnh", a_bnts, v_btnh.astype(jnp.float32))
-            den_btn = den_btn + jnp.sum(a_bnts, axis=-1).transpose(0, 2, 1)
-            out_btnh = num_btnh / jnp.maximum(den_btn, 1e-6)[..., None]
+            _, chunk_num_btnh, chunk_den_btn = chunk_sums(q_btnh, k_btmh, v_btmh, visible_btt)
+            out_btnh = normalise(num_btnh + chunk_num_btnh, den_btn + chunk_den_btn)
             phi_k_btmh = feature_map(k_btmh) * real_bt[:, :, None, None]
             kv_cache = {"state": kv_cache["state"] + jnp.einsum("btmh,btme->bmhe", phi_k_btmh, v_btmh.astype(jnp.float32)),
                         "norm": kv_cache["norm"] + jnp.sum(phi_k_btmh, axis=1)}
