@@ -23,6 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from .precision import Dense
+
 Array = jax.Array
 
 
@@ -188,7 +190,7 @@ def fused_qkv(x_btd: Array, n: int, m: int, h: int, *, use_bias: bool, dtype) ->
     """One projection `c_attn` of (n + 2m)·h columns (GPT-2's layout when m = n), split into
     q (b, t, n, h), k and v (b, t, m, h). Call it from inside a layer's compact `__call__`."""
     b, t = x_btd.shape[:2]
-    qkv_bte = nn.Dense((n + 2 * m) * h, use_bias=use_bias, dtype=dtype, kernel_init=nn.initializers.normal(0.02),
+    qkv_bte = Dense((n + 2 * m) * h, use_bias=use_bias, dtype=dtype, kernel_init=nn.initializers.normal(0.02),
                        name="c_attn")(x_btd)
     return (qkv_bte[..., : n * h].reshape(b, t, n, h), qkv_bte[..., n * h:(n + m) * h].reshape(b, t, m, h),
             qkv_bte[..., (n + m) * h:].reshape(b, t, m, h))
@@ -290,5 +292,5 @@ class MultiHeadAttention(nn.Module):
         out_btnh = ATTENTION_BACKENDS[self.impl](q_btnh, k_btmh, v_btmh, **kw, dropout=dropout)
 
         out_btd = out_btnh.reshape(b, t, d)
-        out_btd = nn.Dense(d, dtype=self.dtype, kernel_init=nn.initializers.normal(self.out_init_std), name="c_proj")(out_btd)
+        out_btd = Dense(d, dtype=self.dtype, kernel_init=nn.initializers.normal(self.out_init_std), name="c_proj")(out_btd)
         return out_btd if kv_cache is None else (out_btd, kv_cache)

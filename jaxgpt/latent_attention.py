@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from .attention import ATTENTION_BACKENDS, attention_weights, head_counts
+from .precision import Dense
 
 Array = jax.Array
 
@@ -46,7 +47,7 @@ class LatentAttention(nn.Module):
         from .positions import alibi_slopes, apply_rope
 
         b, t, d, n, m, h, pos_bt = head_counts(x_btd, self.n_heads, self.n_kv_heads, positions_bt)
-        dense = lambda width, name, bias=self.qkv_bias, std=0.02: nn.Dense(  # noqa: E731
+        dense = lambda width, name, bias=self.qkv_bias, std=0.02: Dense(  # noqa: E731
             width, use_bias=bias, dtype=self.dtype, kernel_init=nn.initializers.normal(std), name=name)
         q_btnh = dense(n * h, "c_q")(x_btd).reshape(b, t, n, h)
         latent_btr = dense(self.latent_dim, "c_kv_down")(x_btd)  # (b, t, r): all the cache keeps

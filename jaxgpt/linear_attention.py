@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from .attention import fused_qkv, head_counts
+from .precision import Dense
 
 Array = jax.Array
 
@@ -82,5 +83,5 @@ class LinearAttention(nn.Module):
             kv_cache = {"state": kv_cache["state"] + jnp.einsum("btmh,btme->bmhe", phi_k_btmh, v_btmh.astype(jnp.float32)),
                         "norm": kv_cache["norm"] + jnp.sum(phi_k_btmh, axis=1)}
         out_btd = out_btnh.astype(x_btd.dtype).reshape(b, t, d)
-        out_btd = nn.Dense(d, dtype=self.dtype, kernel_init=nn.initializers.normal(self.out_init_std), name="c_proj")(out_btd)
+        out_btd = Dense(d, dtype=self.dtype, kernel_init=nn.initializers.normal(self.out_init_std), name="c_proj")(out_btd)
         return out_btd if kv_cache is None else (out_btd, kv_cache)

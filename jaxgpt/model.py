@@ -19,6 +19,7 @@ from .attention import MultiHeadAttention
 from .latent_attention import LatentAttention
 from .linear_attention import LinearAttention
 from .config import GPTConfig, resolve_attn_impl, resolve_dtype
+from .precision import Dense, logits_from_embedding
 
 Array = jax.Array
 
@@ -52,9 +53,9 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x_btd: Array) -> Array:
         d = x_btd.shape[-1]
-        x_btf = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=nn.initializers.normal(0.02), name="c_fc")(x_btd)
+        x_btf = Dense(self.hidden, dtype=self.dtype, kernel_init=nn.initializers.normal(0.02), name="c_fc")(x_btd)
         x_btf = nn.gelu(x_btf, approximate=True)
-        return nn.Dense(d, dtype=self.dtype, kernel_init=nn.initializers.normal(self.out_init_std), name="c_proj")(x_btf)
+        return Dense(d, dtype=self.dtype, kernel_init=nn.initializers.normal(self.out_init_std), name="c_proj")(x_btf)
 
 
 class Block(nn.Module):
@@ -134,9 +135,9 @@ class GPT(nn.Module):
         if return_hidden:  # the final hidden states, for heads other than the LM head (classification)
             return x_btd
         if cfg.tie_embeddings:
-            logits_btv = wte.attend(x_btd)
+            logits_btv = logits_from_embedding(x_btd, wte.embedding, dtype)
         else:
-            logits_btv = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype, kernel_init=init, name="lm_head")(x_btd)
+            logits_btv = Dense(cfg.vocab_size, use_bias=False, dtype=dtype, kernel_init=init, name="lm_head")(x_btd)
         logits_btv = logits_btv.astype(jnp.promote_types(dtype, jnp.float32))  # f32, or f64 under x64
         return logits_btv if cache is None else (logits_btv, new_cache)
 
@@ -192,6 +193,33 @@ def cross_entropy(logits_btv: Array, targets_bt: Array, ignore_index: int = -100
     """Mean next-token cross-entropy over the targets that are not `ignore_index`."""
     valid_bt = targets_bt != ignore_index
     safe_bt = jnp.where(valid_bt, targets_bt, 0)
-    logp_btv = jax.nn.log_softmax(logits_btv.astype(jnp.promote_types(logits_btv.dtype, jnp.float32)), axis=-1)
-    nll_bt = -jnp.take_along_axis(logp_btv, safe_bt[..., None], axis=-1)[..., 0]
+    nll_bt = token_nll(logits_btv.astype(jnp.promote_types(logits_btv.dtype, jnp.float32)), safe_bt)
     return jnp.sum(nll_bt * valid_bt) / jnp.maximum(jnp.sum(valid_bt), 1)
+
+
+@jax.custom_vjp
+def token_nll(logits_btv: Array, targets_bt: Array) -> Array:
+    """-log softmax(logits)[target] per token (b, t), with a one-pass gradient.
+
+    Autodiff of log_softmax + take_along_axis writes the (b, t, vocab) gradient in several passes
+    (a zero buffer, a scatter of the picked entries, the softmax term); the hand-written VJP
+    computes softmax − one-hot in one fused pass from the saved log-sum-exp. On gpt2-small's
+    50,257-way head that is the largest elementwise work of a training step.
+    """
+    return _nll_fwd(logits_btv, targets_bt)[0]
+
+
+def _nll_fwd(logits_btv, targets_bt):
+    lse_bt = jax.nn.logsumexp(logits_btv, axis=-1)
+    picked_bt = jnp.take_along_axis(logits_btv, targets_bt[..., None], axis=-1)[..., 0]
+    return lse_bt - picked_bt, (logits_btv, lse_bt, targets_bt)
+
+
+def _nll_bwd(residuals, g_bt):
+    logits_btv, lse_bt, targets_bt = residuals
+    one_hot_btv = jnp.arange(logits_btv.shape[-1]) == targets_bt[..., None]
+    dlogits_btv = (jnp.exp(logits_btv - lse_bt[..., None]) - one_hot_btv) * g_bt[..., None]
+    return dlogits_btv.astype(logits_btv.dtype), None
+
+
+token_nll.defvjp(_nll_fwd, _nll_bwd)

@@ -21,6 +21,8 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from . import xla_tuning
+from .config import resolve_dtype
 from .model import GPT
 from .train_step import make_eval_step, make_train_step
 
@@ -110,12 +112,13 @@ class ShardedTrainer:
         self.batch_sharding = NamedSharding(mesh, P(None, BATCH_AXES, None))  # (M, B/M, T)
         self.eval_batch_sharding = NamedSharding(mesh, P(BATCH_AXES, None))  # (B, T)
         replicated = NamedSharding(mesh, P())
-        self.step = jax.jit(
-            make_train_step(model, tx), in_shardings=(self.state_sharding, self.batch_sharding, self.batch_sharding),
+        compute_dtype = resolve_dtype(model.config)  # picks the XLA options (jaxgpt.xla_tuning)
+        self.step = xla_tuning.jit(
+            make_train_step(model, tx), compute_dtype=compute_dtype, in_shardings=(self.state_sharding, self.batch_sharding, self.batch_sharding),
             out_shardings=(self.state_sharding, replicated), donate_argnums=0,
         )
         param_sharding = self.state_sharding["params"]
-        self._eval = jax.jit(make_eval_step(model), in_shardings=(param_sharding, self.eval_batch_sharding,
+        self._eval = xla_tuning.jit(make_eval_step(model), compute_dtype=compute_dtype, in_shardings=(param_sharding, self.eval_batch_sharding,
                                                                  self.eval_batch_sharding), out_shardings=replicated)
 
     def check_batch_size(self, batch_size: int) -> None:

@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from . import xla_tuning
+from .config import resolve_dtype
 from .model import GPT, cross_entropy
 
 Array = jax.Array
@@ -103,14 +105,15 @@ class ParallelTrainer:
         self.n_devices = n_devices
         self.micro_batches = micro_batches
         self.devices = jax.local_devices()[:n_devices]
+        compute_dtype = resolve_dtype(model.config)  # picks the XLA options (jaxgpt.xla_tuning)
         if n_devices == 1:
-            self.step = jax.jit(make_train_step(model, tx), donate_argnums=0)
+            self.step = xla_tuning.jit(make_train_step(model, tx), compute_dtype=compute_dtype, donate_argnums=0)
         else:
-            self.step = jax.pmap(
-                make_train_step(model, tx, axis_name=PMAP_AXIS), axis_name=PMAP_AXIS,
+            self.step = xla_tuning.pmap(
+                make_train_step(model, tx, axis_name=PMAP_AXIS), compute_dtype=compute_dtype, axis_name=PMAP_AXIS,
                 donate_argnums=0, devices=self.devices,
             )
-        self.eval_step = jax.jit(make_eval_step(model))
+        self.eval_step = xla_tuning.jit(make_eval_step(model), compute_dtype=compute_dtype)
 
     def check_batch_size(self, batch_size: int) -> None:
         if batch_size % (self.n_devices * self.micro_batches):

@@ -1,0 +1,110 @@
+"""Mixed precision for the dense layers: low-precision matmul inputs, float32 accumulation and output.
+
+With `GPTConfig.dtype = "bfloat16"` every dense layer (`Dense` below) casts its input and kernel to
+bfloat16 and multiplies them with `preferred_element_type=float32`: the matmul units do bf16 ×
+bf16 → f32 (GPU tensor cores, TPU MXUs, the AMX tiles of recent x86 CPUs), while the parameters
+(the "master weights"), the residual stream, LayerNorm, attention scores, softmax and the loss stay
+in float32. With float32 compute, `Dense` is plain `nn.Dense` and nothing here runs.
+
+Why a custom VJP: XLA's CPU backend runs a bf16 dot on the AMX/YNNPACK path only when the left
+operand's contracted dimension is its minor (contiguous) one. The forward x @ W and dx = g @ Wᵀ are
+such dots, but the weight gradient dW = xᵀ g contracts x over its major (token) dimension, and XLA
+folds any plain transpose of x back into the dot, which then runs upcast to float32 at a fifth of the
+speed. `_transposed_copy` writes xᵀ out through a 3-D transpose that XLA keeps as a copy, so dW runs
+on the fast path too (measured: 1.3 TFLOP/s against 0.25 for the folded form on a 512×768×3072
+product here; docs/performance.md). The values are the same either way; on GPU/TPU the plain form
+is used.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def is_low_precision(dtype) -> bool:
+    """True for the compute dtypes that take the mixed path (bfloat16, float16)."""
+    return dtype is not None and jnp.dtype(dtype).itemsize < 4
+
+
+def _dot_f32(a_mk: Array, b: Array, *, contract_b: int) -> Array:
+    """a (m, k) · b over k, b's contracted dimension `contract_b` (0: b is (k, n); 1: b is (n, k)), f32 out."""
+    return jax.lax.dot_general(a_mk, b, (((1,), (contract_b,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _transposed_copy(x_mk: Array) -> Array:
+    """xᵀ (k, m) as a real copy in row-major order (see the module docstring), on the CPU backend.
+
+    Split k into (k/c, c) and move m last: XLA keeps this 3-D transpose as a copy, where it would fold
+    a plain `x.T` into the consuming dot. Elsewhere a plain transpose is as good.
+    """
+    m, k = x_mk.shape
+    if jax.default_backend() != "cpu":
+        return x_mk.T
+    c = math.gcd(k, 64)
+    return x_mk.reshape(m, k // c, c).transpose(1, 2, 0).reshape(k, m)  # (m, k/c, c) -> (k/c, c, m) -> (k, m)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def mixed_matmul(x_mk: Array, w_kn: Array, dtype) -> Array:
+    """x (m, k) @ w (k, n) with both cast to `dtype` (bf16), accumulated and returned in float32.
+
+    The gradients come back in the inputs' own dtypes: dx in x's, dw in w's (the float32 master
+    weights get a float32 gradient straight from the f32-accumulated dot, never rounded to bf16)."""
+    return _dot_f32(x_mk.astype(dtype), w_kn.astype(dtype), contract_b=0)
+
+
+def _mixed_matmul_fwd(x_mk, w_kn, dtype):
+    x_mk, w_lo_kn = x_mk.astype(dtype), w_kn.astype(dtype)
+    return _dot_f32(x_mk, w_lo_kn, contract_b=0), (x_mk, w_lo_kn, jnp.zeros((0,), w_kn.dtype))
+
+
+def _mixed_matmul_bwd(dtype, residuals, g_mn):
+    x_mk, w_kn, w_dtype_tag = residuals  # x and w in `dtype`; the tag carries w's own dtype
+    g_mn = g_mn.astype(dtype)  # the incoming float32 cotangent, to the matmul precision
+    dx_mk = _dot_f32(g_mn, w_kn, contract_b=1)  # g @ wᵀ: w contracted on its minor dim
+    dw_kn = _dot_f32(_transposed_copy(x_mk), g_mn, contract_b=0)  # xᵀ @ g
+    return dx_mk, dw_kn.astype(w_dtype_tag.dtype)
+
+
+mixed_matmul.defvjp(_mixed_matmul_fwd, _mixed_matmul_bwd)
+
+
+def _keep_dtypes(*args, dtype=None, inexact=True):
+    """`nn.Dense`'s promote hook for the mixed path: `mixed_matmul` casts inside, so that the
+    gradients reach the float32 parameters and activations without a round trip through bf16."""
+    return args
+
+
+def mixed_dot_general(lhs: Array, rhs: Array, dimension_numbers, precision=None, preferred_element_type=None,
+                      *, dtype=jnp.bfloat16) -> Array:
+    """`nn.Dense`'s dot_general hook: lhs (..., k) · rhs (k, n) through `mixed_matmul`, f32 out."""
+    (lhs_contract, rhs_contract), (lhs_batch, _) = dimension_numbers
+    if tuple(lhs_contract) != (lhs.ndim - 1,) or tuple(rhs_contract) != (0,) or lhs_batch or rhs.ndim != 2:
+        raise ValueError(f"mixed_dot_general handles x (..., k) · w (k, n) only, got {dimension_numbers}")
+    out_mn = mixed_matmul(lhs.reshape(-1, lhs.shape[-1]), rhs, jnp.dtype(dtype))  # (..., k) -> (m, k) -> (m, n)
+    return out_mn.reshape(lhs.shape[:-1] + rhs.shape[1:])
+
+
+def Dense(features: int, *, dtype=None, **kwargs) -> nn.Dense:
+    """`nn.Dense` for a compute dtype: mixed precision (above) when `dtype` is bf16/f16, plain otherwise.
+
+    Parameters are float32 either way and keep their names and shapes, so checkpoints and GPT-2
+    weights load into both."""
+    if is_low_precision(dtype):
+        return nn.Dense(features, dtype=dtype, promote_dtype=_keep_dtypes,
+                        dot_general=functools.partial(mixed_dot_general, dtype=dtype), **kwargs)
+    return nn.Dense(features, dtype=dtype, **kwargs)
+
+
+def logits_from_embedding(x_btd: Array, embedding_vd: Array, dtype) -> Array:
+    """The tied output head x @ wteᵀ (b, t, v): mixed precision for a low-precision dtype."""
+    if is_low_precision(dtype):
+        return mixed_dot_general(x_btd, embedding_vd.T, (((x_btd.ndim - 1,), (0,)), ((), ())), dtype=dtype)
+    return jnp.dot(x_btd.astype(dtype), embedding_vd.T.astype(dtype))  # what nn.Embed.attend computes

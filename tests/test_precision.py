@@ -1,0 +1,111 @@
+"""Mixed precision (jaxgpt.precision), the one-pass cross-entropy gradient and the XLA options.
+
+The bf16 path is checked against float64 NumPy on the same bf16-rounded inputs (so only the
+float32 accumulation differs: rtol 1e-5), and the whole bf16 model against the float32 model
+with the tolerances bf16's 8-bit mantissa allows (stated per check).
+"""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxgpt import xla_tuning
+from jaxgpt.config import get_preset
+from jaxgpt.model import GPT, cross_entropy, init_params
+from jaxgpt.precision import _transposed_copy, mixed_matmul
+
+
+def _bf16_as_f64(a) -> np.ndarray:
+    return np.asarray(jnp.asarray(a).astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+
+
+@pytest.mark.parametrize("m,k", [(6, 128), (5, 40), (3, 7)])
+def test_transposed_copy_is_the_transpose(m, k):
+    x = jnp.arange(m * k, dtype=jnp.float32).reshape(m, k)
+    np.testing.assert_array_equal(_transposed_copy(x), x.T)
+
+
+def test_mixed_matmul_value_and_gradients_match_float64_on_bf16_inputs():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((24, 40)).astype(np.float32)
+    w = rng.standard_normal((40, 16)).astype(np.float32)
+    g = rng.standard_normal((24, 16)).astype(np.float32)
+    out, vjp = jax.vjp(lambda x, w: mixed_matmul(x, w, jnp.bfloat16), jnp.asarray(x), jnp.asarray(w))
+    dx, dw = vjp(jnp.asarray(g))
+    assert out.dtype == dx.dtype == dw.dtype == jnp.float32  # f32 out; gradients in the inputs' dtypes
+    xb, wb, gb = _bf16_as_f64(x), _bf16_as_f64(w), _bf16_as_f64(g)
+    np.testing.assert_allclose(out, xb @ wb, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, gb @ wb.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw, xb.T @ gb, rtol=1e-5, atol=1e-5)
+
+
+def _small_cfg(dtype: str, tie: bool):
+    return get_preset("tiny", vocab_size=97, context_length=16, drop_rate=0.0, dtype=dtype, tie_embeddings=tie)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_bf16_model_tracks_the_float32_model(tie):
+    params = init_params(_small_cfg("float32", tie))
+    ids = jax.random.randint(jax.random.key(1), (2, 16), 0, 97)
+    targets = jnp.roll(ids, -1, axis=1)
+
+    def loss_and_grads(dtype):
+        model = GPT(_small_cfg(dtype, tie))
+        return jax.value_and_grad(lambda p: cross_entropy(model.apply(p, ids), targets))(params)
+
+    loss32, grads32 = loss_and_grads("float32")
+    loss16, grads16 = loss_and_grads("bfloat16")
+    # the same float32 parameters and gradient dtypes: checkpoints and optimizers do not change
+    assert jax.tree.map(lambda g: g.dtype, grads16) == jax.tree.map(lambda g: g.dtype, grads32)
+    assert abs(float(loss16) - float(loss32)) < 1e-2 * float(loss32)  # bf16 rounds to ~3 significant digits
+    flat32 = jnp.concatenate([g.ravel() for g in jax.tree.leaves(grads32)])
+    flat16 = jnp.concatenate([g.ravel() for g in jax.tree.leaves(grads16)])
+    cosine = float(flat32 @ flat16 / (jnp.linalg.norm(flat32) * jnp.linalg.norm(flat16)))
+    assert cosine > 0.995, cosine
+    assert float(jnp.linalg.norm(flat16 - flat32) / jnp.linalg.norm(flat32)) < 0.05
+
+
+def test_cross_entropy_gradient_equals_autodiff_of_log_softmax():
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.standard_normal((2, 5, 11)) * 3, jnp.float32)
+    targets = jnp.asarray([[1, 2, -100, 4, 10], [0, -100, -100, 7, 3]])
+
+    def autodiff_form(lg):
+        valid = targets != -100
+        logp = jax.nn.log_softmax(lg, axis=-1)
+        nll = -jnp.take_along_axis(logp, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
+        return jnp.sum(nll * valid) / jnp.sum(valid)
+
+    np.testing.assert_allclose(cross_entropy(logits, targets), autodiff_form(logits), rtol=1e-6)
+    grad = jax.grad(cross_entropy)(logits, targets)
+    np.testing.assert_allclose(grad, jax.grad(autodiff_form)(logits), rtol=1e-5, atol=1e-7)
+    assert not np.any(np.asarray(grad)[np.asarray(targets) == -100])  # ignored positions get no gradient
+
+
+def test_compiler_options_depend_on_backend_dtype_and_setting(monkeypatch):
+    monkeypatch.delenv("JAXGPT_XLA_TUNING", raising=False)
+    assert xla_tuning.compiler_options(jnp.float32, platform="cpu") == xla_tuning.CPU_FLOAT32_OPTIONS
+    assert xla_tuning.compiler_options(jnp.bfloat16, platform="cpu") is None  # YNNPACK's default wins there
+    assert xla_tuning.compiler_options(jnp.float32, platform="gpu") is None
+    monkeypatch.setenv("JAXGPT_XLA_TUNING", "0")
+    assert xla_tuning.compiler_options(jnp.float32, platform="cpu") is None
+
+
+def test_an_option_xla_does_not_know_is_dropped_with_a_warning():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert xla_tuning._accepted((("xla_no_such_option_for_jaxgpt", "1"),)) is False
+    assert any("xla_no_such_option_for_jaxgpt" in str(w.message) for w in caught)
+
+
+def test_pmap_with_options_compiles_once_and_computes_what_pmap_does():
+    fn = lambda x: jax.lax.psum(x @ x.T, "i")  # noqa: E731
+    plain = jax.pmap(fn, axis_name="i")
+    tuned = xla_tuning.PmapWithOptions(jax.pmap(fn, axis_name="i"), xla_tuning.CPU_FLOAT32_OPTIONS)
+    x = jnp.arange(jax.local_device_count() * 12, dtype=jnp.float32).reshape(-1, 3, 4)
+    np.testing.assert_allclose(tuned(x), plain(x))
+    tuned(x + 1)
+    assert len(tuned._compiled) == 1
