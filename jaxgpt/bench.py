@@ -27,6 +27,12 @@ from pathlib import Path
 from typing import Optional
 
 
+# jaxgpt and PyTorch in float32, then both with bf16 matmuls (jaxgpt dtype="bfloat16", torch autocast)
+TRAIN_IMPLS = ("jaxgpt", "torch-book", "torch-fast", "jaxgpt-bf16", "torch-fast-bf16")
+JAX_IMPLS = ("jaxgpt", "jaxgpt-bf16")
+BF16_IMPLS = ("jaxgpt-bf16", "torch-fast-bf16")
+
+
 @dataclass(frozen=True)
 class Workload:
     kind: str  # "train" or "decode"
@@ -37,7 +43,7 @@ class Workload:
     new_tokens: int = 0  # decode only
     steps: int = 5
     warmup: int = 2
-    impls: tuple = ("jaxgpt", "torch-book", "torch-fast")
+    impls: tuple = TRAIN_IMPLS
     note: str = ""
 
 
@@ -69,7 +75,7 @@ def _peak_rss_bytes() -> int:
 
 # --- workers: one implementation of one workload, in its own process ------------------------------
 
-def _jax_train(w: Workload, cfg):
+def _jax_train(w: Workload, cfg, impl: str):
     import jax
     import numpy as np
 
@@ -80,6 +86,8 @@ def _jax_train(w: Workload, cfg):
     from .trainer import default_device_count
 
     tcfg = TrainConfig(batch_size=w.batch, max_steps=1000, warmup_steps=10)
+    if impl == "jaxgpt-bf16":
+        cfg = cfg.replace(dtype="bfloat16")
     trainer = ParallelTrainer(GPT(cfg), build_optimizer(tcfg), default_device_count(tcfg, cfg), 1)
     state = trainer.put_state(create_state(GPT(cfg), build_optimizer(tcfg), init_params(cfg), 0))
     rng = np.random.default_rng(0)
@@ -90,7 +98,7 @@ def _jax_train(w: Workload, cfg):
         state, metrics = trainer(state, *batch)
         jax.block_until_ready(metrics["loss"])
 
-    return step, f"{trainer.n_devices} device(s)"
+    return step, f"{trainer.n_devices} device(s){', bf16 matmuls' if impl == 'jaxgpt-bf16' else ''}"
 
 
 def _torch_train(w: Workload, cfg, impl: str):
@@ -100,10 +108,11 @@ def _torch_train(w: Workload, cfg, impl: str):
 
     torch.manual_seed(0)
     model = (BookGPT if impl == "torch-book" else FastGPT)(cfg)
-    step_fn = train_step_fn(model)
+    step_fn = train_step_fn(model, autocast_dtype=torch.bfloat16 if impl in BF16_IMPLS else None)
     x = torch.randint(0, cfg.vocab_size, (w.batch, w.seq_len))
     y = torch.randint(0, cfg.vocab_size, (w.batch, w.seq_len))
-    return (lambda: step_fn(x, y)), f"{torch.get_num_threads()} threads"
+    autocast = ", bf16 autocast" if impl in BF16_IMPLS else ""
+    return (lambda: step_fn(x, y)), f"{torch.get_num_threads()} threads{autocast}"
 
 
 def _jax_decode(w: Workload, cfg):
@@ -145,7 +154,7 @@ def run_worker(name: str, impl: str) -> dict:
     w = WORKLOADS[name]
     cfg = _config(w)
     if w.kind == "train":
-        step, detail = _jax_train(w, cfg) if impl == "jaxgpt" else _torch_train(w, cfg, impl)
+        step, detail = _jax_train(w, cfg, impl) if impl in JAX_IMPLS else _torch_train(w, cfg, impl)
     else:
         step, detail = _jax_decode(w, cfg) if impl == "jaxgpt" else _transformers_decode(w, cfg)
     first = []
@@ -165,8 +174,10 @@ def run_worker(name: str, impl: str) -> dict:
 
 # --- the harness ----------------------------------------------------------------------------------
 
-def measure_matmul_peak(size: int = 4096, repeats: int = 5) -> dict:
-    """fp32 matmul FLOP/s of NumPy, PyTorch (if installed) and JAX; the best is the MFU denominator."""
+def measure_matmul_peak(size: int = 4096, repeats: int = 5, dtype: str = "float32") -> dict:
+    """Matmul FLOP/s of NumPy (float32 only), PyTorch (if installed) and JAX with `dtype` inputs
+    (accumulating in float32); the best is the MFU denominator of the implementations in `dtype`."""
+    import jax.numpy as jnp
     import numpy as np
 
     from .metrics import measure_peak_flops
@@ -180,12 +191,14 @@ def measure_matmul_peak(size: int = 4096, repeats: int = 5) -> dict:
             best = min(best, time.perf_counter() - t0)
         return 2.0 * size**3 / best
 
-    a = np.ones((size, size), np.float32)
-    peaks = {"numpy": best_of(lambda: a @ a), "jax": measure_peak_flops(size, repeats)}
+    peaks = {"jax": measure_peak_flops(size, repeats, dtype=jnp.dtype(dtype))}
+    if dtype == "float32":
+        a = np.ones((size, size), np.float32)
+        peaks["numpy"] = best_of(lambda: a @ a)
     try:
         import torch
 
-        t = torch.ones(size, size)
+        t = torch.ones(size, size, dtype=getattr(torch, dtype))
         peaks["torch"] = best_of(lambda: t @ t)
     except ImportError:
         pass
@@ -211,9 +224,10 @@ def run_bench(names: list[str], rounds: int = 2, progress=print, on_workload=Non
     unknown = set(names) - set(WORKLOADS)
     if unknown:
         raise ValueError(f"unknown workload(s) {sorted(unknown)}; known: {sorted(WORKLOADS)}")
-    peaks = measure_matmul_peak()
-    peak = max(peaks.values())
-    report = {"matmul_peak_flops": peaks, "mfu_denominator": peak, "rounds": rounds, "workloads": {}}
+    peaks, peaks_bf16 = measure_matmul_peak(), measure_matmul_peak(dtype="bfloat16")
+    peak, peak_bf16 = max(peaks.values()), max(peaks_bf16.values())
+    report = {"matmul_peak_flops": peaks, "mfu_denominator": peak, "matmul_peak_flops_bf16": peaks_bf16,
+              "mfu_denominator_bf16": peak_bf16, "rounds": rounds, "workloads": {}}
     for name in names:
         w = WORKLOADS[name]
         raw = {impl: [] for impl in w.impls}
@@ -231,12 +245,13 @@ def run_bench(names: list[str], rounds: int = 2, progress=print, on_workload=Non
             rows[impl] = {"step_s": med, "tokens_per_s": tokens / med, "compile_s": statistics.median(r["compile_s"] for r in runs),
                           "peak_rss_gb": max(r["peak_rss_bytes"] for r in runs) / 1e9, "detail": runs[0]["detail"],
                           "per_round_step_s": [statistics.median(r["step_s"]) for r in runs]}
-            if flops:
-                rows[impl]["mfu"] = flops / med / peak
+            if flops:  # against the matmul peak of the implementation's own matmul dtype
+                rows[impl]["mfu"] = flops / med / (peak_bf16 if impl in BF16_IMPLS else peak)
         ratios = {}
-        for impl in w.impls[1:]:  # speed of jaxgpt relative to each baseline, per round, then the median
-            per_round = [b / a for a, b in zip(rows["jaxgpt"]["per_round_step_s"], rows[impl]["per_round_step_s"])]
-            ratios[f"jaxgpt_vs_{impl}"] = statistics.median(per_round)
+        for mine in (i for i in w.impls if i in JAX_IMPLS):  # speed of jaxgpt relative to each baseline,
+            for other in (i for i in w.impls if i not in JAX_IMPLS):  # per round, then the median
+                per_round = [b / a for a, b in zip(rows[mine]["per_round_step_s"], rows[other]["per_round_step_s"])]
+                ratios[f"{mine}_vs_{other}"] = statistics.median(per_round)
         report["workloads"][name] = {"workload": asdict(w), "tokens_per_step": tokens, "results": rows, "speedup": ratios}
         progress(f"[bench] {name}: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
         if on_workload is not None:
@@ -245,19 +260,26 @@ def run_bench(names: list[str], rounds: int = 2, progress=print, on_workload=Non
 
 
 def markdown(report: dict) -> str:
-    """One table per workload (what docs/results/bench.md holds)."""
-    lines = ["Matmul peak (fp32 4096², FLOP/s): " + ", ".join(f"{k} {v / 1e9:.0f} G" for k, v in report["matmul_peak_flops"].items()),
-             f"— MFU is against {report['mfu_denominator'] / 1e9:.0f} GFLOP/s. Medians over {report['rounds']} alternating rounds.", ""]
+    """One table per workload and its side-by-side speed-ups (what docs/results/bench.md holds)."""
+    def peak_line(peaks: dict) -> str:
+        return ", ".join(f"{k} {v / 1e9:.0f} G" for k, v in peaks.items())
+
+    lines = [f"Matmul peak (4096², FLOP/s): float32 {peak_line(report['matmul_peak_flops'])}"
+             + (f"; bf16 inputs, f32 accumulation {peak_line(report['matmul_peak_flops_bf16'])}"
+                if "matmul_peak_flops_bf16" in report else ""),
+             f"— MFU is against {report['mfu_denominator'] / 1e9:.0f} GFLOP/s"
+             + (f" (bf16 rows: {report['mfu_denominator_bf16'] / 1e9:.0f})" if "mfu_denominator_bf16" in report else "")
+             + f". Medians over {report['rounds']} alternating rounds.", ""]
     for name, wl in report["workloads"].items():
         lines += [f"### {name}", "", wl["workload"]["note"], "",
-                  "| implementation | step (s) | tokens/s | MFU | compile (s) | peak RSS (GB) | jaxgpt speed-up |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| implementation | step (s) | tokens/s | MFU | compile (s) | peak RSS (GB) |",
+                  "|---|---|---|---|---|---|"]
         for impl, r in wl["results"].items():
             mfu = f"{r['mfu']:.0%}" if "mfu" in r else "—"
-            ratio = wl["speedup"].get(f"jaxgpt_vs_{impl}")
             lines.append(f"| {impl} ({r['detail']}) | {r['step_s']:.4f} | {r['tokens_per_s']:,.0f} | {mfu} | "
-                         f"{r['compile_s']:.1f} | {r['peak_rss_gb']:.2f} | {'' if ratio is None else f'{ratio:.2f}×'} |")
-        lines.append("")
+                         f"{r['compile_s']:.1f} | {r['peak_rss_gb']:.2f} |")
+        lines += ["", "Speed-ups (median of per-round ratios): "
+                  + ", ".join(f"{k.replace('_vs_', ' vs ')} {v:.2f}×" for k, v in wl["speedup"].items()), ""]
     return "\n".join(lines)
 
 
@@ -271,7 +293,7 @@ def plot(report: dict, out: Path) -> Path:
     fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.6), squeeze=False)
     for ax, name in zip(axes[0], names):
         res = report["workloads"][name]["results"]
-        ax.bar(list(res), [r["tokens_per_s"] for r in res.values()], color=["C0", "C1", "C2"][: len(res)])
+        ax.bar(list(res), [r["tokens_per_s"] for r in res.values()], color=[f"C{i}" for i in range(len(res))])
         ax.set_title(name, fontsize=9)
         ax.set_ylabel("tokens/s")
         ax.tick_params(axis="x", labelrotation=30, labelsize=7)
@@ -292,7 +314,7 @@ def main(argv: Optional[list] = None) -> int:
     p.add_argument("--worker", nargs=2, metavar=("WORKLOAD", "IMPL"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        if args.worker[0] in WORKLOADS and WORKLOADS[args.worker[0]].kind == "train" and args.worker[1] == "jaxgpt":
+        if args.worker[0] in WORKLOADS and WORKLOADS[args.worker[0]].kind == "train" and args.worker[1] in JAX_IMPLS:
             from .cli import _one_cpu_device_per_core
 
             _one_cpu_device_per_core()  # the layout `jaxgpt train` uses

@@ -61,15 +61,16 @@ def flops_per_token(config: GPTConfig, seq_len: int, n_params: int) -> float:
     return 6.0 * n + 12.0 * config.n_layers * seq_len * config.emb_dim
 
 
-def measure_peak_flops(size: int = 2048, repeats: int = 5, device=None) -> float:
-    """FLOP/s of a float32 (size × size) matmul on one device: the best of `repeats` timed runs.
+def measure_peak_flops(size: int = 2048, repeats: int = 5, device=None, dtype=jnp.float32) -> float:
+    """FLOP/s of a (size × size) matmul on one device: the best of `repeats` timed runs.
 
     This is what the device reaches in practice on dense work, so it is the MFU denominator when
-    no datasheet peak is given.
+    no datasheet peak is given. `dtype` is the matmul's input dtype (the model's compute dtype);
+    it accumulates in float32, as the model's layers do (jaxgpt.precision).
     """
     device = device or jax.local_devices()[0]
-    a = jax.device_put(jnp.ones((size, size), jnp.float32), device)
-    matmul = jax.jit(lambda x: x @ x)
+    a = jax.device_put(jnp.ones((size, size), dtype), device)
+    matmul = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
     matmul(a).block_until_ready()
     best = float("inf")
     for _ in range(repeats):

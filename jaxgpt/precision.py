@@ -107,4 +107,6 @@ def logits_from_embedding(x_btd: Array, embedding_vd: Array, dtype) -> Array:
     """The tied output head x @ wteᵀ (b, t, v): mixed precision for a low-precision dtype."""
     if is_low_precision(dtype):
         return mixed_dot_general(x_btd, embedding_vd.T, (((x_btd.ndim - 1,), (0,)), ((), ())), dtype=dtype)
-    return jnp.dot(x_btd.astype(dtype), embedding_vd.T.astype(dtype))  # what nn.Embed.attend computes
+    # contract over wte's minor dimension directly: `x @ wte.T` made XLA copy the transposed
+    # 50257×768 table inside the decode loop at every step (7 ms of a 30 ms step on gpt2-small)
+    return jax.lax.dot_general(x_btd.astype(dtype), embedding_vd.astype(dtype), (((x_btd.ndim - 1,), (1,)), ((), ())))

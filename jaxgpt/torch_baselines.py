@@ -9,6 +9,8 @@ Both take a `jaxgpt.config.GPTConfig` and have the same parameter count as jaxgp
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -108,16 +110,24 @@ def FastGPT(cfg) -> nn.Module:  # noqa: N802
     return _GPT(cfg, _FastBlock, nn.LayerNorm(cfg.emb_dim, eps=cfg.ln_eps))
 
 
-def train_step_fn(model: nn.Module, lr: float = 4e-4, weight_decay: float = 0.1):
-    """One AdamW training step on (x, y) token batches; returns the loss (a float)."""
+def train_step_fn(model: nn.Module, lr: float = 4e-4, weight_decay: float = 0.1, grad_clip: float = 1.0,
+                  autocast_dtype: Optional[torch.dtype] = None):
+    """One training step on (x, y) token batches, the recipe `jaxgpt train` runs: clip the gradients'
+    global norm to `grad_clip` (0: no clipping), then AdamW. Returns the loss (a float).
+
+    `autocast_dtype=torch.bfloat16` runs the forward pass under CPU autocast (bf16 matmuls, f32
+    master weights): PyTorch's counterpart of jaxgpt's `dtype="bfloat16"`."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     model.train()
 
     def step(x, y) -> float:
         opt.zero_grad(set_to_none=True)
-        logits = model(x)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        with torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
         loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         opt.step()
         return loss.item()
 

@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from .checkpoint import Checkpointer, CheckpointError, check_compatible, read_meta, restore, write_json
-from .config import GPTConfig
+from .config import GPTConfig, resolve_dtype
 from .data import (
     DataError, EpochSampler, RandomWindowSampler, SlidingWindowDataset, load_text, open_token_file,
 )
@@ -264,10 +265,11 @@ def train(
     if cfg.peak_flops:
         peak, peak_source = cfg.peak_flops * n_devices, "given"
     else:
-        per_device = measure_peak_flops()
+        compute_dtype = resolve_dtype(model_cfg)
+        per_device = measure_peak_flops(dtype=compute_dtype)
         # simulated CPU devices share the host's cores: the probe already measures all of them
         peak = per_device * (1 if jax.default_backend() == "cpu" else n_devices)
-        peak_source = "matmul probe (float32 2048x2048)"
+        peak_source = f"matmul probe ({jnp.dtype(compute_dtype).name} 2048x2048)"
     _log(
         f"model {n_params:,} params, vocab {model_cfg.vocab_size}, context {seq_len}; "
         f"{data.n_train_tokens:,} train / {data.n_val_tokens:,} val tokens; {n_devices} of "

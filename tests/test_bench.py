@@ -55,7 +55,7 @@ def test_torch_baselines_are_jaxgpts_model():
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["jaxgpt", "torch-book", "torch-fast"])
+@pytest.mark.parametrize("impl", bench.TRAIN_IMPLS)
 def test_worker_measures_a_training_step(monkeypatch, impl):
     monkeypatch.setitem(bench.WORKLOADS, "unit", bench.Workload("train", "test", {"drop_rate": 0.1}, batch=2,
                                                                   seq_len=16, steps=2, warmup=1))
@@ -71,4 +71,5 @@ def test_markdown_report_has_a_row_per_implementation():
                                                      "peak_rss_gb": 1.0, "detail": "x"}
                                               for impl in ("jaxgpt", "torch-book")}}}}
     text = bench.markdown(report)
-    assert "| torch-book (x) | 0.1000 | 100 | 50% | 1.0 | 1.00 | 1.50× |" in text and "200 GFLOP/s" in text
+    assert "| torch-book (x) | 0.1000 | 100 | 50% | 1.0 | 1.00 |" in text and "200 GFLOP/s" in text
+    assert "Speed-ups (median of per-round ratios): jaxgpt vs torch-book 1.50×" in text
