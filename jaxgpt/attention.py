@@ -192,6 +192,7 @@ def fused_qkv(x_btd: Array, n: int, m: int, h: int, *, use_bias: bool, dtype) ->
     b, t = x_btd.shape[:2]
     qkv_bte = Dense((n + 2 * m) * h, use_bias=use_bias, dtype=dtype, kernel_init=nn.initializers.normal(0.02),
                        name="c_attn")(x_btd)
+    qkv_bte = qkv_bte.astype(dtype or qkv_bte.dtype)  # a mixed-precision Dense returns f32: attend in `dtype`
     return (qkv_bte[..., : n * h].reshape(b, t, n, h), qkv_bte[..., n * h:(n + m) * h].reshape(b, t, m, h),
             qkv_bte[..., (n + m) * h:].reshape(b, t, m, h))
 

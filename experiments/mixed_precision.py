@@ -1,0 +1,81 @@
+"""float32 against bf16 mixed precision (`GPTConfig.dtype = "bfloat16"`): the same model, data order
+and seed trained both ways; validation-loss curves side by side, final losses and train tokens/s.
+
+    JAXGPT_DATA_DIR=../shared/data python experiments/mixed_precision.py [--steps 300]
+
+Writes docs/results/mixed_precision.json and .png. The model is wide enough (512) for the matmuls
+to dominate, so the speed-up is the one bf16 matmul units give (AMX on this CPU); bf16 changes only
+the matmul inputs (jaxgpt.precision): weights, optimizer, LayerNorm, softmax and loss stay float32.
+One CPU device for both; tokens/s are medians of the logged intervals after the first (compilation).
+"""
+
+import argparse
+import json
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import jax
+
+from jaxgpt.config import GPTConfig
+from jaxgpt.model import count_params, param_shapes
+from jaxgpt.train_config import TrainConfig
+from jaxgpt.trainer import train
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = GPTConfig(vocab_size=66, context_length=128, emb_dim=512, n_heads=8, n_layers=6, drop_rate=0.0)
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--steps", type=int, default=300)
+parser.add_argument("--runs", default=str(ROOT / "runs" / "mixed-precision"))
+args = parser.parse_args()
+
+cfg = TrainConfig(data="tinyshakespeare", tokenizer="char", batch_size=16, max_steps=args.steps, lr=1e-3,
+                  min_lr=1e-4, warmup_steps=30, eval_every=50, eval_batches=20, log_every=10, ckpt_every=10_000,
+                  keep_checkpoints=1, samples=0, devices=1, seed=0)
+results = {"runs": {}}
+for dtype in ("float32", "bfloat16"):
+    model = MODEL.replace(dtype=dtype)
+    out = Path(args.runs) / dtype
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    summary = train(model, cfg, out, progress=False)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    speeds = [r["tokens_per_s"] for r in records if r["kind"] == "train"][1:]
+    results["runs"][dtype] = {
+        "final_val_loss": [r["val_loss"] for r in records if r["kind"] == "eval"][-1],
+        "best_val_loss": summary["best_val_loss"],
+        "final_train_loss": [r["loss"] for r in records if r["kind"] == "train"][-1],
+        "curve": [(r["step"], r["val_loss"]) for r in records if r["kind"] == "eval"],
+        "tokens_per_s": statistics.median(speeds),
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
+    print(dtype, json.dumps({k: v for k, v in results["runs"][dtype].items() if k != "curve"}), flush=True)
+
+f32, bf16 = results["runs"]["float32"], results["runs"]["bfloat16"]
+results["bf16_speedup"] = bf16["tokens_per_s"] / f32["tokens_per_s"]
+results["val_loss_difference"] = bf16["final_val_loss"] - f32["final_val_loss"]
+results["setup"] = {"model": MODEL.to_dict(), "params": count_params(param_shapes(MODEL)), "train": cfg.to_dict(),
+                    "jax": jax.__version__, "devices": f"1 x {jax.devices()[0].platform}",
+                    "command": "python experiments/mixed_precision.py --steps %d" % args.steps}
+results_path = ROOT / "docs" / "results" / "mixed_precision.json"
+results_path.write_text(json.dumps(results, indent=2))
+print(json.dumps({k: results[k] for k in ("bf16_speedup", "val_loss_difference")}))
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+fig, ax = plt.subplots(figsize=(7, 4.5))
+for dtype, r in results["runs"].items():
+    steps, losses = zip(*r["curve"])
+    ax.plot(steps, losses, marker=".", label=f"{dtype}: val {r['final_val_loss']:.3f}, {r['tokens_per_s']:,.0f} tokens/s")
+ax.set_xlabel("step")
+ax.set_ylabel("validation loss")
+ax.set_title("float32 vs bf16 mixed precision, tinyshakespeare (char), same model, data and seed")
+ax.grid(alpha=0.3)
+ax.legend(fontsize=8)
+fig.tight_layout()
+fig.savefig(results_path.with_suffix(".png"), dpi=120)
