@@ -29,13 +29,15 @@ MODEL = GPTConfig(vocab_size=66, context_length=128, emb_dim=512, n_heads=8, n_l
 parser = argparse.ArgumentParser()
 parser.add_argument("--steps", type=int, default=300)
 parser.add_argument("--runs", default=str(ROOT / "runs" / "mixed-precision"))
+parser.add_argument("--plot-only", action="store_true", help="redraw the figure from the saved JSON")
 args = parser.parse_args()
+results_path = ROOT / "docs" / "results" / "mixed_precision.json"
 
 cfg = TrainConfig(data="tinyshakespeare", tokenizer="char", batch_size=16, max_steps=args.steps, lr=1e-3,
                   min_lr=1e-4, warmup_steps=30, eval_every=50, eval_batches=20, log_every=10, ckpt_every=10_000,
                   keep_checkpoints=1, samples=0, devices=1, seed=0)
-results = {"runs": {}}
-for dtype in ("float32", "bfloat16"):
+results = json.loads(results_path.read_text()) if args.plot_only else {"runs": {}}
+for dtype in () if args.plot_only else ("float32", "bfloat16"):
     model = MODEL.replace(dtype=dtype)
     out = Path(args.runs) / dtype
     shutil.rmtree(out, ignore_errors=True)
@@ -53,14 +55,14 @@ for dtype in ("float32", "bfloat16"):
     }
     print(dtype, json.dumps({k: v for k, v in results["runs"][dtype].items() if k != "curve"}), flush=True)
 
-f32, bf16 = results["runs"]["float32"], results["runs"]["bfloat16"]
-results["bf16_speedup"] = bf16["tokens_per_s"] / f32["tokens_per_s"]
-results["val_loss_difference"] = bf16["final_val_loss"] - f32["final_val_loss"]
-results["setup"] = {"model": MODEL.to_dict(), "params": count_params(param_shapes(MODEL)), "train": cfg.to_dict(),
-                    "jax": jax.__version__, "devices": f"1 x {jax.devices()[0].platform}",
-                    "command": "python experiments/mixed_precision.py --steps %d" % args.steps}
-results_path = ROOT / "docs" / "results" / "mixed_precision.json"
-results_path.write_text(json.dumps(results, indent=2))
+if not args.plot_only:
+    f32, bf16 = results["runs"]["float32"], results["runs"]["bfloat16"]
+    results["bf16_speedup"] = bf16["tokens_per_s"] / f32["tokens_per_s"]
+    results["val_loss_difference"] = bf16["final_val_loss"] - f32["final_val_loss"]
+    results["setup"] = {"model": MODEL.to_dict(), "params": count_params(param_shapes(MODEL)), "train": cfg.to_dict(),
+                        "jax": jax.__version__, "devices": f"1 x {jax.devices()[0].platform}",
+                        "command": "python experiments/mixed_precision.py --steps %d" % args.steps}
+    results_path.write_text(json.dumps(results, indent=2))
 print(json.dumps({k: results[k] for k in ("bf16_speedup", "val_loss_difference")}))
 
 import matplotlib  # noqa: E402
@@ -74,7 +76,7 @@ for dtype, r in results["runs"].items():
     ax.plot(steps, losses, marker=".", label=f"{dtype}: val {r['final_val_loss']:.3f}, {r['tokens_per_s']:,.0f} tokens/s")
 ax.set_xlabel("step")
 ax.set_ylabel("validation loss")
-ax.set_title("float32 vs bf16 mixed precision, tinyshakespeare (char), same model, data and seed")
+ax.set_title("float32 vs bf16 mixed precision\ntinyshakespeare (char), same model, data and seed", fontsize=10)
 ax.grid(alpha=0.3)
 ax.legend(fontsize=8)
 fig.tight_layout()

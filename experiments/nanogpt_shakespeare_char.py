@@ -9,6 +9,8 @@ included, as nanoGPT), grad clip 1.0, tied embeddings. nanoGPT reaches val loss 
     # data parallel over one simulated CPU device per core:
     XLA_FLAGS=--xla_force_host_platform_device_count=2 JAXGPT_DATA_DIR=../shared/data \
         python experiments/nanogpt_shakespeare_char.py --devices 2 --name nanogpt_shakespeare_char_2cpu
+    # the same with bf16 mixed-precision matmuls:
+    ... --devices 2 --dtype bfloat16 --name nanogpt_shakespeare_char_2cpu_bf16
 """
 
 import argparse
@@ -24,9 +26,10 @@ parser.add_argument("--steps", type=int, default=2000)
 parser.add_argument("--devices", type=int, default=None)
 parser.add_argument("--out", default="runs/nanogpt_shakespeare_char")
 parser.add_argument("--name", default="nanogpt_shakespeare_char", help="file name of the published results")
+parser.add_argument("--dtype", default="float32", help="compute dtype: float32, or bfloat16 (mixed precision)")
 args = parser.parse_args()
 
-model = get_preset("tiny", tie_embeddings=True)  # 4 layers, 4 heads, 128 wide, context 64, dropout 0
+model = get_preset("tiny", tie_embeddings=True, dtype=args.dtype)  # 4 layers, 4 heads, 128 wide, context 64, dropout 0
 cfg = TrainConfig(
     data="tinyshakespeare", tokenizer="char", train_ratio=0.9, batch_size=12, max_steps=args.steps,
     lr=1e-3, min_lr=1e-4, warmup_steps=100, beta1=0.9, beta2=0.99, weight_decay=0.1, decay_embeddings=True,

@@ -51,26 +51,34 @@ def _transposed_copy(x_mk: Array) -> Array:
     return x_mk.reshape(m, k // c, c).transpose(1, 2, 0).reshape(k, m)  # (m, k/c, c) -> (k/c, c, m) -> (k, m)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def mixed_matmul(x_mk: Array, w_kn: Array, dtype) -> Array:
-    """x (m, k) @ w (k, n) with both cast to `dtype` (bf16), accumulated and returned in float32.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def mixed_matmul(x_mk: Array, w: Array, dtype, w_is_nk: bool = False) -> Array:
+    """x (m, k) @ w with both cast to `dtype` (bf16), accumulated and returned in float32 (m, n).
 
-    The gradients come back in the inputs' own dtypes: dx in x's, dw in w's (the float32 master
-    weights get a float32 gradient straight from the f32-accumulated dot, never rounded to bf16)."""
-    return _dot_f32(x_mk.astype(dtype), w_kn.astype(dtype), contract_b=0)
-
-
-def _mixed_matmul_fwd(x_mk, w_kn, dtype):
-    x_mk, w_lo_kn = x_mk.astype(dtype), w_kn.astype(dtype)
-    return _dot_f32(x_mk, w_lo_kn, contract_b=0), (x_mk, w_lo_kn, jnp.zeros((0,), w_kn.dtype))
+    `w` is (k, n) — a dense kernel — or, with `w_is_nk`, (n, k) — the tied head's embedding table,
+    used as it is stored (a transposed view of it would reach XLA as a layout its CPU bf16 path
+    cannot run). The gradients come back in the inputs' own dtypes: dx in x's, dw in w's (float32
+    master weights get a float32 gradient straight from the f32-accumulated dot, never rounded to bf16).
+    """
+    return _dot_f32(x_mk.astype(dtype), w.astype(dtype), contract_b=1 if w_is_nk else 0)
 
 
-def _mixed_matmul_bwd(dtype, residuals, g_mn):
-    x_mk, w_kn, w_dtype_tag = residuals  # x and w in `dtype`; the tag carries w's own dtype
+def _mixed_matmul_fwd(x_mk, w, dtype, w_is_nk):
+    dtype_tags = (jnp.zeros((0,), x_mk.dtype), jnp.zeros((0,), w.dtype))  # the inputs' own dtypes, for bwd
+    x_lo, w_lo = x_mk.astype(dtype), w.astype(dtype)
+    return _dot_f32(x_lo, w_lo, contract_b=1 if w_is_nk else 0), (x_lo, w_lo, dtype_tags)
+
+
+def _mixed_matmul_bwd(dtype, w_is_nk, residuals, g_mn):
+    x_mk, w_lo, (x_tag, w_tag) = residuals  # x and w in `dtype`
     g_mn = g_mn.astype(dtype)  # the incoming float32 cotangent, to the matmul precision
-    dx_mk = _dot_f32(g_mn, w_kn, contract_b=1)  # g @ wᵀ: w contracted on its minor dim
-    dw_kn = _dot_f32(_transposed_copy(x_mk), g_mn, contract_b=0)  # xᵀ @ g
-    return dx_mk, dw_kn.astype(w_dtype_tag.dtype)
+    if w_is_nk:
+        dx_mk = _dot_f32(g_mn, w_lo, contract_b=0)  # g (m, n) @ w (n, k)
+        dw = _dot_f32(_transposed_copy(g_mn), x_mk, contract_b=0)  # gᵀ (n, m) @ x (m, k)
+    else:
+        dx_mk = _dot_f32(g_mn, w_lo, contract_b=1)  # g @ wᵀ: w contracted on its minor dim
+        dw = _dot_f32(_transposed_copy(x_mk), g_mn, contract_b=0)  # xᵀ (k, m) @ g (m, n)
+    return dx_mk.astype(x_tag.dtype), dw.astype(w_tag.dtype)
 
 
 mixed_matmul.defvjp(_mixed_matmul_fwd, _mixed_matmul_bwd)
@@ -106,7 +114,8 @@ def Dense(features: int, *, dtype=None, **kwargs) -> nn.Dense:
 def logits_from_embedding(x_btd: Array, embedding_vd: Array, dtype) -> Array:
     """The tied output head x @ wteᵀ (b, t, v): mixed precision for a low-precision dtype."""
     if is_low_precision(dtype):
-        return mixed_dot_general(x_btd, embedding_vd.T, (((x_btd.ndim - 1,), (0,)), ((), ())), dtype=dtype)
+        out_mv = mixed_matmul(x_btd.reshape(-1, x_btd.shape[-1]), embedding_vd, jnp.dtype(dtype), True)  # (b·t, v)
+        return out_mv.reshape(x_btd.shape[:-1] + embedding_vd.shape[:1])
     # contract over wte's minor dimension directly: `x @ wte.T` made XLA copy the transposed
     # 50257×768 table inside the decode loop at every step (7 ms of a 30 ms step on gpt2-small)
     return jax.lax.dot_general(x_btd.astype(dtype), embedding_vd.astype(dtype), (((x_btd.ndim - 1,), (1,)), ((), ())))

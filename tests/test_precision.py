@@ -14,6 +14,7 @@ import pytest
 
 from jaxgpt import xla_tuning
 from jaxgpt.config import get_preset
+from jaxgpt.generate import generate_batch
 from jaxgpt.model import GPT, cross_entropy, init_params
 from jaxgpt.precision import _transposed_copy, mixed_matmul
 
@@ -52,9 +53,9 @@ def test_bf16_model_tracks_the_float32_model(tie):
     ids = jax.random.randint(jax.random.key(1), (2, 16), 0, 97)
     targets = jnp.roll(ids, -1, axis=1)
 
-    def loss_and_grads(dtype):
+    def loss_and_grads(dtype):  # jitted, as training runs it (XLA picks the dot kernels at compile time)
         model = GPT(_small_cfg(dtype, tie))
-        return jax.value_and_grad(lambda p: cross_entropy(model.apply(p, ids), targets))(params)
+        return jax.jit(jax.value_and_grad(lambda p: cross_entropy(model.apply(p, ids), targets)))(params)
 
     loss32, grads32 = loss_and_grads("float32")
     loss16, grads16 = loss_and_grads("bfloat16")
@@ -92,3 +93,11 @@ def test_pmap_with_options_compiles_once_and_computes_what_pmap_does():
     np.testing.assert_allclose(tuned(x), plain(x))
     tuned(x + 1)
     assert len(tuned._compiled) == 1
+
+
+def test_bf16_model_decodes_with_the_kv_cache():
+    cfg = _small_cfg("bfloat16", True)
+    params = init_params(cfg)
+    prompts = [[1, 2, 3], [4, 5]]
+    first = generate_batch(params, cfg, prompts, 6)
+    assert [len(row) for row in first] == [6, 6] and first == generate_batch(params, cfg, prompts, 6)
