@@ -42,3 +42,24 @@ def run_and_publish(name: str, model: GPTConfig, cfg: TrainConfig, out: Path, re
     (dest / f"{name}.json").write_text(json.dumps(result, indent=2))
     print(json.dumps({k: summary[k] for k in ("step", "train_loss", "val_loss", "best_val_loss", "wall_s")}))
     return result
+
+
+def plot_val_curves(curves: dict, out_png: Path, title: str, figsize=(8, 5)) -> None:
+    """One validation-loss-against-step line per run: `curves` maps a legend label to (step, loss) pairs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=figsize)
+    for label, curve in curves.items():
+        steps, losses = zip(*curve)
+        ax.plot(steps, losses, marker=".", label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import jax
+from _common import plot_val_curves
 
 from jaxgpt.config import get_preset
 from jaxgpt.model import count_params, kv_cache_bytes_per_token, param_shapes
@@ -73,19 +74,5 @@ results["setup"] = {"model": BASE.to_dict(), "train": cfg.to_dict(), "jax": jax.
                     "command": "python experiments/attention_variants.py --steps %d" % args.steps}
 results_path.write_text(json.dumps(results, indent=2))
 
-import matplotlib  # noqa: E402
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-fig, ax = plt.subplots(figsize=(8, 5))
-for name, r in results["variants"].items():
-    steps, losses = zip(*r["curve"])
-    ax.plot(steps, losses, marker=".", label=f"{name} ({r['val_loss']:.3f})")
-ax.set_xlabel("step")
-ax.set_ylabel("validation loss")
-ax.set_title("attention variants, tinyshakespeare (char), same model, data and seed")
-ax.grid(alpha=0.3)
-ax.legend(fontsize=8)
-fig.tight_layout()
-fig.savefig(results_path.with_suffix(".png"), dpi=120)
+plot_val_curves({f"{name} ({r['val_loss']:.3f})": r["curve"] for name, r in results["variants"].items()},
+                results_path.with_suffix(".png"), "attention variants, tinyshakespeare (char), same model, data and seed")

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import jax
+from _common import plot_val_curves
 
 from jaxgpt.config import GPTConfig
 from jaxgpt.model import count_params, param_shapes
@@ -65,19 +66,6 @@ if not args.plot_only:
     results_path.write_text(json.dumps(results, indent=2))
 print(json.dumps({k: results[k] for k in ("bf16_speedup", "val_loss_difference")}))
 
-import matplotlib  # noqa: E402
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-fig, ax = plt.subplots(figsize=(7, 4.5))
-for dtype, r in results["runs"].items():
-    steps, losses = zip(*r["curve"])
-    ax.plot(steps, losses, marker=".", label=f"{dtype}: val {r['final_val_loss']:.3f}, {r['tokens_per_s']:,.0f} tokens/s")
-ax.set_xlabel("step")
-ax.set_ylabel("validation loss")
-ax.set_title("float32 vs bf16 mixed precision\ntinyshakespeare (char), same model, data and seed", fontsize=10)
-ax.grid(alpha=0.3)
-ax.legend(fontsize=8)
-fig.tight_layout()
-fig.savefig(results_path.with_suffix(".png"), dpi=120)
+plot_val_curves({f"{dtype}: val {r['final_val_loss']:.3f}, {r['tokens_per_s']:,.0f} tokens/s": r["curve"]
+                 for dtype, r in results["runs"].items()}, results_path.with_suffix(".png"),
+                "float32 vs bf16 mixed precision\ntinyshakespeare (char), same model, data and seed", figsize=(7, 4.5))
