@@ -14,6 +14,7 @@ uvicorn = pytest.importorskip("uvicorn")
 from jaxgpt.config import get_preset  # noqa: E402
 from jaxgpt.generate import generate_batch  # noqa: E402
 from jaxgpt.model import init_params  # noqa: E402
+from jaxgpt import serve  # noqa: E402
 from jaxgpt.serve import build_app  # noqa: E402
 from jaxgpt.tokenizer import GPT2Tokenizer  # noqa: E402
 
@@ -130,7 +131,11 @@ def test_bad_requests_get_clear_4xx_and_the_server_keeps_serving(port, body, raw
     assert complete(port, prompt="still alive?", max_tokens=2, temperature=0)["choices"][0]["finish_reason"]
 
 
-def test_client_leaving_mid_stream_frees_its_row(port):
+def test_client_leaving_mid_stream_frees_its_row(port, monkeypatch):
+    # Pace the decoder (50 ms a token) so the 32-token answer is still being decoded when the client
+    # leaves: unpaced, this tiny model can finish before the server sees the disconnect.
+    advance = serve.Batcher._advance
+    monkeypatch.setattr(serve.Batcher, "_advance", lambda self, *a: (time.sleep(0.05), advance(self, *a))[1])
     before = json.loads(request(port, "GET", "/health")[1])["cancelled_rows"]
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     conn.request("POST", "/v1/completions", body=json.dumps(
