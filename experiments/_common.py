@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import platform
 import shutil
+import statistics
 import time
 from pathlib import Path
 
@@ -42,6 +43,22 @@ def run_and_publish(name: str, model: GPTConfig, cfg: TrainConfig, out: Path, re
     (dest / f"{name}.json").write_text(json.dumps(result, indent=2))
     print(json.dumps({k: summary[k] for k in ("step", "train_loss", "val_loss", "best_val_loss", "wall_s")}))
     return result
+
+
+def train_fresh(model: GPTConfig, cfg: TrainConfig, out: Path) -> dict:
+    """Train into an emptied `out` without a progress bar; what the comparison scripts tabulate:
+    best/final losses, the validation curve, median train tokens/s (the first logged interval,
+    which includes compilation, left out) and the wall time."""
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    summary = train(model, cfg, out, progress=False)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["kind"] == "eval"]
+    trains = [r for r in records if r["kind"] == "train"]
+    return {"best_val_loss": summary["best_val_loss"], "final_val_loss": evals[-1]["val_loss"],
+            "final_train_loss": trains[-1]["loss"], "curve": [(r["step"], r["val_loss"]) for r in evals],
+            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in trains[1:]),
+            "wall_s": round(time.perf_counter() - t0, 1)}
 
 
 def plot_val_curves(curves: dict, out_png: Path, title: str, figsize=(8, 5)) -> None:

@@ -10,18 +10,14 @@ tokens/s are medians of the logged intervals after the first (which includes com
 
 import argparse
 import json
-import shutil
-import statistics
-import time
 from pathlib import Path
 
 import jax
-from _common import plot_val_curves
+from _common import plot_val_curves, train_fresh
 
 from jaxgpt.config import get_preset
 from jaxgpt.model import count_params, kv_cache_bytes_per_token, param_shapes
 from jaxgpt.train_config import TrainConfig
-from jaxgpt.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = get_preset("tiny", context_length=128)  # 4 layers, 4 heads, width 128, no dropout
@@ -52,20 +48,15 @@ results_path = ROOT / "docs" / "results" / "attention_variants.json"
 results = json.loads(results_path.read_text()) if results_path.exists() and args.only else {"variants": {}}
 for name, changes in chosen.items():
     model = BASE.replace(vocab_size=66, **changes)  # 65 characters + end-of-text
-    out = Path(args.runs) / "".join(c if c.isalnum() else "-" for c in name)
-    shutil.rmtree(out, ignore_errors=True)
-    t0 = time.perf_counter()
-    summary = train(model, cfg, out, progress=False)
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    speeds = [r["tokens_per_s"] for r in records if r["kind"] == "train"][1:]
+    run = train_fresh(model, cfg, Path(args.runs) / "".join(c if c.isalnum() else "-" for c in name))
     results["variants"][name] = {
         "changes": changes,
-        "val_loss": summary["best_val_loss"],
-        "curve": [(r["step"], r["val_loss"]) for r in records if r["kind"] == "eval"],
-        "tokens_per_s": statistics.median(speeds),
+        "val_loss": run["best_val_loss"],
+        "curve": run["curve"],
+        "tokens_per_s": run["tokens_per_s"],
         "params": count_params(param_shapes(model)),
         "kv_cache_bytes_per_token": kv_cache_bytes_per_token(model),
-        "wall_s": round(time.perf_counter() - t0, 1),
+        "wall_s": run["wall_s"],
     }
     print(name, json.dumps({k: v for k, v in results["variants"][name].items() if k != "curve"}), flush=True)
 

@@ -11,18 +11,14 @@ One CPU device for both; tokens/s are medians of the logged intervals after the 
 
 import argparse
 import json
-import shutil
-import statistics
-import time
 from pathlib import Path
 
 import jax
-from _common import plot_val_curves
+from _common import plot_val_curves, train_fresh
 
 from jaxgpt.config import GPTConfig
 from jaxgpt.model import count_params, param_shapes
 from jaxgpt.train_config import TrainConfig
-from jaxgpt.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = GPTConfig(vocab_size=66, context_length=128, emb_dim=512, n_heads=8, n_layers=6, drop_rate=0.0)
@@ -39,21 +35,9 @@ cfg = TrainConfig(data="tinyshakespeare", tokenizer="char", batch_size=16, max_s
                   keep_checkpoints=1, samples=0, devices=1, seed=0)
 results = json.loads(results_path.read_text()) if args.plot_only else {"runs": {}}
 for dtype in () if args.plot_only else ("float32", "bfloat16"):
-    model = MODEL.replace(dtype=dtype)
-    out = Path(args.runs) / dtype
-    shutil.rmtree(out, ignore_errors=True)
-    t0 = time.perf_counter()
-    summary = train(model, cfg, out, progress=False)
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    speeds = [r["tokens_per_s"] for r in records if r["kind"] == "train"][1:]
-    results["runs"][dtype] = {
-        "final_val_loss": [r["val_loss"] for r in records if r["kind"] == "eval"][-1],
-        "best_val_loss": summary["best_val_loss"],
-        "final_train_loss": [r["loss"] for r in records if r["kind"] == "train"][-1],
-        "curve": [(r["step"], r["val_loss"]) for r in records if r["kind"] == "eval"],
-        "tokens_per_s": statistics.median(speeds),
-        "wall_s": round(time.perf_counter() - t0, 1),
-    }
+    run = train_fresh(MODEL.replace(dtype=dtype), cfg, Path(args.runs) / dtype)
+    results["runs"][dtype] = {k: run[k] for k in ("final_val_loss", "best_val_loss", "final_train_loss", "curve",
+                                                  "tokens_per_s", "wall_s")}
     print(dtype, json.dumps({k: v for k, v in results["runs"][dtype].items() if k != "curve"}), flush=True)
 
 if not args.plot_only:
