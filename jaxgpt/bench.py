@@ -157,18 +157,23 @@ def run_worker(name: str, impl: str) -> dict:
         step, detail = _jax_train(w, cfg, impl) if impl in JAX_IMPLS else _torch_train(w, cfg, impl)
     else:
         step, detail = _jax_decode(w, cfg) if impl == "jaxgpt" else _transformers_decode(w, cfg)
+    return {"workload": name, "impl": impl, "detail": detail, **time_calls(step, w.warmup, w.steps)}
+
+
+def time_calls(step, warmup: int, steps: int) -> dict:
+    """Wall times of `steps` calls of `step` after `warmup` calls; the first call's time less the
+    median is the compile time; the process's peak RSS so far."""
     first = []
-    for _ in range(w.warmup):
+    for _ in range(warmup):
         t0 = time.perf_counter()
         step()
         first.append(time.perf_counter() - t0)
     times = []
-    for _ in range(w.steps):
+    for _ in range(steps):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    return {"workload": name, "impl": impl, "detail": detail, "first_step_s": first[0],
-            "compile_s": max(first[0] - statistics.median(times), 0.0), "step_s": times,
+    return {"first_step_s": first[0], "compile_s": max(first[0] - statistics.median(times), 0.0), "step_s": times,
             "peak_rss_bytes": _peak_rss_bytes()}
 
 

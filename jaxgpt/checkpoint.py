@@ -165,9 +165,13 @@ def load_run(path: Path):
 
 
 def load_for_inference(path: Path):
-    """(params, model config, tokenizer) from a run or checkpoint directory."""
+    """(params, model config, tokenizer) from a run or checkpoint directory, in GPT-2's layout
+    (a run trained with `scan_layers` comes back unstacked, its config with scan_layers=False: the
+    same function, and what export, finetuning and LoRA address by block name)."""
+    from .layout import unstack_layers
+
     params, config, _, tokenizer = load_run(path)
-    return params, config, tokenizer
+    return unstack_layers(params), config.replace(scan_layers=False), tokenizer
 
 
 def save_for_inference(params, config: GPTConfig, tokenizer, run_dir: Path) -> Path:

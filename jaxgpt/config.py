@@ -17,6 +17,10 @@ ATTENTION_IMPLS = ("auto", "naive", "xla", "blockwise")
 POSITIONS = ("learned", "rope", "alibi", "none")  # see jaxgpt.positions
 ATTENTION_KINDS = ("softmax", "mla", "linear")  # see jaxgpt.model.ATTENTION_LAYERS
 DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")  # float64 needs jax_enable_x64
+# What a block keeps for the backward pass (jax.checkpoint policies; docs/performance.md):
+# "none" keeps everything, "full" only the block's input (recomputes the rest), "dots" the matmul
+# outputs, "dots_no_batch" the matmul outputs without batch dimensions (projections, not attention scores).
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 
 class ConfigError(ValueError):
@@ -46,6 +50,9 @@ class GPTConfig:
     rope_base: float = 10000.0  # RoPE wavelength base
     sliding_window: Optional[int] = None  # local attention over this many positions (None: global)
     global_every: Optional[int] = None  # with sliding_window: every k-th layer stays global (6 = 5 local : 1 global)
+    # execution choices: they change neither the parameters (names, shapes) nor the function computed
+    scan_layers: bool = False  # run the blocks as one lax.scan over their stacked weights: compile time flat in depth
+    remat: str = "none"  # rematerialisation per block, one of REMAT_POLICIES (memory for recomputation)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "mlp_ratio"):
@@ -62,7 +69,7 @@ class GPTConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise ConfigError(f"GPTConfig.{name} must be positive, got {value!r}")
-        for name in ("qkv_bias", "tie_embeddings"):
+        for name in ("qkv_bias", "tie_embeddings", "scan_layers"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"GPTConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if self.attn_impl not in ATTENTION_IMPLS:
@@ -96,6 +103,11 @@ class GPTConfig:
             raise ConfigError("GPTConfig.attention 'linear' takes position 'learned' or 'none' and no sliding_window")
         if self.dtype not in DTYPES:
             raise ConfigError(f"GPTConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"GPTConfig.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        if self.scan_layers and self.global_every is not None:
+            raise ConfigError("GPTConfig.scan_layers needs identical layers; global_every makes some layers global "
+                              "and others local (unset one of them)")
 
     @property
     def head_dim(self) -> int:

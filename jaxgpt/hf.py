@@ -249,6 +249,9 @@ def save_hf(params: dict, cfg: GPTConfig, out_dir: Path, *, max_shard_bytes: Opt
     """
     from safetensors.numpy import save_file
 
+    from .layout import unstack_layers
+
+    params = unstack_layers(params)  # GPT-2's h_0 … h_{L-1}, whichever layout the model trained in
     p = params["params"] if "params" in params else params
     tensors: dict[str, np.ndarray] = {}
     for name, (shape, path, transpose) in _expected_tensors(cfg).items():

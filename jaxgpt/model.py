@@ -121,8 +121,21 @@ class GPT(nn.Module):
             x_btd = x_btd + wpe(positions_bt)
         x_btd = nn.Dropout(cfg.drop_rate)(x_btd, deterministic=deterministic)
 
-        new_cache = []
-        for i in range(cfg.n_layers):
+        functional = cfg.scan_layers or (cfg.remat != "none" and cache is None and not self.is_initializing())
+        new_cache = [] if cache is not None else None
+        if cfg.scan_layers:  # one tree "h", each leaf (n_layers, ...) (jaxgpt.layout)
+            if not self.is_initializing() and "h_0" in self.variables.get("params", {}):
+                raise ValueError("this config has scan_layers=True but the parameters are in GPT-2's layout "
+                                 "(h_0 … h_{L-1}); convert them with jaxgpt.layout.stack_layers(params)")
+            layers = self.param("h", init_stacked_blocks, cfg, impl, dtype)
+        elif functional:  # rematerialised blocks: the same parameters, read as plain trees
+            layers = [self.variables["params"][f"h_{i}"] for i in range(cfg.n_layers)]
+        if functional:
+            dropout_key = None if deterministic or cfg.drop_rate == 0 else self.make_rng("dropout")
+            x_btd = run_blocks(cfg, layers, x_btd, impl=impl, dtype=dtype, positions_bt=positions_bt,
+                               dropout_key=dropout_key, cache=cache, cache_index=cache_index, mask_bts=mask_bts,
+                               new_cache=new_cache)
+        for i in range(0 if functional else cfg.n_layers):
             block = Block(cfg, attn_impl=impl, dtype=dtype, window=cfg.layer_window(i), name=f"h_{i}")
             if cache is None:
                 x_btd = block(x_btd, deterministic=deterministic, positions_bt=positions_bt)
@@ -140,6 +153,64 @@ class GPT(nn.Module):
             logits_btv = Dense(cfg.vocab_size, use_bias=False, dtype=dtype, kernel_init=init, name="lm_head")(x_btd)
         logits_btv = logits_btv.astype(jnp.promote_types(dtype, jnp.float32))  # f32, or f64 under x64
         return logits_btv if cache is None else (logits_btv, new_cache)
+
+
+REMAT_POLICY_FNS = {
+    "full": None,  # jax.checkpoint's default: keep only the block's input
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def init_stacked_blocks(key: Array, cfg: GPTConfig, impl: str, dtype) -> dict:
+    """Initial parameters of all blocks in the scanned layout: one Block init per layer key, vmapped."""
+    block = Block(cfg, attn_impl=impl, dtype=dtype, window=cfg.layer_window(0), parent=None)
+    x_btd = jnp.zeros((1, 1, cfg.emb_dim), jnp.float32)
+    init_one = lambda k: block.init({"params": k}, x_btd, positions_bt=jnp.zeros((1, 1), jnp.int32))["params"]  # noqa: E731
+    return jax.vmap(init_one)(jax.random.split(key, cfg.n_layers))
+
+
+def run_blocks(cfg: GPTConfig, layers, x_btd: Array, *, impl: str, dtype, positions_bt: Array,
+               dropout_key: Optional[Array], cache: Optional[list] = None, cache_index: Optional[Array] = None,
+               mask_bts: Optional[Array] = None, new_cache: Optional[list] = None) -> Array:
+    """The transformer blocks as pure functions of their parameters (`GPTConfig.scan_layers`, `.remat`).
+
+    `layers` is a list of per-block trees (GPT-2 layout) or, with `scan_layers`, one tree whose
+    leaves carry a leading layer axis. Training and scoring run that stacked tree through one
+    `lax.scan` (XLA compiles one block body whatever the depth); cached decoding, whose cache is a
+    per-layer list, loops over layer slices and appends each layer's new cache to `new_cache`.
+    `remat` wraps the block in `jax.checkpoint` with the configured policy. Layer i's dropout key is
+    `split(dropout_key, n_layers)[i]` in every form, so scanned and unrolled runs agree.
+    """
+    blocks = {}
+
+    def layer(window, x_btd, params, key, kv_cache=None):
+        if window not in blocks:  # one unbound Block per distinct window (all layers alike under scan)
+            blocks[window] = Block(cfg, attn_impl=impl, dtype=dtype, window=window, parent=None)
+        rngs = None if key is None else {"dropout": key}
+        return blocks[window].apply({"params": params}, x_btd, deterministic=key is None, positions_bt=positions_bt,
+                                    kv_cache=kv_cache, cache_index=cache_index, mask_bts=mask_bts, rngs=rngs)
+
+    if cfg.remat != "none" and cache is None:
+        layer = jax.checkpoint(layer, static_argnums=(0,), policy=REMAT_POLICY_FNS[cfg.remat],
+                               prevent_cse=not cfg.scan_layers)  # scan already keeps XLA from merging recomputation
+    keys = None if dropout_key is None else jax.random.split(dropout_key, cfg.n_layers)
+    if cfg.scan_layers and cache is None:
+        def step(x_btd, params_and_key):
+            params, key = params_and_key
+            return layer(cfg.layer_window(0), x_btd, params, key), None
+
+        x_btd, _ = jax.lax.scan(step, x_btd, (layers, keys))
+        return x_btd
+    for i in range(cfg.n_layers):
+        params = jax.tree.map(lambda a: a[i], layers) if cfg.scan_layers else layers[i]
+        key = None if keys is None else keys[i]
+        if cache is None:
+            x_btd = layer(cfg.layer_window(i), x_btd, params, key)
+        else:
+            x_btd, layer_cache = layer(cfg.layer_window(i), x_btd, params, key, cache[i])
+            new_cache.append(layer_cache)
+    return x_btd
 
 
 def init_cache(config: GPTConfig, batch: int, length: int) -> list:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from .config import GPTConfig
+from .layout import unstack_layers
 from .positions import alibi_slopes  # a table of constants (the slopes), shared with the model
 
 GELU_C = np.sqrt(2.0 / np.pi)
@@ -253,6 +254,7 @@ def _block_params(blk):
 
 
 def gpt_forward(params, ids, config: GPTConfig):  # {"params": …}, [b, t] -> [b, t, v]
+    params = unstack_layers(params)  # a scan_layers model's stacked blocks, one tree per block
     p = params["params"] if "params" in params else params
     ids = np.asarray(ids)
     t = ids.shape[1]
@@ -294,6 +296,7 @@ def gpt_loss_and_grads(params, ids, targets, config: GPTConfig, ignore_index=-10
     default = GPTConfig()
     if any(getattr(config, f) != getattr(default, f) for f in ("n_kv_heads", "position", "sliding_window", "attention")):
         raise NotImplementedError("the hand-written backward covers GPT-2's attention only (no variants)")
+    params = unstack_layers(params)  # a scan_layers model's stacked blocks, one tree per block
     p = params["params"] if "params" in params else params
     ids, targets = np.asarray(ids), np.asarray(targets)
     t, eps = ids.shape[1], config.ln_eps

@@ -85,6 +85,8 @@ def spec_for(path: str, shape: tuple[int, ...], mesh) -> P:
     """The first matching rule's spec, or replicated when the split dimension does not divide."""
     for pattern, spec in SHARDING_RULES:
         if re.search(pattern, path):
+            if re.search(r"(^|/)h/", path) and len(shape) == len(spec) + 1:  # scan_layers: leading layer axis
+                spec = P(None, *spec)
             if len(spec) != len(shape):
                 return P()
             for dim, axis in zip(shape, spec):
