@@ -162,6 +162,36 @@ def _decode_cached(params, prompt_bp, pad_b, key, temperature, top_k, top_p, eos
     return tokens_bn, all_logits
 
 
+def _kernels_nk(tree):
+    """`tree` with every dense "kernel" (…, k, n) replaced by "kernel_nk" (…, n, k), transposed."""
+    if not isinstance(tree, dict):
+        return tree
+    return {("kernel_nk" if key == "kernel" else key): (jnp.swapaxes(value, -1, -2) if key == "kernel" else
+                                                        _kernels_nk(value)) for key, value in tree.items()}
+
+
+_transpose_kernels = jax.jit(_kernels_nk)  # its own program: the outputs are real (n, k) arrays
+
+
+def decode_params(params):
+    """The parameters as decoding reads them fastest on this backend (`xla_tuning.transposed_decode_kernels`).
+
+    On CPU every dense kernel is replaced by its transposed copy "kernel_nk", which `precision.Dense`
+    contracts over its minor axis — the same function. `generate`/`generate_batch` call this per
+    call (a copy of the kernels, ~40 ms for gpt2-small); a long-lived decoder (the server) calls it
+    once and passes the result, which is returned as is. Elsewhere `params` come back unchanged.
+    """
+    from . import xla_tuning
+
+    if not xla_tuning.transposed_decode_kernels() or _holds_nk(params):
+        return params
+    return _transpose_kernels(params)
+
+
+def _holds_nk(tree) -> bool:
+    return isinstance(tree, dict) and any(key == "kernel_nk" or _holds_nk(value) for key, value in tree.items())
+
+
 def _check_sampling(config: GPTConfig, max_new_tokens, temperature, top_k, top_p) -> None:
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -224,7 +254,7 @@ def generate_batch(
     _STREAM_HANDLER[0] = on_token
     try:
         tokens_bn, logits = _decode_cached(
-            params, jnp.asarray(prompt_bp), jnp.asarray(pad_b), *_sampling_args(seed, temperature, top_k, top_p, eos_id),
+            decode_params(params), jnp.asarray(prompt_bp), jnp.asarray(pad_b), *_sampling_args(seed, temperature, top_k, top_p, eos_id),
             config=config, max_new_tokens=int(max_new_tokens), return_logits=return_logits, stream=on_token is not None,
         )
         tokens_bn = np.asarray(tokens_bn)
@@ -265,6 +295,7 @@ def generate(
     if max_new_tokens == 0:
         return prompt_bt
     sampling = _sampling_args(seed, temperature, top_k, top_p, eos_id)
+    params = decode_params(params)
     if use_cache and prompt_bt.shape[1] + max_new_tokens <= config.context_length:
         pad_b = jnp.zeros((prompt_bt.shape[0],), jnp.int32)
         new_bn, _ = _decode_cached(params, jnp.asarray(prompt_bt), pad_b, *sampling, config=config,

@@ -4,7 +4,7 @@ With `GPTConfig.dtype = "bfloat16"` every dense layer (`Dense` below) casts its 
 bfloat16 and multiplies them with `preferred_element_type=float32`: the matmul units do bf16 ×
 bf16 → f32 (GPU tensor cores, TPU MXUs, the AMX tiles of recent x86 CPUs), while the parameters
 (the "master weights"), the residual stream, LayerNorm, attention scores, softmax and the loss stay
-in float32. With float32 compute, `Dense` is plain `nn.Dense` and nothing here runs.
+in float32. With float32 compute, `Dense` is a plain dense layer and nothing else here runs.
 
 Why a custom VJP: XLA's CPU backend runs a bf16 dot on the AMX/YNNPACK path only when the left
 operand's contracted dimension is its minor (contiguous) one. The forward x @ W and dx = g @ Wᵀ are
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -84,31 +85,37 @@ def _mixed_matmul_bwd(dtype, w_is_nk, residuals, g_mn):
 mixed_matmul.defvjp(_mixed_matmul_fwd, _mixed_matmul_bwd)
 
 
-def _keep_dtypes(*args, dtype=None, inexact=True):
-    """`nn.Dense`'s promote hook for the mixed path: `mixed_matmul` casts inside, so that the
-    gradients reach the float32 parameters and activations without a round trip through bf16."""
-    return args
+class Dense(nn.Module):
+    """y = x · kernel + bias with GPT-2's parameter names and shapes (kernel (k, n), bias (n,), float32).
 
+    The matmul follows the compute `dtype`: mixed precision (`mixed_matmul`) for bf16/f16, a plain
+    dot otherwise. When the parameters hold `kernel_nk` — the kernel transposed to (n, k), which
+    `jaxgpt.generate.decode_params` substitutes for decoding on CPU — the layer contracts that over
+    its minor axis instead: same values, but XLA's CPU dot for a few rows runs ~1.4× faster with the
+    weight in that layout (docs/performance.md).
+    """
 
-def mixed_dot_general(lhs: Array, rhs: Array, dimension_numbers, precision=None, preferred_element_type=None,
-                      *, dtype=jnp.bfloat16) -> Array:
-    """`nn.Dense`'s dot_general hook: lhs (..., k) · rhs (k, n) through `mixed_matmul`, f32 out."""
-    (lhs_contract, rhs_contract), (lhs_batch, _) = dimension_numbers
-    if tuple(lhs_contract) != (lhs.ndim - 1,) or tuple(rhs_contract) != (0,) or lhs_batch or rhs.ndim != 2:
-        raise ValueError(f"mixed_dot_general handles x (..., k) · w (k, n) only, got {dimension_numbers}")
-    out_mn = mixed_matmul(lhs.reshape(-1, lhs.shape[-1]), rhs, jnp.dtype(dtype))  # (..., k) -> (m, k) -> (m, n)
-    return out_mn.reshape(lhs.shape[:-1] + rhs.shape[1:])
+    features: int
+    use_bias: bool = True
+    dtype: Optional[jnp.dtype] = None
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    bias_init: Callable = nn.initializers.zeros_init()
 
-
-def Dense(features: int, *, dtype=None, **kwargs) -> nn.Dense:
-    """`nn.Dense` for a compute dtype: mixed precision (above) when `dtype` is bf16/f16, plain otherwise.
-
-    Parameters are float32 either way and keep their names and shapes, so checkpoints and GPT-2
-    weights load into both."""
-    if is_low_precision(dtype):
-        return nn.Dense(features, dtype=dtype, promote_dtype=_keep_dtypes,
-                        dot_general=functools.partial(mixed_dot_general, dtype=dtype), **kwargs)
-    return nn.Dense(features, dtype=dtype, **kwargs)
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        dtype = jnp.dtype(self.dtype or jnp.float32)
+        w_is_nk = self.has_variable("params", "kernel_nk")
+        w = (self.get_variable("params", "kernel_nk") if w_is_nk
+             else self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32))
+        x_mk = x.reshape(-1, x.shape[-1])  # (..., k) -> (m, k)
+        if is_low_precision(dtype):
+            y_mn = mixed_matmul(x_mk, w, dtype, w_is_nk)
+        else:
+            y_mn = jax.lax.dot_general(x_mk.astype(dtype), w.astype(dtype), (((1,), (1 if w_is_nk else 0,)), ((), ())))
+        y = y_mn.reshape(x.shape[:-1] + (self.features,))
+        if self.use_bias:
+            y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32).astype(y.dtype)
+        return y
 
 
 def logits_from_embedding(x_btd: Array, embedding_vd: Array, dtype) -> Array:

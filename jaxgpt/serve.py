@@ -27,7 +27,7 @@ from typing import Optional, Union
 import numpy as np
 
 from .config import GPTConfig
-from .generate import generate_batch
+from .generate import decode_params, generate_batch
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB
 MAX_PROMPT_CHARS = 100_000
@@ -76,7 +76,8 @@ class Batcher:
 
     def __init__(self, params, config: GPTConfig, tokenizer, *, max_batch: int = 8, batch_wait_s: float = 0.02,
                  max_tokens_limit: int = 256) -> None:
-        self.params, self.config, self.tokenizer = params, config, tokenizer
+        # the decoding layout once (kernels transposed on CPU), not per batch
+        self.params, self.config, self.tokenizer = decode_params(params), config, tokenizer
         self.max_batch, self.batch_wait_s = max_batch, batch_wait_s
         self.max_tokens_limit = min(max_tokens_limit, config.context_length - 1)
         self.queue: queue.Queue = queue.Queue()

@@ -37,6 +37,19 @@ def compiler_options(compute_dtype, platform: Optional[str] = None) -> Optional[
     return dict(CPU_FLOAT32_OPTIONS) if _accepted(tuple(CPU_FLOAT32_OPTIONS.items())) else None
 
 
+def transposed_decode_kernels(platform: Optional[str] = None) -> bool:
+    """Whether decoding should read each dense kernel as an (n, k) copy (`generate.decode_params`).
+
+    On XLA's CPU backend a dot of a few rows (the decode step's batch) against a row-major (k, n)
+    weight packs the weight at every call; against its (n, k) transpose it does not: 48 such
+    768×3072 products took 31.9 against 44.5 ms at 8 rows and 20.9 against 22.4 ms at one row
+    (docs/performance.md). On GPU/TPU the matmul libraries take either layout, so nothing is copied.
+    """
+    if os.environ.get("JAXGPT_XLA_TUNING", "1") == "0":
+        return False
+    return (platform or jax.default_backend()) == "cpu"
+
+
 @functools.lru_cache(maxsize=None)
 def _accepted(options: tuple) -> bool:
     """Whether this XLA compiles with `options` (probed once on a tiny function)."""

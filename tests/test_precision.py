@@ -14,7 +14,7 @@ import pytest
 
 from jaxgpt import xla_tuning
 from jaxgpt.config import get_preset
-from jaxgpt.generate import generate_batch
+from jaxgpt.generate import decode_params, generate_batch
 from jaxgpt.model import GPT, cross_entropy, init_params
 from jaxgpt.precision import _transposed_copy, mixed_matmul
 
@@ -101,3 +101,24 @@ def test_bf16_model_decodes_with_the_kv_cache():
     prompts = [[1, 2, 3], [4, 5]]
     first = generate_batch(params, cfg, prompts, 6)
     assert [len(row) for row in first] == [6, 6] and first == generate_batch(params, cfg, prompts, 6)
+
+
+@pytest.mark.parametrize("dtype,tie", [("float32", False), ("bfloat16", True)])
+def test_decoding_layout_transposes_kernels_and_decodes_the_same(monkeypatch, dtype, tie):
+    cfg = _small_cfg(dtype, tie)
+    params = init_params(cfg)
+    monkeypatch.delenv("JAXGPT_XLA_TUNING", raising=False)
+    nk = decode_params(params)  # this test runs on CPU: every dense kernel becomes its (n, k) transpose
+    block = nk["params"]["h_0"]["attn"]["c_attn"]
+    assert "kernel" not in block and block["kernel_nk"].shape == (3 * 128, 128)
+    np.testing.assert_array_equal(block["kernel_nk"], params["params"]["h_0"]["attn"]["c_attn"]["kernel"].T)
+    assert decode_params(nk) is nk  # idempotent: a server converts once
+    ids = jax.random.randint(jax.random.key(2), (2, 16), 0, 97)
+    np.testing.assert_allclose(GPT(cfg).apply(nk, ids), GPT(cfg).apply(params, ids), rtol=1e-5, atol=1e-5)
+    prompts = [[1, 2, 3], [4, 5]]
+    tokens, logits = generate_batch(params, cfg, prompts, 5, return_logits=True)  # transposed inside
+    monkeypatch.setenv("JAXGPT_XLA_TUNING", "0")
+    assert decode_params(params) is params and xla_tuning.transposed_decode_kernels("cpu") is False
+    plain_tokens, plain_logits = generate_batch(params, cfg, prompts, 5, return_logits=True)
+    assert tokens == plain_tokens
+    np.testing.assert_allclose(logits, plain_logits, rtol=1e-4, atol=1e-4)
