@@ -127,7 +127,8 @@ class GPT(nn.Module):
             if not self.is_initializing() and "h_0" in self.variables.get("params", {}):
                 raise ValueError("this config has scan_layers=True but the parameters are in GPT-2's layout "
                                  "(h_0 … h_{L-1}); convert them with jaxgpt.layout.stack_layers(params)")
-            layers = self.param("h", init_stacked_blocks, cfg, impl, dtype)
+            layers = (self.param("h", init_stacked_blocks, cfg, impl, dtype) if self.is_initializing()
+                      else self.variables["params"]["h"])  # as given: decoding may hold kernel_nk copies
         elif functional:  # rematerialised blocks: the same parameters, read as plain trees
             layers = [self.variables["params"][f"h_{i}"] for i in range(cfg.n_layers)]
         if functional:
