@@ -126,7 +126,13 @@ def attention_weights(q_btnh: Array, k_bsmh: Array, *, q_pos_bt: Array, k_pos_bs
     m = k_bsmh.shape[2]
     q_btmgh = q_btnh.reshape(b, t, m, n // m, h)  # query head i = (kv head i // g, member i % g)
     scores_bmgts = jnp.einsum("btmgh,bsmh->bmgts", q_btmgh, k_bsmh) / jnp.sqrt(h).astype(q_btnh.dtype)
-    scores_bnts = scores_bmgts.reshape(b, n, t, -1)
+    return _weights_from_scores(scores_bmgts.reshape(b, n, t, -1), q_pos_bt=q_pos_bt, k_pos_bs=k_pos_bs,
+                                mask_bts=mask_bts, window=window, slopes_n=slopes_n)
+
+
+def _weights_from_scores(scores_bnts: Array, *, q_pos_bt: Array, k_pos_bs: Array, mask_bts: Optional[Array],
+                         window: Optional[int], slopes_n: Optional[Array]) -> Array:
+    """Scaled scores (b, n, t, s) -> attention weights: ALiBi bias, visibility mask, softmax."""
     if slopes_n is not None:
         scores_bnts = scores_bnts.astype(jnp.float32) + alibi_bias(q_pos_bt, k_pos_bs, slopes_n)
     visible_b1ts = visible_keys(q_pos_bt, k_pos_bs, mask_bts, window)[:, None]
@@ -163,6 +169,27 @@ def xla_attention(q_btnh: Array, k_bsmh: Array, v_bsmh: Array, *, q_pos_bt: Arra
     out_btnh = jax.nn.dot_product_attention(q_btnh, k_bsmh, v_bsmh, bias=bias, mask=visible_b1ts)
     seen_bt = jnp.any(visible_b1ts[:, 0], axis=-1)  # rows with no visible key: zeros, as `naive`
     return jnp.where(seen_bt[:, :, None, None], out_btnh, 0.0).astype(q_btnh.dtype)
+
+
+def cached_query_attention(q_btnh: Array, k_bmsh: Array, v_bmsh: Array, *, q_pos_bt: Array, k_pos_bs: Array,
+                           mask_bts: Optional[Array] = None, window: Optional[int] = None,
+                           slopes_n: Optional[Array] = None) -> Array:
+    """A decode step's attention (one query per row) over a heads-major cache (b, m, s, h).
+
+    The same function as `naive_attention` on the transposed cache. Both products have (b, m) as
+    their leading batch dimensions and contract the cache's minor (h) or middle (s) axis, so XLA
+    reads the cache where it lies; with the cache token-major, as the other backends take it, it
+    copied all of it to this layout at every step (0.77 ms per copy per layer at batch 8 on
+    gpt2-small here; docs/performance.md).
+    """
+    b, t, n, h = q_btnh.shape
+    m, s = k_bmsh.shape[1], k_bmsh.shape[2]
+    q_bmgh = q_btnh.reshape(b, m, n // m, h)  # t = 1; query head i = (kv head i // g, member i % g)
+    scores_bmgs = jnp.einsum("bmgh,bmsh->bmgs", q_bmgh, k_bmsh) / jnp.sqrt(h).astype(q_btnh.dtype)
+    weights_bnts = _weights_from_scores(scores_bmgs.reshape(b, n, 1, s), q_pos_bt=q_pos_bt, k_pos_bs=k_pos_bs,
+                                        mask_bts=mask_bts, window=window, slopes_n=slopes_n)
+    out_bmgh = jnp.einsum("bmgs,bmsh->bmgh", weights_bnts.reshape(b, m, n // m, s).astype(v_bmsh.dtype), v_bmsh)
+    return out_bmgh.reshape(b, 1, n, h)
 
 
 def blockwise_attention(q_btnh: Array, k_bsmh: Array, v_bsmh: Array, **kwargs) -> Array:
@@ -232,7 +259,7 @@ class MultiHeadAttention(nn.Module):
 
     With m = n the parameters are GPT-2's, so Hugging Face weights map one to one. `position`
     "rope" rotates queries and keys, "alibi" biases the scores (see `jaxgpt.positions`); `window`
-    makes the layer local. With `kv_cache` ({"k", "v"}: (b, S, m, h), "pos": (b, S)) the new keys,
+    makes the layer local. With `kv_cache` ({"k", "v"}: (b, m, S, h), "pos": (b, S)) the new keys,
     values and their positions are written at `cache_index`, the queries attend to the cache under
     `mask_bts`, and the updated cache is returned with the output.
     """
@@ -253,7 +280,10 @@ class MultiHeadAttention(nn.Module):
         """{"k", "v", "pos"} for `length` slots; a local layer whose window is shorter gets a ring of
         `window` slots instead, with "col": the cache column each slot holds (-1: empty)."""
         slots = length if window is None else min(window, length)
-        shape = (batch, slots, config.kv_heads, config.head_dim)
+        if slots < length:  # a ring, token-major (b, W, m, h)
+            shape = (batch, slots, config.kv_heads, config.head_dim)
+        else:  # heads-major (b, m, S, h): what a decode step's attention reads in place
+            shape = (batch, config.kv_heads, slots, config.head_dim)
         cache = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "pos": jnp.zeros((batch, slots), jnp.int32)}
         if slots < length:
             cache["col"] = jnp.full((batch, slots), -1, jnp.int32)
@@ -274,11 +304,14 @@ class MultiHeadAttention(nn.Module):
         if kv_cache is not None and "col" in kv_cache:  # a local layer's ring of the last `window` tokens
             k_btmh, v_btmh, k_pos_bs, mask_bts, kv_cache = _ring_attend_and_write(
                 kv_cache, k_btmh, v_btmh, pos_bt, cache_index, mask_bts)
-        elif kv_cache is not None:
-            write = lambda cache, new: jax.lax.dynamic_update_slice_in_dim(cache, new.astype(cache.dtype), cache_index, 1)  # noqa: E731
-            kv_cache = {"k": write(kv_cache["k"], k_btmh), "v": write(kv_cache["v"], v_btmh),
-                        "pos": write(kv_cache["pos"], pos_bt)}
-            k_btmh, v_btmh = kv_cache["k"].astype(q_btnh.dtype), kv_cache["v"].astype(q_btnh.dtype)
+        elif kv_cache is not None:  # heads-major (b, m, S, h): the new tokens' keys/values go in at cache_index
+            write = lambda cache, new, axis: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
+                cache, new.astype(cache.dtype), cache_index, axis)
+            kv_cache = {"k": write(kv_cache["k"], k_btmh.transpose(0, 2, 1, 3), 2),
+                        "v": write(kv_cache["v"], v_btmh.transpose(0, 2, 1, 3), 2),
+                        "pos": write(kv_cache["pos"], pos_bt, 1)}
+            k_bmsh, v_bmsh = kv_cache["k"].astype(q_btnh.dtype), kv_cache["v"].astype(q_btnh.dtype)
+            k_btmh, v_btmh = k_bmsh.transpose(0, 2, 1, 3), v_bmsh.transpose(0, 2, 1, 3)  # unused by a decode step
             k_pos_bs = kv_cache["pos"]
 
         dropout = None
@@ -290,7 +323,10 @@ class MultiHeadAttention(nn.Module):
         kw = dict(q_pos_bt=pos_bt, k_pos_bs=k_pos_bs, mask_bts=mask_bts, window=self.window, slopes_n=slopes_n)
         if self.is_mutable_collection("intermediates"):  # asked for the weights (attention maps)
             self.sow("intermediates", "attention_weights", attention_weights(q_btnh, k_btmh, **kw))
-        out_btnh = ATTENTION_BACKENDS[self.impl](q_btnh, k_btmh, v_btmh, **kw, dropout=dropout)
+        if kv_cache is not None and "col" not in kv_cache and t == 1 and self.impl == "xla":  # a decode step
+            out_btnh = cached_query_attention(q_btnh, k_bmsh, v_bmsh, **kw)
+        else:
+            out_btnh = ATTENTION_BACKENDS[self.impl](q_btnh, k_btmh, v_btmh, **kw, dropout=dropout)
 
         out_btd = out_btnh.reshape(b, t, d)
         out_btd = Dense(d, dtype=self.dtype, kernel_init=nn.initializers.normal(self.out_init_std), name="c_proj")(out_btd)
