@@ -216,7 +216,7 @@ def run_blocks(cfg: GPTConfig, layers, x_btd: Array, *, impl: str, dtype, positi
 
 def init_cache(config: GPTConfig, batch: int, length: int) -> list:
     """An empty decoding cache, one dict per layer, shaped by the layer's kind: softmax attention
-    {"k", "v": (batch, length, kv_heads, head_dim), "pos": (batch, length)} (a local layer: a ring of
+    {"k", "v": (batch, kv_heads, length, head_dim), "pos": (batch, length)} (a local layer: a ring of
     its window's length, see `MultiHeadAttention.empty_cache`); latent attention
     {"latent": (batch, length, latent_dim), "pos"}; linear attention its recurrent state."""
     layer, dtype = ATTENTION_LAYERS[config.attention], resolve_dtype(config)
