@@ -30,7 +30,10 @@ from typing import Optional
 # jaxgpt and PyTorch in float32, then both with bf16 matmuls (jaxgpt dtype="bfloat16", torch autocast)
 TRAIN_IMPLS = ("jaxgpt", "torch-book", "torch-fast", "jaxgpt-bf16", "torch-fast-bf16")
 JAX_IMPLS = ("jaxgpt", "jaxgpt-bf16")
-BF16_IMPLS = ("jaxgpt-bf16", "torch-fast-bf16")
+BF16_IMPLS = ("jaxgpt-bf16", "torch-fast-bf16", "transformers-bf16")
+# decoding: jaxgpt and transformers in float32, then with bf16 matmuls (jaxgpt dtype="bfloat16",
+# transformers' model cast to bfloat16)
+DECODE_IMPLS = ("jaxgpt", "transformers", "jaxgpt-bf16", "transformers-bf16")
 
 
 @dataclass(frozen=True)
@@ -55,10 +58,10 @@ WORKLOADS: dict[str, Workload] = {
     "gpt2-small-b8": Workload("train", "gpt2-small", {"context_length": 256, "drop_rate": 0.1}, batch=8, seq_len=256,
                               steps=3, warmup=1, note="the same at batch 8"),
     "decode-b1": Workload("decode", "gpt2-small", {"drop_rate": 0.0, "tie_embeddings": True, "qkv_bias": True}, batch=1,
-                          seq_len=16, new_tokens=128, steps=3, warmup=1, impls=("jaxgpt", "transformers"),
+                          seq_len=16, new_tokens=128, steps=3, warmup=1, impls=DECODE_IMPLS,
                           note="gpt2-small greedy decode with KV cache, 16-token prompt, 128 new tokens"),
     "decode-b8": Workload("decode", "gpt2-small", {"drop_rate": 0.0, "tie_embeddings": True, "qkv_bias": True}, batch=8,
-                          seq_len=16, new_tokens=128, steps=3, warmup=1, impls=("jaxgpt", "transformers"),
+                          seq_len=16, new_tokens=128, steps=3, warmup=1, impls=DECODE_IMPLS,
                           note="the same at batch 8"),
 }
 
@@ -115,18 +118,20 @@ def _torch_train(w: Workload, cfg, impl: str):
     return (lambda: step_fn(x, y)), f"{torch.get_num_threads()} threads{autocast}"
 
 
-def _jax_decode(w: Workload, cfg):
+def _jax_decode(w: Workload, cfg, impl: str):
     import numpy as np
 
     from .generate import generate_batch
     from .model import init_params
 
     params = init_params(cfg)
+    if impl == "jaxgpt-bf16":
+        cfg = cfg.replace(dtype="bfloat16")
     prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (w.batch, w.seq_len)).tolist()
-    return (lambda: generate_batch(params, cfg, prompts, w.new_tokens)), "KV cache"
+    return (lambda: generate_batch(params, cfg, prompts, w.new_tokens)), f"KV cache{', bf16 matmuls' if impl == 'jaxgpt-bf16' else ''}"
 
 
-def _transformers_decode(w: Workload, cfg):
+def _transformers_decode(w: Workload, cfg, impl: str):
     import tempfile
 
     import torch
@@ -138,6 +143,8 @@ def _transformers_decode(w: Workload, cfg):
     with tempfile.TemporaryDirectory() as d:
         save_hf(init_params(cfg), cfg, Path(d))
         model = transformers.GPT2LMHeadModel.from_pretrained(d).eval()
+    if impl == "transformers-bf16":
+        model = model.to(torch.bfloat16)
     inp = torch.randint(0, cfg.vocab_size, (w.batch, w.seq_len))
 
     def run():
@@ -146,7 +153,7 @@ def _transformers_decode(w: Workload, cfg):
                                  use_cache=True, pad_token_id=0)
         assert out.shape[1] == w.seq_len + w.new_tokens
 
-    return run, f"transformers {transformers.__version__}, KV cache"
+    return run, f"transformers {transformers.__version__}, KV cache{', bf16' if impl == 'transformers-bf16' else ''}"
 
 
 def run_worker(name: str, impl: str) -> dict:
@@ -156,7 +163,7 @@ def run_worker(name: str, impl: str) -> dict:
     if w.kind == "train":
         step, detail = _jax_train(w, cfg, impl) if impl in JAX_IMPLS else _torch_train(w, cfg, impl)
     else:
-        step, detail = _jax_decode(w, cfg) if impl == "jaxgpt" else _transformers_decode(w, cfg)
+        step, detail = _jax_decode(w, cfg, impl) if impl in JAX_IMPLS else _transformers_decode(w, cfg, impl)
     return {"workload": name, "impl": impl, "detail": detail, **time_calls(step, w.warmup, w.steps)}
 
 

@@ -25,9 +25,9 @@ import jax.experimental
 import jax.numpy as jnp
 import numpy as np
 
-from .config import GPTConfig
+from .config import GPTConfig, resolve_dtype
 from .model import GPT, init_cache
-from .precision import _transposed_copy
+from .precision import _transposed_copy, is_low_precision
 
 Array = jax.Array
 
@@ -164,11 +164,13 @@ def _decode_cached(params, prompt_bp, pad_b, key, temperature, top_k, top_p, eos
     return tokens_bn, all_logits
 
 
-def _kernels_nk(tree):
-    """`tree` with every dense "kernel" (…, k, n) replaced by "kernel_nk" (…, n, k), transposed."""
+def _kernels_nk(tree, dtype):
+    """`tree` with every dense "kernel" (…, k, n) replaced by "kernel_nk" (…, n, k), transposed
+    and cast to `dtype` (the dtype the dense layer casts its kernel to anyway)."""
     if not isinstance(tree, dict):
         return tree
-    return {("kernel_nk" if key == "kernel" else key): (_transposed(value) if key == "kernel" else _kernels_nk(value))
+    return {("kernel_nk" if key == "kernel" else key): (_transposed(value).astype(dtype) if key == "kernel"
+                                                        else _kernels_nk(value, dtype))
             for key, value in tree.items()}
 
 
@@ -178,32 +180,38 @@ def _transposed(w: Array) -> Array:
     return _transposed_copy(w) if w.ndim == 2 else jax.vmap(_transposed)(w)
 
 
-_transpose_kernels = jax.jit(_kernels_nk)  # its own program: the outputs are real (n, k) arrays
-_LAST_CONVERSION: list = []  # [(weak references to the input leaves, the converted tree)]: at most one
+# its own program: the outputs are real (n, k) arrays
+_transpose_kernels = jax.jit(_kernels_nk, static_argnums=1)
+_LAST_CONVERSION: list = []  # [(weak references to the input leaves, dtype, the converted tree)]: at most one
 
 
-def decode_params(params):
+def decode_params(params, config: Optional[GPTConfig] = None):
     """The parameters as decoding reads them fastest on this backend (`xla_tuning.transposed_decode_kernels`).
 
     On CPU every dense kernel is replaced by its transposed copy "kernel_nk", which `precision.Dense`
-    contracts over its minor axis — the same function. `generate`/`generate_batch` call this on
-    every call; the last conversion is kept while its input arrays live, so decoding the same
-    parameters again costs nothing (a transposed copy of gpt2-small's kernels takes ~0.1 s and
-    340 MB). A tree that already holds "kernel_nk" is returned as is; elsewhere `params` too.
+    contracts over its minor axis — the same function. With a bf16/f16 compute dtype (`config`)
+    the copy is stored in it: the mixed-precision layer rounds its kernel to that dtype at every
+    call anyway, so the values are identical and the decode loop reads half the bytes.
+    `generate`/`generate_batch` call this on every call; the last conversion is kept while its
+    input arrays live, so decoding the same parameters again costs nothing (a transposed copy of
+    gpt2-small's kernels takes ~0.3 s and 340 MB). A tree that already holds "kernel_nk" is
+    returned as is; elsewhere `params` too.
     """
     from . import xla_tuning
 
     if not xla_tuning.transposed_decode_kernels() or _holds_nk(params):
         return params
+    dtype = resolve_dtype(config) if config is not None and is_low_precision(resolve_dtype(config)) else jnp.float32
+    dtype = jnp.dtype(dtype)
     leaves = jax.tree.leaves(params)
     if _LAST_CONVERSION:
-        refs, converted = _LAST_CONVERSION[0]
-        if len(refs) == len(leaves) and all(r() is leaf for r, leaf in zip(refs, leaves)):
+        refs, last_dtype, converted = _LAST_CONVERSION[0]
+        if last_dtype == dtype and len(refs) == len(leaves) and all(r() is leaf for r, leaf in zip(refs, leaves)):
             return converted
     _LAST_CONVERSION.clear()  # drop the old copy before making a new one
-    converted = _transpose_kernels(params)
+    converted = _transpose_kernels(params, dtype)
     try:
-        entry = ([weakref.ref(leaf) for leaf in leaves], converted)
+        entry = ([weakref.ref(leaf) for leaf in leaves], dtype, converted)
         _LAST_CONVERSION.append(entry)
         # free the copy with the parameters: when the first input leaf dies, forget this conversion
         weakref.finalize(leaves[0], _forget_conversion, id(entry))
@@ -283,7 +291,7 @@ def generate_batch(
     _STREAM_HANDLER[0] = on_token
     try:
         tokens_bn, logits = _decode_cached(
-            decode_params(params), jnp.asarray(prompt_bp), jnp.asarray(pad_b), *_sampling_args(seed, temperature, top_k, top_p, eos_id),
+            decode_params(params, config), jnp.asarray(prompt_bp), jnp.asarray(pad_b), *_sampling_args(seed, temperature, top_k, top_p, eos_id),
             config=config, max_new_tokens=int(max_new_tokens), return_logits=return_logits, stream=on_token is not None,
         )
         tokens_bn = np.asarray(tokens_bn)
@@ -324,7 +332,7 @@ def generate(
     if max_new_tokens == 0:
         return prompt_bt
     sampling = _sampling_args(seed, temperature, top_k, top_p, eos_id)
-    params = decode_params(params)
+    params = decode_params(params, config)
     if use_cache and prompt_bt.shape[1] + max_new_tokens <= config.context_length:
         pad_b = jnp.zeros((prompt_bt.shape[0],), jnp.int32)
         new_bn, _ = _decode_cached(params, jnp.asarray(prompt_bt), pad_b, *sampling, config=config,

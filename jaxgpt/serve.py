@@ -77,7 +77,7 @@ class Batcher:
     def __init__(self, params, config: GPTConfig, tokenizer, *, max_batch: int = 8, batch_wait_s: float = 0.02,
                  max_tokens_limit: int = 256) -> None:
         # the decoding layout once (kernels transposed on CPU), not per batch
-        self.params, self.config, self.tokenizer = decode_params(params), config, tokenizer
+        self.params, self.config, self.tokenizer = decode_params(params, config), config, tokenizer
         self.max_batch, self.batch_wait_s = max_batch, batch_wait_s
         self.max_tokens_limit = min(max_tokens_limit, config.context_length - 1)
         self.queue: queue.Queue = queue.Queue()

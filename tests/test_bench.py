@@ -64,6 +64,16 @@ def test_worker_measures_a_training_step(monkeypatch, impl):
     assert result["peak_rss_bytes"] > 10**7 and result["compile_s"] >= 0
 
 
+@pytest.mark.parametrize("impl", bench.DECODE_IMPLS)
+def test_worker_measures_a_decode(monkeypatch, impl):
+    monkeypatch.setitem(bench.WORKLOADS, "unit", bench.Workload("decode", "test", {"tie_embeddings": True}, batch=2,
+                                                                  seq_len=4, new_tokens=5, steps=1, warmup=1,
+                                                                  impls=bench.DECODE_IMPLS))
+    result = bench.run_worker("unit", impl)
+    assert len(result["step_s"]) == 1 and result["step_s"][0] > 0
+    assert ("bf16" in result["detail"]) == impl.endswith("-bf16")
+
+
 def test_markdown_report_has_a_row_per_implementation():
     report = {"matmul_peak_flops": {"numpy": 1e11, "jax": 2e11}, "mfu_denominator": 2e11, "rounds": 2,
               "workloads": {"w": {"workload": {"note": "a note"}, "speedup": {"jaxgpt_vs_torch-book": 1.5},
