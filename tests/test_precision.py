@@ -114,6 +114,9 @@ def test_decoding_layout_transposes_kernels_and_decodes_the_same(monkeypatch, dt
     np.testing.assert_array_equal(block["kernel_nk"], params["params"]["h_0"]["attn"]["c_attn"]["kernel"].T)
     assert decode_params(nk) is nk  # idempotent: a server converts once
     assert decode_params(params) is nk  # the last conversion is kept while its parameters live
+    # a bf16 model rounds its kernels to bf16 at every call: its decoding copy is stored rounded
+    want = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+    assert decode_params(params, cfg)["params"]["h_0"]["mlp"]["c_fc"]["kernel_nk"].dtype == want
     ids = jax.random.randint(jax.random.key(2), (2, 16), 0, 97)
     np.testing.assert_allclose(GPT(cfg).apply(nk, ids), GPT(cfg).apply(params, ids), rtol=1e-5, atol=1e-5)
     prompts = [[1, 2, 3], [4, 5]]
