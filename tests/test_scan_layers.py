@@ -43,22 +43,26 @@ def params():
     return init_params(CFG)
 
 
+@pytest.fixture(scope="module")
+def unrolled(params):
+    return _loss_and_grads(CFG, params)
+
+
 @pytest.mark.parametrize("overrides", [{"scan_layers": True}, {"remat": "full"}, {"remat": "dots_no_batch"},
                                        {"scan_layers": True, "remat": "dots"}])
-def test_scan_and_remat_compute_the_unrolled_loss_and_gradients(params, overrides):
-    base_loss, base_grads = _loss_and_grads(CFG, params)
+def test_scan_and_remat_compute_the_unrolled_loss_and_gradients(params, unrolled, overrides):
+    base_loss, base_grads = unrolled
     loss, grads = _loss_and_grads(CFG.replace(**overrides), params)
     assert loss == pytest.approx(base_loss, rel=1e-6)
     _assert_trees_close(grads, base_grads, atol=1e-6)
 
 
-def test_dropout_draws_the_same_bits_scanned_and_unrolled(params):
+def test_dropout_draws_the_same_bits_scanned_and_unrolled(params, unrolled):
     # scan and the unrolled functional path (remat) both give layer i the key split(key, L)[i]
     scanned = _loss_and_grads(CFG.replace(scan_layers=True), params, deterministic=False)
-    unrolled = _loss_and_grads(CFG.replace(remat="full"), params, deterministic=False)
-    deterministic = _loss_and_grads(CFG, params)
-    assert scanned[0] == pytest.approx(unrolled[0], rel=1e-6) and scanned[0] != pytest.approx(deterministic[0])
-    _assert_trees_close(scanned[1], unrolled[1], atol=1e-6)
+    rematerialised = _loss_and_grads(CFG.replace(remat="full"), params, deterministic=False)
+    assert scanned[0] == pytest.approx(rematerialised[0], rel=1e-6) and scanned[0] != pytest.approx(unrolled[0])
+    _assert_trees_close(scanned[1], rematerialised[1], atol=1e-6)
 
 
 def test_stacked_layout_round_trips_and_inits_with_a_layer_axis(params):
