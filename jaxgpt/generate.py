@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import GPTConfig, resolve_dtype
+from .layout import is_stacked, unstack_layers
 from .model import GPT, init_cache
 from .precision import _transposed_copy, is_low_precision
 
@@ -169,49 +170,51 @@ def _kernels_nk(tree, dtype):
     and cast to `dtype` (the dtype the dense layer casts its kernel to anyway)."""
     if not isinstance(tree, dict):
         return tree
-    return {("kernel_nk" if key == "kernel" else key): (_transposed(value).astype(dtype) if key == "kernel"
+    # precision's 3-D transpose: 2.5× XLA CPU's plain one (6.8 against 16.7 ms for a 768×3072 kernel)
+    return {("kernel_nk" if key == "kernel" else key): (_transposed_copy(value).astype(dtype) if key == "kernel"
                                                         else _kernels_nk(value, dtype))
             for key, value in tree.items()}
 
 
-def _transposed(w: Array) -> Array:
-    # a 2-D kernel through precision's 3-D transpose (2.5× XLA CPU's plain transpose: 6.8 against
-    # 16.7 ms for a 768×3072 kernel); stacked (scan_layers) kernels one layer at a time
-    return _transposed_copy(w) if w.ndim == 2 else jax.vmap(_transposed)(w)
-
-
 # its own program: the outputs are real (n, k) arrays
 _transpose_kernels = jax.jit(_kernels_nk, static_argnums=1)
-_LAST_CONVERSION: list = []  # [(weak references to the input leaves, dtype, the converted tree)]: at most one
+_LAST_CONVERSION: list = []  # [(weak references to the input leaves, (dtype, transposed), the converted tree)]: at most one
 
 
 def decode_params(params, config: Optional[GPTConfig] = None):
-    """The parameters as decoding reads them fastest on this backend (`xla_tuning.transposed_decode_kernels`).
+    """The parameters as decoding reads them fastest on this backend; run them with
+    `config.replace(scan_layers=False)`.
 
-    On CPU every dense kernel is replaced by its transposed copy "kernel_nk", which `precision.Dense`
-    contracts over its minor axis — the same function. With a bf16/f16 compute dtype (`config`)
-    the copy is stored in it: the mixed-precision layer rounds its kernel to that dtype at every
-    call anyway, so the values are identical and the decode loop reads half the bytes.
+    Always GPT-2's per-block layout: a scanned model's stacked blocks are unstacked (decoding loops
+    over the layers with a per-layer cache; slicing the stacked weights inside the loop ran at less
+    than half the speed). On CPU (`xla_tuning.transposed_decode_kernels`) every dense kernel is
+    also replaced by its transposed copy "kernel_nk", which `precision.Dense` contracts over its
+    minor axis — the same function. With a bf16/f16 compute dtype (`config`) the copy is stored in
+    it: the mixed-precision layer rounds its kernel to that dtype at every call anyway, so the
+    values are identical and the decode loop reads half the bytes.
     `generate`/`generate_batch` call this on every call; the last conversion is kept while its
     input arrays live, so decoding the same parameters again costs nothing (a transposed copy of
-    gpt2-small's kernels takes ~0.3 s and 340 MB). A tree that already holds "kernel_nk" is
-    returned as is; elsewhere `params` too.
+    gpt2-small's kernels takes ~0.3 s and 340 MB). A tree that already holds "kernel_nk", or
+    needs nothing, is returned as is.
     """
     from . import xla_tuning
 
-    if not xla_tuning.transposed_decode_kernels() or _holds_nk(params):
+    transpose = xla_tuning.transposed_decode_kernels()
+    if _holds_nk(params) or not (transpose or is_stacked(params)):
         return params
     dtype = resolve_dtype(config) if config is not None and is_low_precision(resolve_dtype(config)) else jnp.float32
-    dtype = jnp.dtype(dtype)
+    key = (jnp.dtype(dtype), transpose)
     leaves = jax.tree.leaves(params)
     if _LAST_CONVERSION:
-        refs, last_dtype, converted = _LAST_CONVERSION[0]
-        if last_dtype == dtype and len(refs) == len(leaves) and all(r() is leaf for r, leaf in zip(refs, leaves)):
+        refs, last_key, converted = _LAST_CONVERSION[0]
+        if last_key == key and len(refs) == len(leaves) and all(r() is leaf for r, leaf in zip(refs, leaves)):
             return converted
     _LAST_CONVERSION.clear()  # drop the old copy before making a new one
-    converted = _transpose_kernels(params, dtype)
+    converted = unstack_layers(params)
+    if transpose:
+        converted = _transpose_kernels(converted, jnp.dtype(dtype))
     try:
-        entry = ([weakref.ref(leaf) for leaf in leaves], dtype, converted)
+        entry = ([weakref.ref(leaf) for leaf in leaves], key, converted)
         _LAST_CONVERSION.append(entry)
         # free the copy with the parameters: when the first input leaf dies, forget this conversion
         weakref.finalize(leaves[0], _forget_conversion, id(entry))
@@ -288,10 +291,11 @@ def generate_batch(
         raise ValueError(f"prompt ids must lie in [0, {config.vocab_size})")
     if max_new_tokens == 0:
         return ([[] for _ in prompts], None) if return_logits else [[] for _ in prompts]
+    params, config = decode_params(params, config), config.replace(scan_layers=False)
     _STREAM_HANDLER[0] = on_token
     try:
         tokens_bn, logits = _decode_cached(
-            decode_params(params, config), jnp.asarray(prompt_bp), jnp.asarray(pad_b), *_sampling_args(seed, temperature, top_k, top_p, eos_id),
+            params, jnp.asarray(prompt_bp), jnp.asarray(pad_b), *_sampling_args(seed, temperature, top_k, top_p, eos_id),
             config=config, max_new_tokens=int(max_new_tokens), return_logits=return_logits, stream=on_token is not None,
         )
         tokens_bn = np.asarray(tokens_bn)
@@ -332,7 +336,7 @@ def generate(
     if max_new_tokens == 0:
         return prompt_bt
     sampling = _sampling_args(seed, temperature, top_k, top_p, eos_id)
-    params = decode_params(params, config)
+    params, config = decode_params(params, config), config.replace(scan_layers=False)
     if use_cache and prompt_bt.shape[1] + max_new_tokens <= config.context_length:
         pad_b = jnp.zeros((prompt_bt.shape[0],), jnp.int32)
         new_bn, _ = _decode_cached(params, jnp.asarray(prompt_bt), pad_b, *sampling, config=config,

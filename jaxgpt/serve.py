@@ -76,8 +76,9 @@ class Batcher:
 
     def __init__(self, params, config: GPTConfig, tokenizer, *, max_batch: int = 8, batch_wait_s: float = 0.02,
                  max_tokens_limit: int = 256) -> None:
-        # the decoding layout once (kernels transposed on CPU), not per batch
-        self.params, self.config, self.tokenizer = decode_params(params, config), config, tokenizer
+        # the decoding layout once (GPT-2's blocks, kernels transposed on CPU), not per batch
+        self.params, self.config = decode_params(params, config), config.replace(scan_layers=False)
+        self.tokenizer = tokenizer
         self.max_batch, self.batch_wait_s = max_batch, batch_wait_s
         self.max_tokens_limit = min(max_tokens_limit, config.context_length - 1)
         self.queue: queue.Queue = queue.Queue()

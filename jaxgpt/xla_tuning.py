@@ -29,7 +29,7 @@ CPU_FLOAT32_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_T
 
 def compiler_options(compute_dtype, platform: Optional[str] = None) -> Optional[dict]:
     """The options for compiling a model step on `platform` (default: JAX's default backend)."""
-    if os.environ.get("JAXGPT_XLA_TUNING", "1") == "0":
+    if not _tuning_on():
         return None
     platform = platform or jax.default_backend()
     if platform != "cpu" or is_low_precision(compute_dtype):
@@ -45,9 +45,12 @@ def transposed_decode_kernels(platform: Optional[str] = None) -> bool:
     768×3072 products took 31.9 against 44.5 ms at 8 rows and 20.9 against 22.4 ms at one row
     (docs/performance.md). On GPU/TPU the matmul libraries take either layout, so nothing is copied.
     """
-    if os.environ.get("JAXGPT_XLA_TUNING", "1") == "0":
-        return False
-    return (platform or jax.default_backend()) == "cpu"
+    return _tuning_on() and (platform or jax.default_backend()) == "cpu"
+
+
+def _tuning_on() -> bool:
+    """False when the user turned the run-time tuning off (`JAXGPT_XLA_TUNING=0`)."""
+    return os.environ.get("JAXGPT_XLA_TUNING", "1") != "0"
 
 
 @functools.lru_cache(maxsize=None)
