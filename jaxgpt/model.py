@@ -19,6 +19,7 @@ from .attention import MultiHeadAttention
 from .latent_attention import LatentAttention
 from .linear_attention import LinearAttention
 from .config import GPTConfig, resolve_attn_impl, resolve_dtype
+from . import xla_tuning
 from .precision import Dense, logits_from_embedding
 
 Array = jax.Array
@@ -149,7 +150,8 @@ class GPT(nn.Module):
         if return_hidden:  # the final hidden states, for heads other than the LM head (classification)
             return x_btd
         if cfg.tie_embeddings:
-            logits_btv = logits_from_embedding(x_btd, wte.embedding, dtype)
+            decoding_layout = cache is not None and xla_tuning.transposed_decode_kernels()
+            logits_btv = logits_from_embedding(x_btd, wte.embedding, dtype, decoding_layout)
         else:
             logits_btv = Dense(cfg.vocab_size, use_bias=False, dtype=dtype, kernel_init=init, name="lm_head")(x_btd)
         logits_btv = logits_btv.astype(jnp.promote_types(dtype, jnp.float32))  # f32, or f64 under x64

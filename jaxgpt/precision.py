@@ -39,6 +39,26 @@ def _dot_f32(a_mk: Array, b: Array, *, contract_b: int) -> Array:
     return jax.lax.dot_general(a_mk, b, (((1,), (contract_b,)), ((), ())), preferred_element_type=jnp.float32)
 
 
+FEW_ROWS = 64  # up to this many rows (a decode step's batch), `few_rows_dot` takes the product's transpose
+
+
+def few_rows_dot(x_mk: Array, w_nk: Array) -> Array:
+    """x (m, k) · w (n, k)ᵀ → (m, n) in x's dtype, for a decode step's few rows against an (n, k) weight.
+
+    XLA's CPU dot picks a faster kernel for the transposed product w · xᵀ (n, m) — a weight-sized
+    left operand against a few columns — than for x · wᵀ: 48 chained gpt2-small float32 products took
+    20.5 against 27.5 ms at 8 rows, 1.16–1.4× faster from 2 to 64 rows and the same at one
+    (docs/performance.md). XLA folds a plain transpose of the result back into the dot, so the
+    (n, m) product sits behind an optimization barrier and its small transpose is a real copy.
+    Above `FEW_ROWS` rows (a long prefill) the plain form is used.
+    """
+    contract = (((1,), (1,)), ((), ()))
+    if x_mk.shape[0] > FEW_ROWS:
+        return jax.lax.dot_general(x_mk, w_nk, contract)
+    y_nm = jax.lax.optimization_barrier(jax.lax.dot_general(w_nk, x_mk, contract))  # (n, k)·(m, k) -> (n, m)
+    return y_nm.T
+
+
 def _transposed_copy(x_mk: Array) -> Array:
     """xᵀ (k, m) as a real copy in row-major order (see the module docstring), on the CPU backend.
 
@@ -91,8 +111,9 @@ class Dense(nn.Module):
     The matmul follows the compute `dtype`: mixed precision (`mixed_matmul`) for bf16/f16, a plain
     dot otherwise. When the parameters hold `kernel_nk` — the kernel transposed to (n, k), which
     `jaxgpt.generate.decode_params` substitutes for decoding on CPU — the layer contracts that over
-    its minor axis instead: same values, but XLA's CPU dot for a few rows runs ~1.4× faster with the
-    weight in that layout (docs/performance.md).
+    its minor axis instead (float32 through `few_rows_dot`): same values, but XLA's CPU dot for a
+    few rows runs ~1.4× faster with the weight in that layout, and float32 ~1.3× faster again as
+    `few_rows_dot`'s transposed product (docs/performance.md).
     """
 
     features: int
@@ -110,18 +131,27 @@ class Dense(nn.Module):
         x_mk = x.reshape(-1, x.shape[-1])  # (..., k) -> (m, k)
         if is_low_precision(dtype):
             y_mn = mixed_matmul(x_mk, w, dtype, w_is_nk)
+        elif w_is_nk:  # decoding on CPU
+            y_mn = few_rows_dot(x_mk.astype(dtype), w.astype(dtype))
         else:
-            y_mn = jax.lax.dot_general(x_mk.astype(dtype), w.astype(dtype), (((1,), (1 if w_is_nk else 0,)), ((), ())))
+            y_mn = jax.lax.dot_general(x_mk.astype(dtype), w.astype(dtype), (((1,), (0,)), ((), ())))
         y = y_mn.reshape(x.shape[:-1] + (self.features,))
         if self.use_bias:
             y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32).astype(y.dtype)
         return y
 
 
-def logits_from_embedding(x_btd: Array, embedding_vd: Array, dtype) -> Array:
-    """The tied output head x @ wteᵀ (b, t, v): mixed precision for a low-precision dtype."""
+def logits_from_embedding(x_btd: Array, embedding_vd: Array, dtype, decoding_layout: bool = False) -> Array:
+    """The tied output head x @ wteᵀ (b, t, v): mixed precision for a low-precision dtype.
+
+    `decoding_layout` (a decode step on CPU, `xla_tuning.transposed_decode_kernels`): float32 takes
+    `few_rows_dot`, as the decoding copies of the dense kernels do.
+    """
     if is_low_precision(dtype):
         out_mv = mixed_matmul(x_btd.reshape(-1, x_btd.shape[-1]), embedding_vd, jnp.dtype(dtype), True)  # (b·t, v)
+        return out_mv.reshape(x_btd.shape[:-1] + embedding_vd.shape[:1])
+    if decoding_layout:
+        out_mv = few_rows_dot(x_btd.reshape(-1, x_btd.shape[-1]).astype(dtype), embedding_vd.astype(dtype))
         return out_mv.reshape(x_btd.shape[:-1] + embedding_vd.shape[:1])
     # contract over wte's minor dimension directly: `x @ wte.T` made XLA copy the transposed
     # 50257×768 table inside the decode loop at every step (7 ms of a 30 ms step on gpt2-small)

@@ -16,7 +16,7 @@ from jaxgpt import xla_tuning
 from jaxgpt.config import get_preset
 from jaxgpt.generate import decode_params, generate_batch
 from jaxgpt.model import GPT, cross_entropy, init_params
-from jaxgpt.precision import _transposed_copy, mixed_matmul
+from jaxgpt.precision import FEW_ROWS, _transposed_copy, few_rows_dot, mixed_matmul
 
 
 def _bf16_as_f64(a) -> np.ndarray:
@@ -27,6 +27,15 @@ def _bf16_as_f64(a) -> np.ndarray:
 def test_transposed_copy_is_the_transpose(m, k):
     x = jnp.arange(m * k, dtype=jnp.float32).reshape(m, k)
     np.testing.assert_array_equal(_transposed_copy(x), x.T)
+
+
+@pytest.mark.parametrize("m", [1, 8, FEW_ROWS, FEW_ROWS + 1])
+def test_few_rows_dot_is_x_times_w_transposed(m):
+    """Both of its forms (the barrier-held transpose up to FEW_ROWS rows, the plain dot above), jitted."""
+    x_mk = jax.random.normal(jax.random.key(m), (m, 48))
+    w_nk = jax.random.normal(jax.random.key(100 + m), (40, 48))
+    want = np.asarray(x_mk, np.float64) @ np.asarray(w_nk, np.float64).T
+    np.testing.assert_allclose(jax.jit(few_rows_dot)(x_mk, w_nk), want, rtol=1e-5, atol=1e-5)
 
 
 def test_mixed_matmul_value_and_gradients_match_float64_on_bf16_inputs():
