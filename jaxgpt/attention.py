@@ -181,15 +181,19 @@ def cached_query_attention(q_btnh: Array, k_bmsh: Array, v_bmsh: Array, *, q_pos
     reads the cache where it lies; with the cache token-major, as the other backends take it, it
     copied all of it to this layout at every step (0.77 ms per copy per layer at batch 8 on
     gpt2-small here; docs/performance.md).
+    A cache wider than q (float32 for a bf16 model on CPU, `xla_tuning.decode_cache_dtype`) holds
+    q's dtype's values: both products run in the cache's dtype and are rounded to q's, which is what
+    XLA's CPU backend does with a bf16 product, without converting the cache at every step.
     """
     b, t, n, h = q_btnh.shape
     m, s = k_bmsh.shape[1], k_bmsh.shape[2]
-    q_bmgh = q_btnh.reshape(b, m, n // m, h)  # t = 1; query head i = (kv head i // g, member i % g)
-    scores_bmgs = jnp.einsum("bmgh,bmsh->bmgs", q_bmgh, k_bmsh) / jnp.sqrt(h).astype(q_btnh.dtype)
+    q_bmgh = q_btnh.reshape(b, m, n // m, h).astype(k_bmsh.dtype)  # t = 1; query head i = (kv head i // g, member i % g)
+    scores_bmgs = jnp.einsum("bmgh,bmsh->bmgs", q_bmgh, k_bmsh).astype(q_btnh.dtype) / jnp.sqrt(h).astype(q_btnh.dtype)
     weights_bnts = _weights_from_scores(scores_bmgs.reshape(b, n, 1, s), q_pos_bt=q_pos_bt, k_pos_bs=k_pos_bs,
                                         mask_bts=mask_bts, window=window, slopes_n=slopes_n)
-    out_bmgh = jnp.einsum("bmgs,bmsh->bmgh", weights_bnts.reshape(b, m, n // m, s).astype(v_bmsh.dtype), v_bmsh)
-    return out_bmgh.reshape(b, 1, n, h)
+    weights_bmgs = weights_bnts.reshape(b, m, n // m, s).astype(q_btnh.dtype)  # rounded to q's dtype, as ever
+    out_bmgh = jnp.einsum("bmgs,bmsh->bmgh", weights_bmgs.astype(v_bmsh.dtype), v_bmsh)
+    return out_bmgh.astype(q_btnh.dtype).reshape(b, 1, n, h)
 
 
 def blockwise_attention(q_btnh: Array, k_bsmh: Array, v_bsmh: Array, **kwargs) -> Array:
@@ -310,8 +314,9 @@ class MultiHeadAttention(nn.Module):
             kv_cache = {"k": write(kv_cache["k"], k_btmh.transpose(0, 2, 1, 3), 2),
                         "v": write(kv_cache["v"], v_btmh.transpose(0, 2, 1, 3), 2),
                         "pos": write(kv_cache["pos"], pos_bt, 1)}
-            k_bmsh, v_bmsh = kv_cache["k"].astype(q_btnh.dtype), kv_cache["v"].astype(q_btnh.dtype)
-            k_btmh, v_btmh = k_bmsh.transpose(0, 2, 1, 3), v_bmsh.transpose(0, 2, 1, 3)  # unused by a decode step
+            k_bmsh, v_bmsh = kv_cache["k"], kv_cache["v"]  # a decode step reads them in the cache's dtype
+            k_btmh = k_bmsh.transpose(0, 2, 1, 3).astype(q_btnh.dtype)  # (b, S, m, h); unused by a decode step
+            v_btmh = v_bmsh.transpose(0, 2, 1, 3).astype(q_btnh.dtype)
             k_pos_bs = kv_cache["pos"]
 
         dropout = None

@@ -223,13 +223,14 @@ def init_cache(config: GPTConfig, batch: int, length: int) -> list:
     {"latent": (batch, length, latent_dim), "pos"}; linear attention its recurrent state."""
     layer, dtype = ATTENTION_LAYERS[config.attention], resolve_dtype(config)
     if config.attention == "softmax":  # local layers keep only their window (a ring)
+        dtype = xla_tuning.decode_cache_dtype(dtype)  # float32 for a bf16 model on CPU
         return [layer.empty_cache(config, batch, length, dtype, config.layer_window(i)) for i in range(config.n_layers)]
     return [layer.empty_cache(config, batch, length, dtype) for _ in range(config.n_layers)]
 
 
 def kv_cache_bytes(config: GPTConfig, length: int, batch: int = 1) -> int:
     """Bytes the decoding cache of `length` tokens occupies, computed from `init_cache` itself (so
-    docs and experiments report what decoding allocates), at the config's compute dtype."""
+    docs and experiments report what decoding allocates on this backend)."""
     shapes = jax.eval_shape(lambda: init_cache(config, batch, length))
     return sum(math.prod(leaf.shape) * leaf.dtype.itemsize for leaf in jax.tree.leaves(shapes))
 

@@ -126,15 +126,20 @@ def test_decoding_layout_transposes_kernels_and_decodes_the_same(monkeypatch, dt
     # a bf16 model rounds its kernels to bf16 at every call: its decoding copy is stored rounded
     want = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
     assert decode_params(params, cfg)["params"]["h_0"]["mlp"]["c_fc"]["kernel_nk"].dtype == want
+    assert decode_params(params, cfg)["params"]["wte"]["embedding"].dtype == want  # the tied head's table too
+    # XLA's CPU dot converted a bf16 cache to float32 at every step: on CPU the cache is float32
+    assert xla_tuning.decode_cache_dtype(jnp.dtype(dtype)) == jnp.float32
+    assert xla_tuning.decode_cache_dtype(jnp.dtype(dtype), "gpu") == jnp.dtype(dtype)
     ids = jax.random.randint(jax.random.key(2), (2, 16), 0, 97)
     np.testing.assert_allclose(GPT(cfg).apply(nk, ids), GPT(cfg).apply(params, ids), rtol=1e-5, atol=1e-5)
     monkeypatch.setenv("JAXGPT_XLA_TUNING", "0")
     assert decode_params(params) is params and xla_tuning.transposed_decode_kernels("cpu") is False
+    assert xla_tuning.decode_cache_dtype(jnp.dtype(dtype), "cpu") == jnp.dtype(dtype)
     if dtype == "float32":  # float32 decoding on CPU always runs transposed: tests/test_kv_cache.py checks it
         return
     prompts = [[1, 2, 3], [4, 5]]
     plain_tokens, plain_logits = generate_batch(params, cfg, prompts, 5, return_logits=True)
     monkeypatch.setenv("JAXGPT_XLA_TUNING", "1")
-    tokens, logits = generate_batch(params, cfg, prompts, 5, return_logits=True)  # the bf16 copy inside
+    tokens, logits = generate_batch(params, cfg, prompts, 5, return_logits=True)  # the bf16 copy, float32 cache
     assert tokens == plain_tokens
-    np.testing.assert_allclose(logits, plain_logits, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(logits, plain_logits, rtol=1e-4, atol=1e-4)  # bitwise equal here, on this CPU
