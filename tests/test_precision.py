@@ -114,7 +114,8 @@ def test_bf16_model_decodes_with_the_kv_cache():
 
 @pytest.mark.parametrize("dtype,tie", [("float32", False), ("bfloat16", True)])
 def test_decoding_layout_transposes_kernels_and_decodes_the_same(monkeypatch, dtype, tie):
-    cfg = _small_cfg(dtype, tie)
+    # local layers too: their ring caches take the decoding cache dtype as well
+    cfg = _small_cfg(dtype, tie).replace(sliding_window=4, global_every=2)
     params = init_params(cfg)
     monkeypatch.delenv("JAXGPT_XLA_TUNING", raising=False)
     nk = decode_params(params)  # this test runs on CPU: every dense kernel becomes its (n, k) transpose
