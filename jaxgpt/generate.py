@@ -165,7 +165,7 @@ def _decode_cached(params, prompt_bp, pad_b, key, temperature, top_k, top_p, eos
     return tokens_bn, all_logits
 
 
-def _kernels_nk(tree, dtype):
+def _decoding_copy(tree, dtype):
     """`tree` with every dense "kernel" (…, k, n) replaced by "kernel_nk" (…, n, k), transposed and
     cast to `dtype`, and every "embedding" table cast to `dtype`: the dtype the dense layers and
     embeddings cast them to at every call anyway (the tied head included), so a bf16 model reads
@@ -175,12 +175,12 @@ def _kernels_nk(tree, dtype):
     # precision's 3-D transpose: 2.5× XLA CPU's plain one (6.8 against 16.7 ms for a 768×3072 kernel)
     return {("kernel_nk" if key == "kernel" else key): (_transposed_copy(value).astype(dtype) if key == "kernel"
                                                         else value.astype(dtype) if key == "embedding"
-                                                        else _kernels_nk(value, dtype))
+                                                        else _decoding_copy(value, dtype))
             for key, value in tree.items()}
 
 
 # its own program: the outputs are real (n, k) arrays
-_transpose_kernels = jax.jit(_kernels_nk, static_argnums=1)
+_make_decoding_copy = jax.jit(_decoding_copy, static_argnums=1)
 _LAST_CONVERSION: list = []  # [(weak references to the input leaves, (dtype, transposed), the converted tree)]: at most one
 
 
@@ -192,9 +192,10 @@ def decode_params(params, config: Optional[GPTConfig] = None):
     over the layers with a per-layer cache; slicing the stacked weights inside the loop ran at less
     than half the speed). On CPU (`xla_tuning.transposed_decode_kernels`) every dense kernel is
     also replaced by its transposed copy "kernel_nk", which `precision.Dense` contracts over its
-    minor axis — the same function. With a bf16/f16 compute dtype (`config`) the copy is stored in
-    it: the mixed-precision layer rounds its kernel to that dtype at every call anyway, so the
-    values are identical and the decode loop reads half the bytes.
+    minor axis — the same function. With a bf16/f16 compute dtype (`config`) the copy and the
+    embedding tables are stored in it: the mixed-precision layer and the embeddings round them to
+    that dtype at every call anyway, so the values are identical and the decode loop reads half the
+    bytes.
     `generate`/`generate_batch` call this on every call; the last conversion is kept while its
     input arrays live, so decoding the same parameters again costs nothing (a transposed copy of
     gpt2-small's kernels takes ~0.3 s and 340 MB). A tree that already holds "kernel_nk", or
@@ -215,7 +216,7 @@ def decode_params(params, config: Optional[GPTConfig] = None):
     _LAST_CONVERSION.clear()  # drop the old copy before making a new one
     converted = unstack_layers(params)
     if transpose:
-        converted = _transpose_kernels(converted, jnp.dtype(dtype))
+        converted = _make_decoding_copy(converted, jnp.dtype(dtype))
     try:
         entry = ([weakref.ref(leaf) for leaf in leaves], key, converted)
         _LAST_CONVERSION.append(entry)
