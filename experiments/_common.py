@@ -12,8 +12,8 @@ from pathlib import Path
 import jax
 
 from jaxgpt.config import GPTConfig
-from jaxgpt.train_config import TrainConfig
-from jaxgpt.trainer import train
+from jaxgpt.train.config import TrainConfig
+from jaxgpt.train.loop import train
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgpt.attention import ATTENTION_BACKENDS
+from jaxgpt.nn.attention import ATTENTION_BACKENDS
 
 ROOT = Path(__file__).resolve().parent.parent
 parser = argparse.ArgumentParser()

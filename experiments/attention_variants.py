@@ -16,8 +16,9 @@ import jax
 from _common import plot_val_curves, train_fresh
 
 from jaxgpt.config import get_preset
-from jaxgpt.model import count_params, kv_cache_bytes_per_token, param_shapes
-from jaxgpt.train_config import TrainConfig
+from jaxgpt.inference.kv_cache import kv_cache_bytes_per_token
+from jaxgpt.nn.model import count_params, param_shapes
+from jaxgpt.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = get_preset("tiny", context_length=128)  # 4 layers, 4 heads, width 128, no dropout

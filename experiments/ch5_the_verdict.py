@@ -14,9 +14,9 @@ from pathlib import Path
 from _common import run_and_publish
 
 from jaxgpt.config import get_preset
-from jaxgpt.data import SlidingWindowDataset, load_text
-from jaxgpt.tokenizer import GPT2Tokenizer
-from jaxgpt.train_config import TrainConfig
+from jaxgpt.data.corpus import SlidingWindowDataset, load_text
+from jaxgpt.data.tokenizer import GPT2Tokenizer
+from jaxgpt.train.config import TrainConfig
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--epochs", type=int, default=10)

@@ -17,9 +17,9 @@ import jax
 import numpy as np
 
 from jaxgpt.config import get_preset
-from jaxgpt.generate import generate
-from jaxgpt.hf import save_hf
-from jaxgpt.model import init_params
+from jaxgpt.inference.generate import generate
+from jaxgpt.weights.hf import save_hf
+from jaxgpt.nn.model import init_params
 
 ROOT = Path(__file__).resolve().parent.parent
 parser = argparse.ArgumentParser()

@@ -42,7 +42,7 @@ if not (base / "checkpoints").is_dir():
     jaxgpt("train", "--preset", "small", "--tokenizer", "gpt2", "--max-steps", str(args.pretrain_steps),
            "--set", "model.context_length=256", "--set", "train.batch_size=8", "--set", "train.eval_every=100",
            "--out", str(base))
-from jaxgpt.checkpoint import read_meta  # noqa: E402
+from jaxgpt.weights.checkpoint import read_meta  # noqa: E402
 
 pretrain = read_meta(base)  # the checkpoint finetuning starts from (the run's newest saved state)
 results_path = ROOT / "docs" / "results" / "finetune_book.json"

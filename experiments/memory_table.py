@@ -15,7 +15,7 @@ N counts the tied-embedding model (GPT-2's own checkpoints tie the head to wte).
 import argparse
 
 from jaxgpt.config import get_preset
-from jaxgpt.model import param_counts
+from jaxgpt.nn.model import param_counts
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--context", type=int, default=1024)

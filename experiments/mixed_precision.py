@@ -17,8 +17,8 @@ import jax
 from _common import plot_val_curves, train_fresh
 
 from jaxgpt.config import GPTConfig
-from jaxgpt.model import count_params, param_shapes
-from jaxgpt.train_config import TrainConfig
+from jaxgpt.nn.model import count_params, param_shapes
+from jaxgpt.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = GPTConfig(vocab_size=66, context_length=128, emb_dim=512, n_heads=8, n_layers=6, drop_rate=0.0)

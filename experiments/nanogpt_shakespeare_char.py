@@ -24,8 +24,8 @@ from pathlib import Path
 from _common import ROOT, run_and_publish
 
 from jaxgpt.config import get_preset
-from jaxgpt.train_config import TrainConfig
-from jaxgpt.trainer import evaluate_checkpoint
+from jaxgpt.train.config import TrainConfig
+from jaxgpt.train.evaluate import evaluate_checkpoint
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--steps", type=int, default=2000)

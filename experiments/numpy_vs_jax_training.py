@@ -17,12 +17,12 @@ import numpy as np
 
 from jaxgpt import reference as ref
 from jaxgpt.config import GPTConfig
-from jaxgpt.data import RandomWindowSampler, load_text
-from jaxgpt.model import GPT, init_params
-from jaxgpt.optim import build_optimizer, lr_schedule
-from jaxgpt.tokenizer import CharTokenizer
-from jaxgpt.train_config import TrainConfig
-from jaxgpt.train_step import create_state, make_train_step
+from jaxgpt.data.corpus import RandomWindowSampler, load_text
+from jaxgpt.nn.model import GPT, init_params
+from jaxgpt.train.optimizer import build_optimizer, lr_schedule
+from jaxgpt.data.tokenizer import CharTokenizer
+from jaxgpt.train.config import TrainConfig
+from jaxgpt.train.step import create_state, make_train_step
 
 ROOT = Path(__file__).resolve().parent.parent
 

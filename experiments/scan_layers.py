@@ -36,10 +36,10 @@ def compile_seconds(n_layers: int, scan: bool) -> dict:
 
     from jaxgpt import xla_tuning
     from jaxgpt.config import get_preset
-    from jaxgpt.model import GPT, init_params
-    from jaxgpt.optim import build_optimizer
-    from jaxgpt.train_config import TrainConfig
-    from jaxgpt.train_step import create_state, make_train_step
+    from jaxgpt.nn.model import GPT, init_params
+    from jaxgpt.train.optimizer import build_optimizer
+    from jaxgpt.train.config import TrainConfig
+    from jaxgpt.train.step import create_state, make_train_step
 
     cfg = get_preset("gpt2-small", context_length=256, n_layers=n_layers, scan_layers=scan)
     tx, model = build_optimizer(TrainConfig(batch_size=2)), GPT(cfg)
@@ -55,10 +55,10 @@ def compile_seconds(n_layers: int, scan: bool) -> dict:
 def worker(variant: str) -> dict:
     import jax
 
-    from jaxgpt.bench import WORKLOADS, _config, _jax_train, time_calls
+    from benchmarks.bench import WORKLOADS, jax_train_step, time_calls, workload_config
 
     w = WORKLOADS["gpt2-small-b2"]
-    step, detail = _jax_train(w, _config(w).replace(**VARIANTS[variant]), "jaxgpt")
+    step, detail = jax_train_step(w, workload_config(w).replace(**VARIANTS[variant]), "jaxgpt")
     return {"variant": variant, "detail": detail, "jax": jax.__version__, **time_calls(step, w.warmup, w.steps)}
 
 

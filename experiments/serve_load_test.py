@@ -46,9 +46,9 @@ if args.self_serve:
     import uvicorn
 
     from jaxgpt.config import get_preset
-    from jaxgpt.model import init_params
-    from jaxgpt.serve import build_app
-    from jaxgpt.tokenizer import GPT2Tokenizer
+    from jaxgpt.nn.model import init_params
+    from jaxgpt.inference.serve import build_app
+    from jaxgpt.data.tokenizer import GPT2Tokenizer
 
     tok = GPT2Tokenizer()
     cfg = get_preset(args.preset, vocab_size=tok.vocab_size)

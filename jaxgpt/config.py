@@ -188,3 +188,10 @@ def resolve_dtype(config: GPTConfig):
     if config.dtype == "auto":
         return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
     return jnp.dtype(config.dtype)
+
+
+def is_low_precision(dtype) -> bool:
+    """True for the compute dtypes that take the mixed-precision path (bfloat16, float16)."""
+    import jax.numpy as jnp
+
+    return dtype is not None and jnp.dtype(dtype).itemsize < 4

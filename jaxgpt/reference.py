@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .config import GPTConfig
-from .layout import unstack_layers
-from .positions import alibi_slopes  # a table of constants (the slopes), shared with the model
+from jaxgpt.config import GPTConfig
+from jaxgpt.nn.layout import unstack_layers
+from jaxgpt.nn.positions import alibi_slopes  # a table of constants (the slopes), shared with the model
 
 GELU_C = np.sqrt(2.0 / np.pi)
 

@@ -22,7 +22,7 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from .precision import is_low_precision
+from jaxgpt.config import is_low_precision
 
 CPU_FLOAT32_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
 
@@ -38,7 +38,7 @@ def compiler_options(compute_dtype, platform: Optional[str] = None) -> Optional[
 
 
 def transposed_decode_kernels(platform: Optional[str] = None) -> bool:
-    """Whether decoding should read each dense kernel as an (n, k) copy (`generate.decode_params`).
+    """Whether decoding should read each dense kernel as an (n, k) copy (`jaxgpt.inference.decoding_copy`).
 
     On XLA's CPU backend a dot of a few rows (the decode step's batch) against a row-major (k, n)
     weight packs the weight at every call; against its (n, k) transpose it does not: 48 such

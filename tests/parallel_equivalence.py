@@ -14,11 +14,11 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxgpt.config import get_preset  # noqa: E402
-from jaxgpt.model import GPT, init_params  # noqa: E402
-from jaxgpt.optim import build_optimizer  # noqa: E402
-from jaxgpt.train_config import TrainConfig  # noqa: E402
-from jaxgpt.sharding import ShardedTrainer, build_mesh  # noqa: E402
-from jaxgpt.train_step import ParallelTrainer, create_state  # noqa: E402
+from jaxgpt.nn.model import GPT, init_params  # noqa: E402
+from jaxgpt.train.optimizer import build_optimizer  # noqa: E402
+from jaxgpt.train.config import TrainConfig  # noqa: E402
+from jaxgpt.train.sharding import ShardedTrainer, build_mesh  # noqa: E402
+from jaxgpt.train.step import ParallelTrainer, create_state  # noqa: E402
 
 
 def main() -> None:

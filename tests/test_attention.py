@@ -7,10 +7,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from jaxgpt import reference as ref
-from jaxgpt.attention import (
-    ATTENTION_BACKENDS, CausalAttention, MultiHeadAttention, SelfAttention, causal_mask, masked_softmax,
-    simplified_self_attention,
-)
+from jaxgpt.nn.attention import ATTENTION_BACKENDS, MultiHeadAttention
+from jaxgpt.nn.attention_backends import causal_mask, masked_softmax
+from jaxgpt.nn.attention_book import CausalAttention, SelfAttention, simplified_self_attention
 
 INPUTS = np.array([[.43, .15, .89], [.55, .87, .66], [.57, .85, .64], [.22, .58, .33], [.77, .25, .10], [.05, .80, .55]])
 

@@ -9,11 +9,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaxgpt import reference as ref
-from jaxgpt.attention import ATTENTION_BACKENDS, MultiHeadAttention, naive_attention
+from jaxgpt.nn.attention import ATTENTION_BACKENDS, MultiHeadAttention
+from jaxgpt.nn.attention_backends import naive_attention
 from jaxgpt.config import ConfigError, get_preset
-from jaxgpt.generate import generate_batch
-from jaxgpt.model import GPT, init_params, kv_cache_bytes_per_token
-from jaxgpt.positions import alibi_slopes, apply_rope
+from jaxgpt.inference.generate import generate_batch
+from jaxgpt.inference.kv_cache import kv_cache_bytes_per_token
+from jaxgpt.nn.model import GPT, init_params
+from jaxgpt.nn.positions import alibi_slopes, apply_rope
 
 TEST = get_preset("test")  # 2 layers, 4 heads, width 32, context 16
 VARIANTS = {
@@ -222,7 +224,7 @@ def test_variant_config_errors_name_the_field():
 @pytest.mark.parametrize("variant", [dict(), dict(attention="mla", latent_dim=8, position="alibi"),
                                      dict(attention="linear")])
 def test_attention_maps_are_causal_distributions(variant):
-    from jaxgpt.attention_map import attention_maps
+    from jaxgpt.inference.attention_map import attention_maps
 
     config = TEST.replace(**variant)
     maps = attention_maps(init_params(config), config, [1, 2, 3, 4, 5])
@@ -232,7 +234,7 @@ def test_attention_maps_are_causal_distributions(variant):
 
 
 def test_attention_map_cli(tmp_path, capsys):
-    from jaxgpt.cli import main
+    from jaxgpt.cli.main import main
 
     out = tmp_path / "map.png"
     assert main(["attention-map", "--preset", "test", "--prompt", "Hello there", "--out", str(out), "--json"]) == 0

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from jaxgpt import bench
+from benchmarks import bench
 from jaxgpt.config import get_preset
-from jaxgpt.model import GPT, count_params, init_params, param_shapes
-from jaxgpt.torch_baselines import BookGPT, FastGPT, count_parameters
+from jaxgpt.nn.model import GPT, count_params, init_params, param_shapes
+from benchmarks.torch_baselines import BookGPT, FastGPT, count_parameters
 
 CFG = get_preset("test", drop_rate=0.0)
 

@@ -1,6 +1,6 @@
 import json
 
-from jaxgpt.cli import main
+from jaxgpt.cli.main import main
 
 
 def test_params_json(capsys):

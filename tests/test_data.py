@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
 
-from jaxgpt.data import (
+from jaxgpt.data.corpus import (
     DataError, RandomWindowSampler, SlidingWindowDataset, corpus_path, embedded_corpus_text, load_text,
     open_token_file, split_train_val, write_token_file,
 )
-from jaxgpt.tokenizer import GPT2Tokenizer
+from jaxgpt.data.tokenizer import GPT2Tokenizer
 
 
 def test_the_verdict_sliding_window_matches_book(shared_data_dir, monkeypatch):

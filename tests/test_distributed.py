@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxgpt.checkpoint import load_for_inference
+from jaxgpt.weights.checkpoint import load_for_inference
 
 ROOT = Path(__file__).parent.parent
 TRAIN = ["--preset", "test", "--tokenizer", "char", "--max-steps", "6", "--no-progress", "--mesh", "data=2,fsdp=2"]

@@ -8,13 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgpt.classify import (book_spam_split, classifier_logits, encode_split, finetune_classifier, load_labeled,
+from jaxgpt.finetune.classify import (book_spam_split, classifier_logits, encode_split, finetune_classifier, load_labeled,
                              load_sms_spam, new_classifier, pool, shuffled_split)
 from jaxgpt.config import ConfigError, get_preset
-from jaxgpt.finetune import FinetuneConfig, build_finetune_optimizer, make_step, trainable_mask
-from jaxgpt.lora import LoRAConfig, adapted_layers, init_lora, merge_lora
-from jaxgpt.model import GPT, init_params
-from jaxgpt.tokenizer import CharTokenizer, GPT2Tokenizer
+from jaxgpt.finetune.loop import FinetuneConfig, build_finetune_optimizer, make_step, trainable_mask
+from jaxgpt.finetune.lora import LoRAConfig, adapted_layers, init_lora, merge_lora
+from jaxgpt.nn.model import GPT, init_params
+from jaxgpt.data.tokenizer import CharTokenizer, GPT2Tokenizer
 
 CFG = get_preset("test")
 
@@ -156,7 +156,7 @@ def test_classifier_learns_an_easy_task_and_reloads(tmp_path):
     assert 0.0 <= results["prompting"]["0"] <= 1.0
     for name in ("accuracy.png", "loss.png", "results.json", "metrics.jsonl"):
         assert (tmp_path / name).is_file()
-    from jaxgpt.classify import Classifier
+    from jaxgpt.finetune.classify import Classifier
 
     predictions = Classifier(tmp_path).predict(["aaaaa", "bbbbbbb"])
     assert [p["label"] for p in predictions] == ["a", "b"]

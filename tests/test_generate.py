@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given, strategies as st
 
 from jaxgpt.config import get_preset
-from jaxgpt.generate import generate, generate_text, sample_next, trim_at_eos
-from jaxgpt.model import GPT, init_params
-from jaxgpt.tokenizer import CharTokenizer
+from jaxgpt.inference.generate import generate, generate_text, sample_next, trim_at_eos
+from jaxgpt.nn.model import GPT, init_params
+from jaxgpt.data.tokenizer import CharTokenizer
 
 CFG = get_preset("test")
 SAMPLE = jax.jit(sample_next)  # one compilation per logits shape instead of op-by-op dispatch

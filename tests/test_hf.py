@@ -8,12 +8,12 @@ import pytest
 torch = pytest.importorskip("torch", reason="parity tests need the test extra (torch, transformers)")
 transformers = pytest.importorskip("transformers")
 
-from jaxgpt.checkpoint import load_for_inference  # noqa: E402
-from jaxgpt.cli import main  # noqa: E402
+from jaxgpt.weights.checkpoint import load_for_inference  # noqa: E402
+from jaxgpt.cli.main import main  # noqa: E402
 from jaxgpt.config import GPTConfig  # noqa: E402
-from jaxgpt.generate import generate  # noqa: E402
-from jaxgpt.hf import WeightsError, load_hf, save_hf  # noqa: E402
-from jaxgpt.model import GPT, init_params  # noqa: E402
+from jaxgpt.inference.generate import generate  # noqa: E402
+from jaxgpt.weights.hf import WeightsError, load_hf, save_hf  # noqa: E402
+from jaxgpt.nn.model import GPT, init_params  # noqa: E402
 
 # float32 on both sides, same operations in a different order: logits of O(1) agree to ~1e-6;
 # 1e-4 is the bound we promise.

@@ -9,13 +9,13 @@ import jax
 import numpy as np
 import pytest
 
-from jaxgpt.cli import main
+from jaxgpt.cli.main import main
 from jaxgpt.config import get_preset
-from jaxgpt.instruct import (book_split, collate, extract_response, format_example, format_input, judge,
+from jaxgpt.finetune.instruct import (book_split, collate, extract_response, format_example, format_input, judge,
                              judge_prompt, load_instruction_data, rouge_l, score_responses)
-from jaxgpt.model import GPT, init_params
-from jaxgpt.prompting import build_prompt, label_scores, pick_examples
-from jaxgpt.tokenizer import CharTokenizer
+from jaxgpt.nn.model import GPT, init_params
+from jaxgpt.finetune.prompting import build_prompt, label_scores, pick_examples
+from jaxgpt.data.tokenizer import CharTokenizer
 
 
 def test_alpaca_format_is_the_books():

@@ -4,10 +4,10 @@ import jax
 import numpy as np
 import pytest
 
-from jaxgpt.cli import main
+from jaxgpt.cli.main import main
 from jaxgpt.config import get_preset
-from jaxgpt.generate import generate, generate_batch
-from jaxgpt.model import GPT, init_params
+from jaxgpt.inference.generate import generate, generate_batch
+from jaxgpt.nn.model import GPT, init_params
 
 CFG = get_preset("test")
 PARAMS = init_params(CFG, seed=1)

@@ -8,7 +8,7 @@ from hypothesis import given, strategies as st
 
 from jaxgpt import reference as ref
 from jaxgpt.config import ConfigError, GPTConfig, get_preset
-from jaxgpt.model import GPT, cross_entropy, init_params, param_counts
+from jaxgpt.nn.model import GPT, cross_entropy, init_params, param_counts
 
 BOOK_COUNTS = {
     "gpt2-small": (163_009_536, 124_412_160),

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 
 from jaxgpt.config import ConfigError, get_preset
-from jaxgpt.model import init_params
-from jaxgpt.optim import decay_mask, lr_schedule
-from jaxgpt.train_config import TrainConfig, apply_overrides
+from jaxgpt.nn.model import init_params
+from jaxgpt.train.optimizer import decay_mask, lr_schedule
+from jaxgpt.train.config import TrainConfig, apply_overrides
 
 
 def test_decay_mask_skips_biases_layernorm_and_embeddings_by_default():

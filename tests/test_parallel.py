@@ -24,7 +24,7 @@ def test_pmap_4_devices_and_accumulation_match_single_device():
 
 
 def test_train_cli_gives_one_cpu_device_per_core_unless_told_otherwise():
-    code = ("from jaxgpt.cli import _one_cpu_device_per_core; _one_cpu_device_per_core(); "
+    code = ("from jaxgpt.host_setup import one_cpu_device_per_core; one_cpu_device_per_core(); "
             "import jax; print(jax.local_device_count())")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(PYTHONPATH=str(HERE.parent), JAX_PLATFORMS="cpu")
@@ -38,8 +38,8 @@ def test_train_cli_gives_one_cpu_device_per_core_unless_told_otherwise():
 def test_default_device_count_divides_the_batch(monkeypatch):
     import jax
 
-    from jaxgpt.train_config import TrainConfig
-    from jaxgpt.trainer import default_device_count
+    from jaxgpt.train.config import TrainConfig
+    from jaxgpt.train.loop import default_device_count
 
     monkeypatch.setattr(jax, "local_device_count", lambda: 4)
     assert default_device_count(TrainConfig(batch_size=16)) == 4

@@ -14,9 +14,10 @@ import pytest
 
 from jaxgpt import xla_tuning
 from jaxgpt.config import get_preset
-from jaxgpt.generate import decode_params, generate_batch
-from jaxgpt.model import GPT, cross_entropy, init_params
-from jaxgpt.precision import FEW_ROWS, _transposed_copy, few_rows_dot, mixed_matmul
+from jaxgpt.inference.decoding_copy import decode_params
+from jaxgpt.inference.generate import Decoder, generate_batch
+from jaxgpt.nn.model import GPT, cross_entropy, init_params
+from jaxgpt.nn.dense import FEW_ROWS, _transposed_copy, few_rows_dot, mixed_matmul
 
 
 def _bf16_as_f64(a) -> np.ndarray:
@@ -123,7 +124,7 @@ def test_decoding_layout_transposes_kernels_and_decodes_the_same(monkeypatch, dt
     assert "kernel" not in block and block["kernel_nk"].shape == (3 * 128, 128)
     np.testing.assert_array_equal(block["kernel_nk"], params["params"]["h_0"]["attn"]["c_attn"]["kernel"].T)
     assert decode_params(nk) is nk  # idempotent: a server converts once
-    assert decode_params(params) is nk  # the last conversion is kept while its parameters live
+    assert Decoder(nk, cfg).params is nk  # a Decoder keeps its decoding copy (no module-level cache any more)
     # a bf16 model rounds its kernels to bf16 at every call: its decoding copy is stored rounded
     want = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
     assert decode_params(params, cfg)["params"]["h_0"]["mlp"]["c_fc"]["kernel_nk"].dtype == want

@@ -3,12 +3,12 @@ import json
 import numpy as np
 import pytest
 
-from jaxgpt.cli import main
-from jaxgpt.data import DataError, open_token_file
-from jaxgpt.prepare import NearDuplicateIndex, clean_text, prepare
-from jaxgpt.tokenizer import GPT2Tokenizer
-from jaxgpt.train_config import TrainConfig
-from jaxgpt.trainer import build_data
+from jaxgpt.cli.main import main
+from jaxgpt.data.corpus import DataError, open_token_file
+from jaxgpt.data.prepare import NearDuplicateIndex, clean_text, prepare
+from jaxgpt.data.tokenizer import GPT2Tokenizer
+from jaxgpt.train.config import TrainConfig
+from jaxgpt.train.batches import build_data
 
 STORY = ("the quick brown fox jumps over the lazy dog while the farmer watches from the old red barn "
          "and the children play by the river until the sun goes down behind the hills")

@@ -9,9 +9,9 @@ from hypothesis import given, settings, strategies as st
 
 from jaxgpt import reference as ref
 from jaxgpt.config import GPTConfig
-from jaxgpt.model import GPT, cross_entropy, init_params
-from jaxgpt.optim import build_optimizer, lr_schedule
-from jaxgpt.train_config import TrainConfig
+from jaxgpt.nn.model import GPT, cross_entropy, init_params
+from jaxgpt.train.optimizer import build_optimizer, lr_schedule
+from jaxgpt.train.config import TrainConfig
 
 RNG = np.random.default_rng(0)
 

@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 
 from jaxgpt import reference
-from jaxgpt.checkpoint import load_for_inference, save_for_inference
+from jaxgpt.train.run_dir import save_for_inference
+from jaxgpt.weights.checkpoint import load_for_inference
 from jaxgpt.config import ConfigError, get_preset
-from jaxgpt.generate import generate_batch
-from jaxgpt.layout import is_stacked, stack_layers, to_layout, unstack_layers
-from jaxgpt.model import GPT, cross_entropy, init_params
-from jaxgpt.sharding import spec_for
-from jaxgpt.tokenizer import CharTokenizer
+from jaxgpt.inference.generate import generate_batch
+from jaxgpt.nn.layout import is_stacked, stack_layers, to_layout, unstack_layers
+from jaxgpt.nn.model import GPT, cross_entropy, init_params
+from jaxgpt.train.sharding import spec_for
+from jaxgpt.data.tokenizer import CharTokenizer
 
 CFG = get_preset("test").replace(n_layers=3, drop_rate=0.1)
 IDS = jnp.asarray(np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 12)), jnp.int32)

@@ -12,11 +12,11 @@ import pytest
 uvicorn = pytest.importorskip("uvicorn")
 
 from jaxgpt.config import get_preset  # noqa: E402
-from jaxgpt.generate import generate_batch  # noqa: E402
-from jaxgpt.model import init_params  # noqa: E402
-from jaxgpt import serve  # noqa: E402
-from jaxgpt.serve import build_app  # noqa: E402
-from jaxgpt.tokenizer import GPT2Tokenizer  # noqa: E402
+from jaxgpt.inference.generate import generate_batch  # noqa: E402
+from jaxgpt.nn.model import init_params  # noqa: E402
+from jaxgpt.inference import serve  # noqa: E402
+from jaxgpt.inference.serve import build_app  # noqa: E402
+from jaxgpt.data.tokenizer import GPT2Tokenizer  # noqa: E402
 
 TOK = GPT2Tokenizer()
 CFG = get_preset("test", vocab_size=TOK.vocab_size, context_length=64)

@@ -1,7 +1,7 @@
 import pytest
 from hypothesis import given, strategies as st
 
-from jaxgpt.tokenizer import (
+from jaxgpt.data.tokenizer import (
     CharTokenizer, GPT2Tokenizer, Tokenizer, TokenizerError, get_tokenizer, tokenizer_from_dict,
 )
 

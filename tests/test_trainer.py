@@ -12,12 +12,12 @@ import jax
 import numpy as np
 import pytest
 
-from jaxgpt.checkpoint import CheckpointError, load_for_inference, read_meta
-from jaxgpt.cli import main
+from jaxgpt.weights.checkpoint import CheckpointError, load_for_inference, read_meta
+from jaxgpt.cli.main import main
 from jaxgpt.config import GPTConfig
-from jaxgpt.data import DataError
-from jaxgpt.train_config import TrainConfig
-from jaxgpt.trainer import TrainingDiverged, train
+from jaxgpt.data.corpus import DataError
+from jaxgpt.train.config import TrainConfig
+from jaxgpt.train.loop import TrainingDiverged, train
 
 MODEL = GPTConfig(vocab_size=1, context_length=16, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.1)
 ROOT = Path(__file__).parent.parent
@@ -174,7 +174,7 @@ def test_resume_refuses_changes_that_alter_the_training(corpus, tmp_path):
 def test_resume_takes_the_newest_saved_state_and_old_metadata(tmp_path):
     """A run killed before its first periodic save resumes from its best (evaluation) checkpoint,
     and checkpoints written before a config field existed still match that field's default."""
-    from jaxgpt.checkpoint import _resolve, check_compatible
+    from jaxgpt.weights.checkpoint import _resolve, check_compatible
     from jaxgpt.config import get_preset
 
     (tmp_path / "checkpoints").mkdir()

@@ -1,0 +1,35 @@
+"""`jaxgpt data prepare`: corpus tools."""
+
+from __future__ import annotations
+
+import json
+
+
+def _cmd_data_prepare(args) -> int:
+    from jaxgpt.data.prepare import prepare
+
+    stats = prepare(args.inputs, args.out, tokenizer_name=args.tokenizer, val_fraction=args.val_fraction,
+                    near_dup_threshold=args.near_dup_threshold or None, text_field=args.text_field,
+                    seed=args.seed, progress=not args.no_progress)
+    print(json.dumps(stats) if args.json else
+          f"{stats['documents_kept']:,} documents kept of {stats['documents_in']:,} "
+          f"({stats['exact_duplicates']} exact and {stats['near_duplicates']} near duplicates removed, "
+          f"{stats['empty']} empty); {stats['train_tokens']:,} train / {stats['val_tokens']:,} val tokens in {args.out}")
+    return 0
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("data", help="corpus tools")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    p = data_sub.add_parser("prepare", help="clean, deduplicate, split and tokenize text files for training")
+    p.add_argument("inputs", nargs="+", help="text files, JSONL files (one document per record) or directories")
+    p.add_argument("--out", required=True)
+    p.add_argument("--tokenizer", choices=["gpt2", "char"], default="gpt2")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out")
+    p.add_argument("--near-dup-threshold", type=float, default=0.8,
+                   help="estimated Jaccard similarity at which a document is a near duplicate (0 disables)")
+    p.add_argument("--text-field", default="text", help="field holding the text in JSONL records")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_data_prepare)

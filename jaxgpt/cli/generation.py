@@ -1,0 +1,142 @@
+"""`jaxgpt params`, `generate`, `serve` and `attention-map`: commands that run a model."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from jaxgpt.cli.common import add_model_source_args, add_sampling_args, load_model
+
+
+def _cmd_params(args) -> int:
+    from jaxgpt.config import get_preset
+    from jaxgpt.nn.model import param_counts
+
+    cfg = get_preset(args.preset)
+    counts = param_counts(cfg)
+    if args.json:
+        print(json.dumps(counts))
+    else:
+        print(f"{args.preset}: {counts['total']:,} parameters ({counts['total_tied']:,} with tied embeddings)")
+    return 0
+
+
+class _TokenPrinter:
+    """Prints a single prompt's continuation as the compiled decode loop produces it."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.ids, self.printed, self.stopped = tokenizer, [], "", False
+
+    def __call__(self, tokens_b, step) -> None:
+        token = int(tokens_b[0])
+        if self.stopped or token == self.tokenizer.eot_id:
+            self.stopped = True
+            return
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            sys.stdout.write(text[len(self.printed):])
+            sys.stdout.flush()
+            self.printed = text
+
+
+def _cmd_generate(args) -> int:
+    from jaxgpt.inference.generate import generate, generate_batch, trim_at_eos
+
+    if (args.prompt is None) == (args.batch_file is None):
+        raise ValueError("give exactly one of --prompt or --batch-file")
+    prompts = [args.prompt] if args.prompt is not None else [
+        line.rstrip("\n") for line in open(args.batch_file, encoding="utf-8") if line.strip()]
+    params, config, tokenizer = load_model(args)
+    encoded = [tokenizer.encode(p) or [tokenizer.eot_id] for p in prompts]
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                    eos_id=tokenizer.eot_id)
+    longest = max(len(e) for e in encoded)
+    fits = longest + args.max_new_tokens <= config.context_length
+    stream = len(prompts) == 1 and not args.json and fits and not args.no_cache
+    t0 = time.perf_counter()
+    if stream:
+        sys.stdout.write(prompts[0])
+        new = generate_batch(params, config, encoded, args.max_new_tokens, on_token=_TokenPrinter(tokenizer), **sampling)
+        sys.stdout.write("\n")
+    elif fits and not args.no_cache:
+        new = generate_batch(params, config, encoded, args.max_new_tokens, **sampling)
+    else:  # one at a time through the sliding-window decoder (prompt + new tokens exceed the context)
+        new = [trim_at_eos(generate(params, config, [e], args.max_new_tokens, use_cache=False, **sampling)[0],
+                           tokenizer.eot_id, start=len(e)) for e in encoded]
+    seconds = time.perf_counter() - t0
+    for prompt, tokens in zip(prompts, new):
+        if args.json:
+            print(json.dumps({"prompt": prompt, "text": tokenizer.decode(tokens), "tokens": tokens,
+                              "seconds": round(seconds, 3)}))
+        elif not stream:
+            print(prompt + tokenizer.decode(tokens))
+    return 0
+
+
+def _cmd_serve(args) -> int:
+    from jaxgpt.inference.serve import serve
+
+    args.seed = 0
+    params, config, tokenizer = load_model(args)
+    name = args.model_name or (args.hf or args.checkpoint or f"random-{args.preset}").rstrip("/").split("/")[-1]
+    print(f"[jaxgpt] serving {name!r} on http://{args.host}:{args.port} (compiling the decoder first)", file=sys.stderr)
+    serve(params, config, tokenizer, host=args.host, port=args.port, model_name=name, max_batch=args.max_batch,
+          batch_wait_s=args.batch_wait_ms / 1000, max_tokens_limit=args.max_tokens_limit)
+    return 0
+
+
+def _cmd_attention_map(args) -> int:
+    from jaxgpt.inference.attention_map import attention_maps, plot_attention_maps
+
+    params, config, tokenizer = load_model(args)
+    ids = (tokenizer.encode(args.prompt) or [tokenizer.eot_id])[-config.context_length:]
+    maps = attention_maps(params, config, ids)
+    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    if layers and not all(0 <= x < config.n_layers for x in layers):
+        raise ValueError(f"--layers must lie in [0, {config.n_layers})")
+    out = plot_attention_maps(maps, [tokenizer.decode([i]) for i in ids], args.out, layers=layers,
+                              title=f"attention weights: {args.prompt[:60]!r}")
+    if args.json:
+        print(json.dumps({"out": str(out), "tokens": ids, "layers": config.n_layers, "heads": config.n_heads,
+                          "weights": maps.round(5).tolist()}))
+    else:
+        print(out)
+    return 0
+
+
+def add_commands(sub) -> None:
+    """params, generate, serve, attention-map."""
+    p = sub.add_parser("params", help="parameter counts of a preset")
+    p.add_argument("--preset", default="gpt2-small")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_params)
+
+    p = sub.add_parser("generate", help="generate text from a checkpoint, GPT-2 weights, or a random model")
+    p.add_argument("--prompt", default=None)
+    p.add_argument("--batch-file", default=None, help="a file with one prompt per line, decoded as one batch")
+    add_model_source_args(p, "generate with")
+    p.add_argument("--no-cache", action="store_true", help="recompute the window each step (no KV cache)")
+    add_sampling_args(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("serve", help="an OpenAI-style HTTP API and a web playground for a model")
+    add_model_source_args(p, "serve")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-name", default=None)
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together at most")
+    p.add_argument("--batch-wait-ms", type=float, default=20.0, help="how long the first request waits for company")
+    p.add_argument("--max-tokens-limit", type=int, default=256)
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("attention-map", help="heat maps of a model's attention weights for a prompt")
+    add_model_source_args(p, "draw")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--layers", default=None, help="comma-separated layers to draw (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="also print the weights as JSON")
+    p.set_defaults(func=_cmd_attention_map)

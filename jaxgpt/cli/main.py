@@ -1,0 +1,54 @@
+"""The `jaxgpt` entry point: it builds the parser from the command modules and dispatches.
+
+Each module of `jaxgpt.cli` adds its own subcommands (`add_commands`) and holds their handlers; the
+work itself lives in the package. A command that must change the process before JAX starts sets
+`before_jax` (see `jaxgpt.host_setup`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jaxgpt.cli import data, finetuning, generation, training, weights
+
+COMMAND_MODULES = (generation, training, weights, data, finetuning)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxgpt", description="A GPT built from scratch in JAX/Flax.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in COMMAND_MODULES:
+        module.add_commands(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    if getattr(args, "before_jax", None) is not None:
+        args.before_jax()
+
+    from jaxgpt.config import ConfigError
+    from jaxgpt.data.corpus import DataError
+    from jaxgpt.data.tokenizer import TokenizerError
+    from jaxgpt.finetune.loop import FinetuneInterrupted
+    from jaxgpt.train.sharding import MeshError
+    from jaxgpt.weights.checkpoint import CheckpointError
+    from jaxgpt.weights.hf import WeightsError
+
+    try:
+        return args.func(args)
+    except FinetuneInterrupted as e:
+        print(f"jaxgpt {args.command}: {e}", file=sys.stderr)
+        return 130
+    except FloatingPointError as e:  # a NaN/inf loss
+        print(f"jaxgpt {args.command}: error: {e}", file=sys.stderr)
+        return 3
+    except (ConfigError, DataError, TokenizerError, CheckpointError, WeightsError, MeshError, ValueError, OSError) as e:
+        print(f"jaxgpt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

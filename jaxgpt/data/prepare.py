@@ -1,0 +1,183 @@
+"""`jaxgpt data prepare`: turn text files into what training reads, streaming.
+
+Steps, per document (a text file, or one JSONL record's text field):
+1. clean: Unicode NFC normalisation, CRLF -> LF, control characters removed (newline and tab kept);
+2. drop empty documents, exact duplicates (hash of the cleaned text) and near duplicates
+   (MinHash over word 5-gram shingles with LSH banding; a candidate is dropped when its estimated
+   Jaccard similarity to an earlier kept document reaches the threshold);
+3. assign the document to train or val (a seeded draw per document), tokenize, append an
+   end-of-text token, and append the ids to `train.bin` / `val.bin` (uint16 when the vocabulary fits).
+The output directory gets `meta.json` (format, tokenizer) and `stats.json` (counts), and
+`jaxgpt train --data DIR` reads it. Memory holds only the MinHash index (a few ints per document).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import unicodedata
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+
+from jaxgpt.data.corpus import DataError, TokenFileWriter, open_token_file, write_token_file
+from jaxgpt.data.tokenizer import CharTokenizer, Tokenizer, get_tokenizer
+
+TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst"}
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def clean_text(text: str) -> str:
+    text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
+    return _CONTROL.sub("", text).strip()
+
+
+def iter_documents(inputs: Sequence[str], text_field: str = "text") -> Iterator[tuple[str, str]]:
+    """(source, raw text) for each document under `inputs` (files or directories, in sorted order)."""
+    for item in inputs:
+        path = Path(item).expanduser()
+        if not path.exists():
+            raise DataError(f"input {path} does not exist")
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for f in files:
+            if f.suffix == ".jsonl":
+                with open(f, encoding="utf-8") as fh:
+                    for n, line in enumerate(fh, 1):
+                        if not line.strip():
+                            continue
+                        try:
+                            record = json.loads(line)
+                        except json.JSONDecodeError as e:
+                            raise DataError(f"{f}:{n}: not valid JSON ({e.msg})") from None
+                        if not isinstance(record, dict) or text_field not in record:
+                            raise DataError(f"{f}:{n}: record has no {text_field!r} field")
+                        yield f"{f}:{n}", str(record[text_field])
+            elif f.suffix in TEXT_SUFFIXES or path == f:
+                try:
+                    yield str(f), f.read_text(encoding="utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{f} is not UTF-8 text: {e}") from None
+
+
+class NearDuplicateIndex:
+    """MinHash + LSH over word 5-gram shingles: `seen(text)` says whether a similar text was added."""
+
+    def __init__(self, threshold: float = 0.8, num_perm: int = 64, bands: int = 16, seed: int = 0) -> None:
+        if num_perm % bands:
+            raise ValueError("num_perm must be divisible by bands")
+        rng = np.random.default_rng(seed)
+        self.mult = rng.integers(1, 2**63, num_perm, dtype=np.uint64) | np.uint64(1)  # odd multipliers
+        self.xor = rng.integers(0, 2**63, num_perm, dtype=np.uint64)
+        self.threshold = threshold
+        self.bands = bands
+        self.rows = num_perm // bands
+        self.buckets: dict[tuple[int, bytes], int] = {}
+        self.signatures: list[np.ndarray] = []
+
+    def signature(self, text: str) -> np.ndarray:
+        words = text.split()
+        n = 5 if len(words) >= 5 else max(len(words), 1)
+        shingles = {" ".join(words[i : i + n]) for i in range(max(len(words) - n + 1, 1))}
+        h = np.array(
+            [int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "little") for s in shingles],
+            dtype=np.uint64,
+        )
+        mixed = (h[:, None] ^ self.xor[None, :]) * self.mult[None, :]  # wraps mod 2^64: a hash family
+        return mixed.min(axis=0)
+
+    def seen(self, text: str) -> bool:
+        """True if `text` is a near duplicate of an added text; otherwise add it and return False."""
+        sig = self.signature(text)
+        keys = [(b, sig[b * self.rows : (b + 1) * self.rows].tobytes()) for b in range(self.bands)]
+        for key in keys:
+            other = self.buckets.get(key)
+            if other is not None and np.mean(self.signatures[other] == sig) >= self.threshold:
+                return True
+        doc = len(self.signatures)
+        self.signatures.append(sig)
+        for key in keys:
+            self.buckets.setdefault(key, doc)
+        return False
+
+
+def prepare(
+    inputs: Sequence[str],
+    out_dir: Path,
+    *,
+    tokenizer_name: str = "gpt2",
+    val_fraction: float = 0.05,
+    near_dup_threshold: Optional[float] = 0.8,
+    text_field: str = "text",
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Clean, deduplicate, split and tokenize `inputs` into `out_dir`; returns the statistics."""
+    from tqdm import tqdm
+
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    tokenizer: Tokenizer
+    if tokenizer_name == "char":  # the vocabulary needs a first pass over the cleaned text
+        chars: set[str] = set()
+        for _, raw in iter_documents(inputs, text_field):
+            chars.update(clean_text(raw))
+        tokenizer = CharTokenizer(sorted(chars)) if chars else CharTokenizer.from_text("")
+    else:
+        tokenizer = get_tokenizer(tokenizer_name)
+
+    stats = {"documents_in": 0, "empty": 0, "exact_duplicates": 0, "near_duplicates": 0, "documents_kept": 0,
+             "train_documents": 0, "val_documents": 0, "characters": 0}
+    exact: set[bytes] = set()
+    near = NearDuplicateIndex(near_dup_threshold, seed=seed) if near_dup_threshold else None
+    rng = np.random.default_rng(seed)
+    writers = {"train": TokenFileWriter(out_dir / "train.bin", tokenizer.vocab_size),
+               "val": TokenFileWriter(out_dir / "val.bin", tokenizer.vocab_size)}
+    try:
+        for _, raw in tqdm(iter_documents(inputs, text_field), unit="doc", disable=not progress, desc="prepare"):
+            stats["documents_in"] += 1
+            text = clean_text(raw)
+            if not text:
+                stats["empty"] += 1
+                continue
+            digest = hashlib.sha1(text.encode()).digest()
+            if digest in exact:
+                stats["exact_duplicates"] += 1
+                continue
+            exact.add(digest)
+            if near is not None and near.seen(text):
+                stats["near_duplicates"] += 1
+                continue
+            split = "val" if rng.random() < val_fraction else "train"
+            stats[f"{split}_documents"] += 1
+            stats["documents_kept"] += 1
+            stats["characters"] += len(text)
+            writers[split].write(tokenizer.encode(text) + [tokenizer.eot_id])
+    finally:
+        for w in writers.values():
+            w.close()
+    if stats["documents_kept"] == 0:
+        raise DataError(f"no documents left in {list(inputs)} after cleaning and deduplication")
+    if writers["val"].count == 0 or writers["train"].count == 0:
+        _split_tail(out_dir, tokenizer.vocab_size, val_fraction)
+        stats["split"] = "by tokens (too few documents to split by document)"
+    else:
+        stats["split"] = "by document"
+    stats["train_tokens"] = int(open_token_file(out_dir / "train.bin").size)
+    stats["val_tokens"] = int(open_token_file(out_dir / "val.bin").size)
+    stats["tokenizer"] = tokenizer.name
+    (out_dir / "stats.json").write_text(json.dumps(stats, indent=2))
+    (out_dir / "meta.json").write_text(json.dumps({"format": "jaxgpt-prepared-v1", "tokenizer": tokenizer.to_dict()}))
+    return stats
+
+
+def _split_tail(out_dir: Path, vocab_size: int, val_fraction: float) -> None:
+    """All tokens landed in one split: make the last `val_fraction` of them the validation split."""
+    ids = np.concatenate([np.asarray(open_token_file(out_dir / f"{s}.bin")) for s in ("train", "val")])
+    cut = int(len(ids) * (1 - val_fraction))
+    write_token_file(ids[:cut], out_dir / "train.bin", vocab_size)
+    write_token_file(ids[cut:], out_dir / "val.bin", vocab_size)

@@ -1,0 +1,160 @@
+"""The multi-head attention layer GPT uses, with the research variants as options.
+
+`MultiHeadAttention`: fused QKV projection, heads, output projection with bias; grouped-query /
+multi-query heads, sliding windows, rotary and ALiBi positions. Its core is an attention backend
+chosen by name (`ATTENTION_BACKENDS`): `naive`, `xla` (`jaxgpt.nn.attention_backends`) or
+`blockwise` (tiles and an online softmax: memory linear in length, `jaxgpt.nn.blockwise`). The
+book's step-by-step classes are in `jaxgpt.nn.attention_book`.
+
+Axis letters: b batch, t query positions, s key positions, n query heads, m key/value heads,
+g query heads per key/value head, h head dim, d model dim.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxgpt.nn.attention_backends import (
+    attention_weights, cached_query_attention, naive_attention, xla_attention,
+)
+from jaxgpt.nn.blockwise import blockwise_attention
+from jaxgpt.nn.dense import Dense
+from jaxgpt.nn.positions import alibi_slopes, apply_rope
+
+Array = jax.Array
+
+ATTENTION_BACKENDS: dict[str, Callable[..., Array]] = {
+    "naive": naive_attention,
+    "xla": xla_attention,
+    "blockwise": blockwise_attention,
+}
+
+
+def head_counts(x_btd: Array, n_heads: int, n_kv_heads: Optional[int], positions_bt: Optional[Array]):
+    """What every attention layer starts from: (b, t, d, n, m, h, pos_bt), positions 0..t-1 by default."""
+    b, t, d = x_btd.shape
+    pos_bt = jnp.broadcast_to(jnp.arange(t)[None], (b, t)) if positions_bt is None else positions_bt
+    return b, t, d, n_heads, n_kv_heads or n_heads, d // n_heads, pos_bt
+
+
+def fused_qkv(x_btd: Array, n: int, m: int, h: int, *, use_bias: bool, dtype) -> tuple[Array, Array, Array]:
+    """One projection `c_attn` of (n + 2m)·h columns (GPT-2's layout when m = n), split into
+    q (b, t, n, h), k and v (b, t, m, h). Call it from inside a layer's compact `__call__`."""
+    b, t = x_btd.shape[:2]
+    qkv_bte = Dense((n + 2 * m) * h, use_bias=use_bias, dtype=dtype, kernel_init=nn.initializers.normal(0.02),
+                       name="c_attn")(x_btd)
+    qkv_bte = qkv_bte.astype(dtype or qkv_bte.dtype)  # a mixed-precision Dense returns f32: attend in `dtype`
+    return (qkv_bte[..., : n * h].reshape(b, t, n, h), qkv_bte[..., n * h:(n + m) * h].reshape(b, t, m, h),
+            qkv_bte[..., (n + m) * h:].reshape(b, t, m, h))
+
+
+def _ring_attend_and_write(ring: dict, k_btmh: Array, v_btmh: Array, pos_bt: Array, cache_index, mask_bts: Array):
+    """Keys/values a local layer attends to when its cache is a ring of W slots, and the new ring.
+
+    The queries see the ring as it was (the W columns before this chunk) plus the chunk itself;
+    `mask_bts` (over all cache columns) says which of those columns they may see, the window rule
+    applies on top. Then the chunk's last min(t, W) tokens overwrite the slots `column % W`.
+    Returns (k_bsmh, v_bsmh, k_pos_bs, mask_bts, ring) with s = W + t.
+    """
+    b, t = pos_bt.shape
+    w = ring["k"].shape[1]
+    col_bw = ring["col"]
+    ring_visible_btw = jnp.take_along_axis(mask_bts, jnp.broadcast_to(jnp.maximum(col_bw, 0)[:, None], (b, t, w)), axis=2)
+    ring_visible_btw = ring_visible_btw & (col_bw >= 0)[:, None, :]
+    chunk_visible_btt = jax.lax.dynamic_slice_in_dim(mask_bts, cache_index, t, axis=2)
+    k_bsmh = jnp.concatenate([ring["k"].astype(k_btmh.dtype), k_btmh], axis=1)
+    v_bsmh = jnp.concatenate([ring["v"].astype(v_btmh.dtype), v_btmh], axis=1)
+    k_pos_bs = jnp.concatenate([ring["pos"], pos_bt], axis=1)
+    visible_bts = jnp.concatenate([ring_visible_btw, chunk_visible_btt], axis=2)
+
+    keep = min(t, w)  # static
+    cols_k = cache_index + t - keep + jnp.arange(keep)
+    slots_k = cols_k % w
+    ring = {"k": ring["k"].at[:, slots_k].set(k_btmh[:, t - keep:].astype(ring["k"].dtype)),
+            "v": ring["v"].at[:, slots_k].set(v_btmh[:, t - keep:].astype(ring["v"].dtype)),
+            "pos": ring["pos"].at[:, slots_k].set(pos_bt[:, t - keep:]),
+            "col": ring["col"].at[:, slots_k].set(jnp.broadcast_to(cols_k, (b, keep)).astype(jnp.int32))}
+    return k_bsmh, v_bsmh, k_pos_bs, visible_bts, ring
+
+
+class MultiHeadAttention(nn.Module):
+    """Causal attention with n query heads and m key/value heads (m = n: multi-head; 1: multi-query;
+    in between: grouped-query), one fused projection `c_attn` (n + 2m heads wide) and `c_proj`.
+
+    With m = n the parameters are GPT-2's, so Hugging Face weights map one to one. `position`
+    "rope" rotates queries and keys, "alibi" biases the scores (see `jaxgpt.positions`); `window`
+    makes the layer local. With `kv_cache` ({"k", "v"}: (b, m, S, h), "pos": (b, S)) the new keys,
+    values and their positions are written at `cache_index`, the queries attend to the cache under
+    `mask_bts`, and the updated cache is returned with the output.
+    """
+
+    n_heads: int
+    n_kv_heads: Optional[int] = None  # None: as many as query heads
+    drop_rate: float = 0.0
+    qkv_bias: bool = False
+    impl: str = "naive"  # a key of ATTENTION_BACKENDS
+    dtype: jnp.dtype = jnp.float32
+    out_init_std: float = 0.02  # GPT-2 scales residual projections by 1/sqrt(2 * n_layers)
+    position: str = "learned"  # "rope" and "alibi" act here; "learned"/"none" need nothing
+    rope_base: float = 10000.0
+    window: Optional[int] = None  # sliding-window (local) attention over this many positions
+
+    @staticmethod
+    def empty_cache(config, batch: int, length: int, dtype, window: Optional[int] = None) -> dict:
+        """{"k", "v", "pos"} for `length` slots; a local layer whose window is shorter gets a ring of
+        `window` slots instead, with "col": the cache column each slot holds (-1: empty)."""
+        slots = length if window is None else min(window, length)
+        if slots < length:  # a ring, token-major (b, W, m, h)
+            shape = (batch, slots, config.kv_heads, config.head_dim)
+        else:  # heads-major (b, m, S, h): what a decode step's attention reads in place
+            shape = (batch, config.kv_heads, slots, config.head_dim)
+        cache = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "pos": jnp.zeros((batch, slots), jnp.int32)}
+        if slots < length:
+            cache["col"] = jnp.full((batch, slots), -1, jnp.int32)
+        return cache
+
+    @nn.compact
+    def __call__(self, x_btd: Array, *, deterministic: bool = True, positions_bt: Optional[Array] = None,
+                 kv_cache: Optional[dict] = None, cache_index: Optional[Array] = None,
+                 mask_bts: Optional[Array] = None):
+        b, t, d, n, m, h, pos_bt = head_counts(x_btd, self.n_heads, self.n_kv_heads, positions_bt)
+        q_btnh, k_btmh, v_btmh = fused_qkv(x_btd, n, m, h, use_bias=self.qkv_bias, dtype=self.dtype)
+        if self.position == "rope":
+            q_btnh, k_btmh = apply_rope(q_btnh, pos_bt, self.rope_base), apply_rope(k_btmh, pos_bt, self.rope_base)
+
+        k_pos_bs = pos_bt
+        if kv_cache is not None and "col" in kv_cache:  # a local layer's ring of the last `window` tokens
+            k_btmh, v_btmh, k_pos_bs, mask_bts, kv_cache = _ring_attend_and_write(
+                kv_cache, k_btmh, v_btmh, pos_bt, cache_index, mask_bts)
+        elif kv_cache is not None:  # heads-major (b, m, S, h): the new tokens' keys/values go in at cache_index
+            write = lambda cache, new, axis: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
+                cache, new.astype(cache.dtype), cache_index, axis)
+            kv_cache = {"k": write(kv_cache["k"], k_btmh.transpose(0, 2, 1, 3), 2),
+                        "v": write(kv_cache["v"], v_btmh.transpose(0, 2, 1, 3), 2),
+                        "pos": write(kv_cache["pos"], pos_bt, 1)}
+            k_bmsh, v_bmsh = kv_cache["k"], kv_cache["v"]  # a decode step reads them in the cache's dtype
+            k_btmh = k_bmsh.transpose(0, 2, 1, 3).astype(q_btnh.dtype)  # (b, S, m, h); unused by a decode step
+            v_btmh = v_bmsh.transpose(0, 2, 1, 3).astype(q_btnh.dtype)
+            k_pos_bs = kv_cache["pos"]
+
+        dropout = None
+        if self.drop_rate > 0.0 and not deterministic:
+            dropout = lambda w: nn.Dropout(self.drop_rate, name="attn_drop")(w, deterministic=False)  # noqa: E731
+        if self.impl not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention backend {self.impl!r}; known: {sorted(ATTENTION_BACKENDS)}")
+        slopes_n = alibi_slopes(n) if self.position == "alibi" else None
+        kw = dict(q_pos_bt=pos_bt, k_pos_bs=k_pos_bs, mask_bts=mask_bts, window=self.window, slopes_n=slopes_n)
+        if self.is_mutable_collection("intermediates"):  # asked for the weights (attention maps)
+            self.sow("intermediates", "attention_weights", attention_weights(q_btnh, k_btmh, **kw))
+        if kv_cache is not None and "col" not in kv_cache and t == 1 and self.impl == "xla":  # a decode step
+            out_btnh = cached_query_attention(q_btnh, k_bmsh, v_bmsh, **kw)
+        else:
+            out_btnh = ATTENTION_BACKENDS[self.impl](q_btnh, k_btmh, v_btmh, **kw, dropout=dropout)
+
+        out_btd = out_btnh.reshape(b, t, d)
+        out_btd = Dense(d, dtype=self.dtype, kernel_init=nn.initializers.normal(self.out_init_std), name="c_proj")(out_btd)
+        return out_btd if kv_cache is None else (out_btd, kv_cache)

@@ -1,0 +1,143 @@
+"""The transformer block and its parts (the book's chapter 4): the MLP, the attention layer a config
+selects, and the blocks run as pure functions of their parameters (scanned or rematerialised).
+
+Parameter names follow GPT-2's (ln_1, attn, ln_2, mlp with c_fc/c_proj), so Hugging Face weights
+and the NumPy reference (`jaxgpt.reference`) address the same tree.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxgpt.config import GPTConfig
+from jaxgpt.nn.attention import MultiHeadAttention
+from jaxgpt.nn.dense import Dense
+from jaxgpt.nn.latent_attention import LatentAttention
+from jaxgpt.nn.linear_attention import LinearAttention
+
+Array = jax.Array
+
+
+# The attention layers a config can select (`GPTConfig.attention`). Each takes
+# (x_btd, *, deterministic, positions_bt, kv_cache, cache_index, mask_bts) and has
+# `empty_cache(config, batch, length, dtype)`; see docs/attention_variants.md to add one.
+ATTENTION_LAYERS = {"softmax": MultiHeadAttention, "mla": LatentAttention, "linear": LinearAttention}
+
+
+def attention_layer(cfg: GPTConfig, *, impl: str, dtype, out_init_std: float, window: Optional[int]) -> nn.Module:
+    """The configured attention layer of one block (named "attn", as GPT-2's)."""
+    common = dict(n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, qkv_bias=cfg.qkv_bias, dtype=dtype,
+                  out_init_std=out_init_std, name="attn")
+    if cfg.attention == "linear":
+        return LinearAttention(**common)
+    softmax_options = dict(drop_rate=cfg.drop_rate, impl=impl, position=cfg.position, rope_base=cfg.rope_base,
+                           window=window)
+    if cfg.attention == "mla":
+        return LatentAttention(latent_dim=cfg.latent_dim, **common, **softmax_options)
+    return MultiHeadAttention(**common, **softmax_options)
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: d -> ratio*d, GELU (tanh approximation), -> d."""
+
+    hidden: int
+    dtype: jnp.dtype = jnp.float32
+    out_init_std: float = 0.02
+
+    @nn.compact
+    def __call__(self, x_btd: Array) -> Array:
+        d = x_btd.shape[-1]
+        x_btf = Dense(self.hidden, dtype=self.dtype, kernel_init=nn.initializers.normal(0.02), name="c_fc")(x_btd)
+        x_btf = nn.gelu(x_btf, approximate=True)
+        return Dense(d, dtype=self.dtype, kernel_init=nn.initializers.normal(self.out_init_std), name="c_proj")(x_btf)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + drop(attn(ln_1(x))), then x + drop(mlp(ln_2(x)))."""
+
+    config: GPTConfig
+    attn_impl: str
+    dtype: jnp.dtype
+    window: Optional[int] = None  # this layer's sliding window (None: global)
+
+    @nn.compact
+    def __call__(self, x_btd: Array, *, deterministic: bool = True, positions_bt: Optional[Array] = None,
+                 kv_cache: Optional[dict] = None, cache_index: Optional[Array] = None,
+                 mask_bts: Optional[Array] = None):
+        cfg = self.config
+        out_std = 0.02 / math.sqrt(2 * cfg.n_layers)
+        ln = lambda name: nn.LayerNorm(epsilon=cfg.ln_eps, dtype=self.dtype, name=name)  # noqa: E731
+        drop = nn.Dropout(cfg.drop_rate)
+
+        attn = attention_layer(cfg, impl=self.attn_impl, dtype=self.dtype, out_init_std=out_std, window=self.window)
+        attn_out = attn(ln("ln_1")(x_btd), deterministic=deterministic, positions_bt=positions_bt,
+                        kv_cache=kv_cache, cache_index=cache_index, mask_bts=mask_bts)
+        if kv_cache is not None:
+            attn_out, kv_cache = attn_out
+        x_btd = x_btd + drop(attn_out, deterministic=deterministic)
+        mlp = MLP(hidden=cfg.mlp_ratio * cfg.emb_dim, dtype=self.dtype, out_init_std=out_std, name="mlp")
+        x_btd = x_btd + drop(mlp(ln("ln_2")(x_btd)), deterministic=deterministic)
+        return x_btd if kv_cache is None else (x_btd, kv_cache)
+
+
+REMAT_POLICY_FNS = {
+    "full": None,  # jax.checkpoint's default: keep only the block's input
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def init_stacked_blocks(key: Array, cfg: GPTConfig, impl: str, dtype) -> dict:
+    """Initial parameters of all blocks in the scanned layout: one Block init per layer key, vmapped."""
+    block = Block(cfg, attn_impl=impl, dtype=dtype, window=cfg.layer_window(0), parent=None)
+    x_btd = jnp.zeros((1, 1, cfg.emb_dim), jnp.float32)
+    init_one = lambda k: block.init({"params": k}, x_btd, positions_bt=jnp.zeros((1, 1), jnp.int32))["params"]  # noqa: E731
+    return jax.vmap(init_one)(jax.random.split(key, cfg.n_layers))
+
+
+def run_blocks(cfg: GPTConfig, layers, x_btd: Array, *, impl: str, dtype, positions_bt: Array,
+               dropout_key: Optional[Array], cache: Optional[list] = None, cache_index: Optional[Array] = None,
+               mask_bts: Optional[Array] = None, new_cache: Optional[list] = None) -> Array:
+    """The transformer blocks as pure functions of their parameters (`GPTConfig.scan_layers`, `.remat`).
+
+    `layers` is a list of per-block trees (GPT-2 layout) or, with `scan_layers`, one tree whose
+    leaves carry a leading layer axis. Training and scoring run that stacked tree through one
+    `lax.scan` (XLA compiles one block body whatever the depth); cached decoding, whose cache is a
+    per-layer list, loops over layer slices and appends each layer's new cache to `new_cache`.
+    `remat` wraps the block in `jax.checkpoint` with the configured policy. Layer i's dropout key is
+    `split(dropout_key, n_layers)[i]` in every form, so scanned and unrolled runs agree.
+    """
+    blocks = {}
+
+    def layer(window, x_btd, params, key, kv_cache=None):
+        if window not in blocks:  # one unbound Block per distinct window (all layers alike under scan)
+            blocks[window] = Block(cfg, attn_impl=impl, dtype=dtype, window=window, parent=None)
+        rngs = None if key is None else {"dropout": key}
+        return blocks[window].apply({"params": params}, x_btd, deterministic=key is None, positions_bt=positions_bt,
+                                    kv_cache=kv_cache, cache_index=cache_index, mask_bts=mask_bts, rngs=rngs)
+
+    if cfg.remat != "none" and cache is None:
+        layer = jax.checkpoint(layer, static_argnums=(0,), policy=REMAT_POLICY_FNS[cfg.remat],
+                               prevent_cse=not cfg.scan_layers)  # scan already keeps XLA from merging recomputation
+    keys = None if dropout_key is None else jax.random.split(dropout_key, cfg.n_layers)
+    if cfg.scan_layers and cache is None:
+        def step(x_btd, params_and_key):
+            params, key = params_and_key
+            return layer(cfg.layer_window(0), x_btd, params, key), None
+
+        x_btd, _ = jax.lax.scan(step, x_btd, (layers, keys))
+        return x_btd
+    for i in range(cfg.n_layers):
+        params = jax.tree.map(lambda a: a[i], layers) if cfg.scan_layers else layers[i]
+        key = None if keys is None else keys[i]
+        if cache is None:
+            x_btd = layer(cfg.layer_window(i), x_btd, params, key)
+        else:
+            x_btd, layer_cache = layer(cfg.layer_window(i), x_btd, params, key, cache[i])
+            new_cache.append(layer_cache)
+    return x_btd

@@ -1,0 +1,148 @@
+"""Training configuration and the `section.field=value` overrides of the command line.
+
+`TrainConfig` is frozen and validated like `GPTConfig`; a run is described completely by
+(model config, train config, tokenizer), all three stored in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from jaxgpt.config import ConfigError, GPTConfig
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # data
+    data: str = "python-docs"  # named corpus, text file, or a `jaxgpt data prepare` directory
+    tokenizer: str = "char"  # "char" (built from the corpus) or "gpt2"
+    train_ratio: float = 0.9  # first part of the token stream trains, the rest validates
+    sampling: str = "random"  # "random" windows (pure function of seed, step) or "epochs" (book-style, shuffled)
+    stride: Optional[int] = None  # window stride for "epochs" sampling (default: context length)
+    # batch: batch_size sequences per optimizer step, split over devices, then into micro-batches
+    batch_size: int = 16
+    micro_batches: int = 1  # gradient accumulation: micro-batches per optimizer step
+    context_length: Optional[int] = None  # training window (default: the model's context length)
+    max_steps: int = 600
+    # optimizer: AdamW with linear warmup and cosine decay to min_lr
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 50
+    decay_steps: Optional[int] = None  # steps of warmup + cosine decay (default: max_steps)
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # clip by global norm; 0 disables
+    decay_embeddings: bool = False  # weight decay on wte/wpe (off by default, as nanoGPT)
+    # schedule of side work, in optimizer steps
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 20
+    ckpt_every: int = 200
+    keep_checkpoints: int = 3
+    samples: int = 3  # generated samples printed at the end
+    sample_tokens: int = 200
+    # run
+    seed: int = 0
+    devices: Optional[int] = None  # local devices for pmap data parallelism (default: all)
+    mesh: Optional[str] = None  # e.g. "data=2,fsdp=2": sharded jit over all processes' devices instead of pmap
+    peak_flops: Optional[float] = None  # per-device peak FLOP/s for MFU (default: measured by a matmul probe)
+    tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        positive = ("batch_size", "micro_batches", "max_steps", "log_every", "eval_every", "eval_batches",
+                    "ckpt_every", "keep_checkpoints")
+        for name in positive:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ConfigError(f"TrainConfig.{name} must be a positive integer, got {v!r}")
+        for name in ("stride", "context_length", "decay_steps", "devices"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+                raise ConfigError(f"TrainConfig.{name} must be a positive integer or unset, got {v!r}")
+        for name in ("warmup_steps", "samples", "sample_tokens", "seed"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ConfigError(f"TrainConfig.{name} must be a non-negative integer, got {v!r}")
+        if not 0.0 < self.train_ratio < 1.0:
+            raise ConfigError(f"TrainConfig.train_ratio must be in (0, 1), got {self.train_ratio}")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError(f"TrainConfig needs 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ConfigError(f"TrainConfig.beta1/beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
+        if self.eps <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError("TrainConfig.eps must be > 0 and weight_decay, grad_clip >= 0")
+        if self.tokenizer not in ("char", "gpt2"):
+            raise ConfigError(f"TrainConfig.tokenizer must be 'char' or 'gpt2', got {self.tokenizer!r}")
+        if self.sampling not in ("random", "epochs"):
+            raise ConfigError(f"TrainConfig.sampling must be 'random' or 'epochs', got {self.sampling!r}")
+        if self.batch_size % self.micro_batches:
+            raise ConfigError(
+                f"TrainConfig.batch_size ({self.batch_size}) must be divisible by micro_batches ({self.micro_batches})"
+            )
+        if self.peak_flops is not None and self.peak_flops <= 0:
+            raise ConfigError(f"TrainConfig.peak_flops must be positive, got {self.peak_flops}")
+
+    @property
+    def total_decay_steps(self) -> int:
+        return self.decay_steps or self.max_steps
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ConfigError(f"unknown TrainConfig field(s) {sorted(unknown)}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown TrainConfig field(s) {sorted(unknown)}")
+        return cls(**d)
+
+
+def _parse_value(text: str, current: Any, field: dataclasses.Field, where: str) -> Any:
+    """Convert the text of an override to the type of the field it sets."""
+    kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
+    low = text.strip().lower()
+    if low in ("none", "null") and "Optional" in kind:
+        return None
+    try:
+        if "bool" in kind:
+            if low in ("true", "1", "yes", "on"):
+                return True
+            if low in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if "int" in kind:
+            return int(text)
+        if "float" in kind:
+            return float(text)
+    except ValueError:
+        raise ConfigError(f"{where}: cannot read {text!r} as {kind}") from None
+    return text
+
+
+def apply_overrides(model: GPTConfig, train: TrainConfig, overrides: list[str]) -> tuple[GPTConfig, TrainConfig]:
+    """Apply `section.field=value` strings (section `model` or `train`) with type checks."""
+    changes: dict[str, dict[str, Any]] = {"model": {}, "train": {}}
+    targets = {"model": model, "train": train}
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"override {item!r} must look like section.field=value (section: model or train)")
+        key, text = item.split("=", 1)
+        section, name = key.split(".", 1)
+        if section not in targets:
+            raise ConfigError(f"override {item!r}: unknown section {section!r}; use 'model' or 'train'")
+        fields = {f.name: f for f in dataclasses.fields(targets[section])}
+        if name not in fields:
+            raise ConfigError(f"override {item!r}: {section} has no field {name!r}; fields: {sorted(fields)}")
+        changes[section][name] = _parse_value(text, getattr(targets[section], name), fields[name], item)
+    return model.replace(**changes["model"]), train.replace(**changes["train"])

@@ -1,0 +1,319 @@
+"""The pretraining loop: data, the compiled step, evaluation, logging, checkpoints, guard rails.
+
+`train(model_cfg, train_cfg, run_dir)` runs (or, with `resume=True`, continues) a run in
+`run_dir` (its files: `jaxgpt.train.run_dir`). A run stopped anywhere (Ctrl-C, SIGTERM, kill -9)
+and resumed ends with bit-identical parameters to the same run done straight through: the batch,
+the dropout key and the learning rate of step s are pure functions of (config, s), and the state
+restored is the state saved.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgpt.config import GPTConfig, resolve_dtype
+from jaxgpt.data.corpus import DataError
+from jaxgpt.inference.generate import generate, trim_at_eos
+from jaxgpt.nn.model import GPT, count_params, init_params
+from jaxgpt.train.batches import RunData, build_data
+from jaxgpt.train.config import TrainConfig
+from jaxgpt.train.metrics import JsonlLogger, flops_per_token, measure_peak_flops, plot_losses, read_jsonl
+from jaxgpt.train.optimizer import build_optimizer, lr_schedule
+from jaxgpt.train.run_dir import keep_records_up_to, run_configs, run_meta
+from jaxgpt.train.sharding import ShardedTrainer, build_mesh
+from jaxgpt.train.step import ParallelTrainer, create_state
+from jaxgpt.weights.checkpoint import Checkpointer, restore, write_json
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def to_host(x) -> float:
+    """A replicated scalar as a Python float (also when the array spans several processes)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        x = x.addressable_data(0)
+    return float(x)
+
+
+def evaluate(eval_step: Callable, params, batches: list) -> float:
+    """Mean validation cross-entropy over the fixed batches (all have the same size)."""
+    losses = [to_host(eval_step(params, x, y)) for x, y in batches]
+    return float(np.mean(losses))
+
+
+class _NullLogger:
+    """What processes other than 0 log to."""
+
+    def log(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _StopSignals:
+    """Turns SIGINT/SIGTERM into a flag the loop checks after each step (so it can save first)."""
+
+    def __init__(self) -> None:
+        self.received: Optional[int] = None
+        self._previous: dict = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:  # second Ctrl-C: give up saving
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# On a CPU the local devices are simulated (one per core, see jaxgpt.host_setup) and
+# share the cores. Data parallelism over them pays for narrow models, whose small matmuls cannot
+# spread over the cores on one device (measured with `python -m benchmarks.bench` workers: nanoGPT's
+# 128-wide shape 1.33x, a 192-wide GPT-2-BPE model 1.31x), and loses for wide ones, whose matmuls
+# already use every core and which then pay for a replicated optimizer update and the gradient
+# all-reduce (gpt2-small, 768 wide: 7.1 s against 4.0 s a step, and 10.2 against 4.3 GB).
+CPU_DATA_PARALLEL_MAX_WIDTH = 512
+
+
+def default_device_count(cfg: TrainConfig, model_cfg: Optional[GPTConfig] = None) -> int:
+    """All local devices, or the most that divide the batch evenly (with its micro-batches); on a
+    CPU, one device for models `CPU_DATA_PARALLEL_MAX_WIDTH` wide or wider."""
+    n = jax.local_device_count()
+    if jax.default_backend() == "cpu" and model_cfg is not None and model_cfg.emb_dim >= CPU_DATA_PARALLEL_MAX_WIDTH:
+        return 1
+    while cfg.batch_size % (n * cfg.micro_batches):
+        n -= 1
+    return n
+
+
+def _log(msg: str) -> None:
+    print(f"[jaxgpt] {msg}", file=sys.stderr, flush=True)
+
+
+def _build_trainer(model_cfg: GPTConfig, cfg: TrainConfig):
+    """(trainer, abstract state, a function making the initial state) for this run's parallel mode."""
+    model = GPT(model_cfg)
+    tx = build_optimizer(cfg)
+    init_state = lambda: create_state(model, tx, init_params(model_cfg, seed=cfg.seed), cfg.seed)  # noqa: E731
+    abstract = jax.eval_shape(init_state)
+    if cfg.mesh:
+        trainer = ShardedTrainer(model, tx, build_mesh(cfg.mesh), cfg.micro_batches, abstract)
+        abstract = trainer.abstract_state(abstract)
+        init_state = jax.jit(init_state, out_shardings=trainer.state_sharding)
+    else:
+        trainer = ParallelTrainer(model, tx, cfg.devices or default_device_count(cfg, model_cfg), cfg.micro_batches)
+    trainer.check_batch_size(cfg.batch_size)
+    return trainer, abstract, init_state
+
+
+def _peak_flops(model_cfg: GPTConfig, cfg: TrainConfig, n_devices: int) -> tuple[float, str]:
+    """(peak FLOP/s of the devices training, where that figure comes from), for MFU."""
+    if cfg.peak_flops:
+        return cfg.peak_flops * n_devices, "given"
+    compute_dtype = resolve_dtype(model_cfg)
+    per_device = measure_peak_flops(dtype=compute_dtype)
+    # simulated CPU devices share the host's cores: the probe already measures all of them
+    peak = per_device * (1 if jax.default_backend() == "cpu" else n_devices)
+    return peak, f"matmul probe ({jnp.dtype(compute_dtype).name} 2048x2048)"
+
+
+def _describe_layout(cfg: TrainConfig, n_devices: int) -> str:
+    """How the run is spread over devices and processes, for the start-up line."""
+    text = f"{n_devices} of {jax.local_device_count()} local {jax.default_backend()} device(s)"
+    if n_devices > 1 and not cfg.mesh:
+        text += " (pmap)"
+    if n_devices == 1 and jax.local_device_count() > 1 and not cfg.devices and not cfg.mesh:
+        text += " (a wide model on CPU trains fastest on one device; train.devices overrides)"
+    if cfg.mesh:
+        text += f" in mesh {cfg.mesh} over {jax.process_count()} process(es)"
+    return text
+
+
+class _Loop:
+    """The steps of one run, with their side work: logging, evaluation, checkpoints, signals."""
+
+    def __init__(self, run_dir: Path, model_cfg: GPTConfig, cfg: TrainConfig, data: RunData, trainer, state,
+                 seq_len: int, flops_tok: float, peak: float, best_val: float) -> None:
+        self.run_dir, self.model_cfg, self.cfg, self.data, self.trainer = run_dir, model_cfg, cfg, data, trainer
+        self.state, self.best_val = trainer.put_state(state), best_val
+        self.is_main = jax.process_index() == 0  # only process 0 writes logs, plots and summaries
+        self.logger = (JsonlLogger(run_dir / "metrics.jsonl", run_dir / "tensorboard" if cfg.tensorboard else None)
+                       if self.is_main else _NullLogger())
+        self.ckpt = Checkpointer(run_dir, cfg.keep_checkpoints)
+        self.schedule = lr_schedule(cfg)
+        self.tokens_per_step, self.flops_tok, self.peak = cfg.batch_size * seq_len, flops_tok, peak
+        self.status, self.last_loss, self.val_loss = "completed", float("nan"), None
+        self.t_start = self.t_last = time.perf_counter()
+        self.steps_since_log = 0
+        self.val_batches = [(x[trainer.local_eval_rows(len(x))], y[trainer.local_eval_rows(len(x))])
+                            for x, y in data.val_batches]
+
+    def save(self, step: int, *, best: bool = False) -> None:
+        meta = run_meta(self.model_cfg, self.cfg, self.data.tokenizer, step, self.best_val)
+        self.ckpt.save(step, self.trainer.get_state(self.state), meta, best=best)
+
+    def run(self, start_step: int, progress: bool, step_callback: Optional[Callable[[int], None]]) -> None:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not (progress and self.is_main), unit="step",
+                   dynamic_ncols=True)
+        train_rows = self.trainer.local_rows(cfg.batch_size)
+        try:
+            with _StopSignals() as stop:
+                for step in range(start_step, cfg.max_steps):
+                    x_bt, y_bt = self.data.train_source.batch(step, rows=train_rows)
+                    self.state, metrics = self.trainer(self.state, x_bt, y_bt)
+                    done = step + 1
+                    self._after_step(step, to_host(metrics["loss"]), metrics, bar)
+                    if step_callback is not None:
+                        step_callback(done)
+                    if stop.received is not None:
+                        self.save(done)
+                        self.status = "interrupted"
+                        bar.write(f"signal {stop.received}: saved a checkpoint at step {done}; resume with --resume",
+                                  file=sys.stderr)
+                        break
+        finally:
+            bar.close()
+            self.ckpt.close()
+            self.logger.close()
+
+    def _after_step(self, step: int, loss: float, metrics: dict, bar) -> None:
+        """Check the loss, then log, evaluate and save on their schedules."""
+        cfg, done = self.cfg, step + 1
+        self.steps_since_log += 1
+        bar.update(1)
+        if not math.isfinite(loss):
+            self.logger.log({"kind": "diverged", "step": done, "loss": str(loss)})
+            self.status = "diverged"
+            raise TrainingDiverged(
+                f"loss became {loss} at step {done}; stopped without saving this state. "
+                f"The last good checkpoint is kept in {self.run_dir} (step {self.ckpt.latest_step()}): "
+                "lower train.lr, raise train.warmup_steps, or check the data"
+            )
+        self.last_loss = loss
+        if done % cfg.log_every == 0 or done == cfg.max_steps:
+            self._log_train(step, loss, metrics, bar)
+        if done % cfg.eval_every == 0 or done == cfg.max_steps:
+            self._evaluate(done, loss, bar)
+        if done % cfg.ckpt_every == 0 or done == cfg.max_steps:
+            self.save(done)
+
+    def _log_train(self, step: int, loss: float, metrics: dict, bar) -> None:
+        now = time.perf_counter()
+        tok_s = self.steps_since_log * self.tokens_per_step / (now - self.t_last)
+        done = step + 1
+        self.logger.log({
+            "kind": "train", "step": done, "tokens_seen": done * self.tokens_per_step, "loss": loss,
+            "lr": float(self.schedule(step)), "grad_norm": to_host(metrics["grad_norm"]),
+            "tokens_per_s": tok_s, "mfu": tok_s * self.flops_tok / self.peak, "time_s": now - self.t_start,
+        })
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
+        self.t_last, self.steps_since_log = now, 0
+
+    def _evaluate(self, done: int, loss: float, bar) -> None:
+        self.val_loss = evaluate(self.trainer.eval_step, self.trainer.params(self.state), self.val_batches)
+        improved = self.val_loss < self.best_val
+        self.best_val = min(self.best_val, self.val_loss)
+        self.logger.log({
+            "kind": "eval", "step": done, "tokens_seen": done * self.tokens_per_step, "val_loss": self.val_loss,
+            "val_ppl": math.exp(min(self.val_loss, 50.0)), "best_val_loss": self.best_val,
+        })
+        if self.is_main:
+            bar.write(f"step {done}: train loss {loss:.4f}, val loss {self.val_loss:.4f} (best {self.best_val:.4f})",
+                      file=sys.stderr)
+        if improved:
+            self.save(done, best=True)
+        self.t_last = time.perf_counter()  # evaluation time is not training throughput
+
+
+def _samples(params, model_cfg: GPTConfig, cfg: TrainConfig, data: RunData) -> list[str]:
+    """The end-of-run samples: `cfg.samples` continuations of the start of the validation text."""
+    prompt = np.array([data.sample_prompt] * cfg.samples)
+    out = generate(params, model_cfg, prompt, cfg.sample_tokens, temperature=0.8, top_k=40,
+                   seed=cfg.seed, eos_id=data.tokenizer.eot_id)
+    eot, n = data.tokenizer.eot_id, len(data.sample_prompt)
+    return [data.tokenizer.decode(data.sample_prompt + trim_at_eos(row, eot, n)) for row in out]
+
+
+def train(
+    model_cfg: Optional[GPTConfig],
+    cfg: Optional[TrainConfig],
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    step_callback: Optional[Callable[[int], None]] = None,
+) -> dict:
+    """Train (or resume) the run in `run_dir`; returns the summary also written to summary.json.
+
+    On resume the configs stored in the checkpoint are used; `model_cfg`, if given, must match
+    them, and `cfg`, if given, may differ from the stored train config only in
+    `RESUMABLE_CHANGES` (length of the run, device layout, schedule of side work).
+    """
+    run_dir = Path(run_dir)
+    model_cfg, cfg, tokenizer, best_val = run_configs(run_dir, model_cfg, cfg, resume)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seq_len = cfg.context_length or model_cfg.context_length
+    if seq_len > model_cfg.context_length:
+        raise DataError(f"train.context_length {seq_len} exceeds the model's context_length {model_cfg.context_length}")
+    data = build_data(cfg, seq_len, tokenizer)
+    if model_cfg.vocab_size != data.tokenizer.vocab_size:
+        model_cfg = model_cfg.replace(vocab_size=data.tokenizer.vocab_size)
+
+    trainer, abstract, init_state = _build_trainer(model_cfg, cfg)
+    state = restore(run_dir, abstract)[0] if resume else init_state()
+    start_step = int(to_host(state["step"]))
+    if jax.process_index() == 0:
+        if resume:
+            keep_records_up_to(run_dir / "metrics.jsonl", start_step)
+        write_json(run_dir / "config.json", run_meta(model_cfg, cfg, data.tokenizer, start_step, best_val))
+
+    n_params = count_params(abstract["params"])
+    flops_tok = flops_per_token(model_cfg, seq_len, n_params)
+    peak, peak_source = _peak_flops(model_cfg, cfg, trainer.n_devices)
+    _log(f"model {n_params:,} params, vocab {model_cfg.vocab_size}, context {seq_len}; "
+         f"{data.n_train_tokens:,} train / {data.n_val_tokens:,} val tokens; {_describe_layout(cfg, trainer.n_devices)}; "
+         f"steps {start_step}->{cfg.max_steps}; peak {peak / 1e9:.0f} GFLOP/s ({peak_source})")
+
+    loop = _Loop(run_dir, model_cfg, cfg, data, trainer, state, seq_len, flops_tok, peak, best_val)
+    loop.run(start_step, progress, step_callback)
+
+    final_step = int(to_host(trainer.get_state(loop.state)["step"]))
+    if not loop.is_main:
+        return {"status": loop.status, "run_dir": str(run_dir), "step": final_step, "process": jax.process_index()}
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    plot_losses(records, run_dir / "loss.png", title=f"{run_dir.name}: {cfg.data}")
+    train_records = [r for r in records if r.get("kind") == "train"]
+    summary = {
+        "status": loop.status, "run_dir": str(run_dir), "step": final_step, "train_loss": loop.last_loss,
+        "val_loss": loop.val_loss, "best_val_loss": loop.best_val if math.isfinite(loop.best_val) else None,
+        "wall_s": time.perf_counter() - loop.t_start, "n_params": n_params, "devices": trainer.n_devices,
+        "tokens_per_s": train_records[-1]["tokens_per_s"] if train_records else None,
+        "peak_flops": peak, "peak_flops_source": peak_source,
+    }
+    if loop.status == "completed" and cfg.samples > 0 and jax.process_count() == 1:
+        summary["samples"] = _samples(trainer.params(loop.state), model_cfg, cfg, data)
+    write_json(run_dir / "summary.json", summary)
+    return summary

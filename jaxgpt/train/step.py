@@ -1,0 +1,164 @@
+"""The pure train and eval steps, written once, and the wrappers that compile them per parallel mode.
+
+Train state is a plain dict pytree (what Orbax saves):
+    {"step": int32[], "params": {...}, "opt_state": optax state, "rng": uint32 key data}
+The dropout key of step s is fold_in(rng, s) (and the device index under pmap), so the whole run
+is a pure function of (initial state, batches): this is what makes exact resume possible.
+
+Batches arrive as (micro_batches, rows, T) arrays; the step averages the gradients of its
+micro-batches (gradient accumulation with `lax.scan`), and under pmap also across devices
+(`lax.pmean`). Since every micro-batch has the same number of tokens, the update equals the one of
+the whole global batch at once, whatever the device count or the number of micro-batches.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxgpt import xla_tuning
+from jaxgpt.config import resolve_dtype
+from jaxgpt.nn.model import GPT, cross_entropy
+
+Array = jax.Array
+PMAP_AXIS = "batch"
+
+
+def create_state(model: GPT, tx: optax.GradientTransformation, params, seed: int) -> dict:
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "opt_state": tx.init(params),
+        "rng": jax.random.key_data(jax.random.key(seed + 1)),
+    }
+
+
+def make_train_step(model: GPT, tx: optax.GradientTransformation, *, axis_name: Optional[str] = None) -> Callable:
+    """The pure step (state, x_mbt, y_mbt) -> (state, metrics); `axis_name` set when run under pmap."""
+
+    def loss_fn(params, x_bt, y_bt, key):
+        logits_btv = model.apply(params, x_bt, deterministic=False, rngs={"dropout": key})
+        return cross_entropy(logits_btv, y_bt)
+
+    grad_fn = jax.value_and_grad(loss_fn)
+
+    def train_step(state, x_mbt, y_mbt):
+        params = state["params"]
+        key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+        if axis_name is not None:
+            key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+
+        n_micro = x_mbt.shape[0]
+        if n_micro == 1:
+            loss, grads = grad_fn(params, x_mbt[0], y_mbt[0], key)
+        else:
+            def accumulate(grads_sum, micro):
+                i, x_bt, y_bt = micro
+                loss_i, grads_i = grad_fn(params, x_bt, y_bt, jax.random.fold_in(key, i))
+                return jax.tree.map(jnp.add, grads_sum, grads_i), loss_i
+
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            grads, losses = jax.lax.scan(accumulate, zeros, (jnp.arange(n_micro), x_mbt, y_mbt))
+            grads = jax.tree.map(lambda g: g / n_micro, grads)
+            loss = jnp.mean(losses)
+
+        if axis_name is not None:
+            grads = jax.lax.pmean(grads, axis_name)
+            loss = jax.lax.pmean(loss, axis_name)
+
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_state = {
+            "step": state["step"] + 1,
+            "params": optax.apply_updates(params, updates),
+            "opt_state": opt_state,
+            "rng": state["rng"],
+        }
+        return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+    return train_step
+
+
+def make_eval_step(model: GPT) -> Callable:
+    """(params, x_bt, y_bt) -> mean cross-entropy, without dropout."""
+
+    def eval_step(params, x_bt, y_bt):
+        return cross_entropy(model.apply(params, x_bt, deterministic=True), y_bt)
+
+    return eval_step
+
+
+class ParallelTrainer:
+    """The train step compiled for `n_devices` local devices: plain jit for one, pmap for several.
+
+    It owns the layout: `put_state`/`get_state` move the state in and out of the replicated form,
+    `split_batch` reshapes a global (B, T) batch into what the compiled step takes.
+    """
+
+    def __init__(self, model: GPT, tx: optax.GradientTransformation, n_devices: int, micro_batches: int) -> None:
+        available = jax.local_device_count()
+        if not 1 <= n_devices <= available:
+            raise ValueError(f"asked for {n_devices} devices but JAX sees {available} local device(s)")
+        self.n_devices = n_devices
+        self.micro_batches = micro_batches
+        self.devices = jax.local_devices()[:n_devices]
+        compute_dtype = resolve_dtype(model.config)  # picks the XLA options (jaxgpt.xla_tuning)
+        if n_devices == 1:
+            self.step = xla_tuning.jit(make_train_step(model, tx), compute_dtype=compute_dtype, donate_argnums=0)
+        else:
+            self.step = xla_tuning.pmap(
+                make_train_step(model, tx, axis_name=PMAP_AXIS), compute_dtype=compute_dtype, axis_name=PMAP_AXIS,
+                donate_argnums=0, devices=self.devices,
+            )
+        self.eval_step = xla_tuning.jit(make_eval_step(model), compute_dtype=compute_dtype)
+
+    def check_batch_size(self, batch_size: int) -> None:
+        if batch_size % (self.n_devices * self.micro_batches):
+            raise ValueError(
+                f"batch_size {batch_size} must be divisible by devices × micro_batches "
+                f"= {self.n_devices} × {self.micro_batches}"
+            )
+
+    def put_state(self, state: dict):
+        if self.n_devices == 1:
+            return jax.device_put(state, self.devices[0])
+        return jax.tree.map(lambda a: np.broadcast_to(np.asarray(a), (self.n_devices,) + np.shape(a)), state)
+
+    def get_state(self, state) -> dict:
+        """The state as one (unreplicated) copy: device 0's replica, taken without computing.
+
+        Indexing the replicated arrays (`a[0]`) would launch a program over all devices; with Orbax
+        saving in a background thread at the same time, the CPU devices could enter two such
+        programs' collectives in different orders and deadlock (seen at a step where a best and a
+        periodic checkpoint were saved together). `addressable_data(0)` is device 0's own (1, …)
+        shard; indexing it runs on that device alone and copies (the next step donates the state).
+        """
+        if self.n_devices == 1:
+            return state
+        return jax.tree.map(lambda a: a.addressable_data(0)[0], state)
+
+    def params(self, state):
+        return self.get_state(state)["params"]
+
+    def local_rows(self, batch_size: int) -> slice:
+        """Rows of each global batch this process feeds: all of them (one process)."""
+        return slice(None)
+
+    def local_eval_rows(self, batch_size: int) -> slice:
+        return slice(None)
+
+    def split_batch(self, x_bt: np.ndarray) -> np.ndarray:
+        b, t = x_bt.shape
+        if self.n_devices == 1:
+            return x_bt.reshape(self.micro_batches, b // self.micro_batches, t)  # (M, B/M, T)
+        rows = b // (self.n_devices * self.micro_batches)
+        return x_bt.reshape(self.n_devices, self.micro_batches, rows, t)  # (D, M, B/(D·M), T)
+
+    def __call__(self, state, x_bt: np.ndarray, y_bt: np.ndarray):
+        state, metrics = self.step(state, self.split_batch(x_bt), self.split_batch(y_bt))
+        if self.n_devices > 1:
+            metrics = jax.tree.map(lambda m: m.addressable_data(0)[0], metrics)  # identical on every device after pmean
+        return state, metrics
