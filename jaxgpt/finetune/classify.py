@@ -22,7 +22,7 @@ import numpy as np
 
 from jaxgpt.config import ConfigError, GPTConfig
 from jaxgpt.data.corpus import DataError
-from jaxgpt.finetune.loop import (FinetuneConfig, count_trainable, fit, gpt_config_for_finetuning, load_finetuned,
+from jaxgpt.finetune.loop import (FinetuneConfig, shuffled_index_batches, count_trainable, fit, gpt_config_for_finetuning, load_finetuned,
                        model_params, save_finetuned, trainable_mask, with_lora, write_results)
 from jaxgpt.finetune.lora import LoRAConfig
 from jaxgpt.nn.model import GPT, count_params
@@ -207,6 +207,22 @@ def _loss_fn(config: GPTConfig, pooling: str, lora):
     return loss_fn
 
 
+def _encode_splits(splits, tokenizer, context_length: int, max_length: Optional[int]):
+    """(classes, max_length, encoded (train, val, test)): texts padded or cut to the longest
+    training text (or `max_length`), at most the context."""
+    train_rows, val_rows, test_rows = splits
+    if not train_rows or not val_rows or not test_rows:
+        raise DataError(f"every split needs examples; got {len(train_rows)}/{len(val_rows)}/{len(test_rows)}")
+    classes = sorted({label for _, label in train_rows})
+    longest = longest_encoded(train_rows, tokenizer)
+    max_length = min(max_length or longest, context_length)
+    if longest > context_length:
+        print(f"[jaxgpt] longest training text has {longest} tokens; truncating to the context {context_length}",
+              file=sys.stderr)
+    encoded = tuple(encode_split(rows, tokenizer, classes, max_length, tokenizer.eot_id) for rows in splits)
+    return classes, max_length, encoded
+
+
 def finetune_classifier(gpt_params: dict, config: GPTConfig, tokenizer, splits, cfg: FinetuneConfig,
                         out_dir: Path, *, pooling: str = "last", max_length: Optional[int] = None,
                         progress: bool = True, prompt_shots: Sequence[int] = (), extra_meta: Optional[dict] = None) -> dict:
@@ -222,17 +238,8 @@ def finetune_classifier(gpt_params: dict, config: GPTConfig, tokenizer, splits, 
         raise ConfigError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    train_rows, val_rows, test_rows = splits
-    if not train_rows or not val_rows or not test_rows:
-        raise DataError(f"every split needs examples; got {len(train_rows)}/{len(val_rows)}/{len(test_rows)}")
-    classes = sorted({label for _, label in train_rows})
-    longest = longest_encoded(train_rows, tokenizer)
-    max_length = min(max_length or longest, config.context_length)
-    if longest > config.context_length:
-        print(f"[jaxgpt] longest training text has {longest} tokens; truncating to the context {config.context_length}",
-              file=sys.stderr)
-    pad_id = tokenizer.eot_id
-    train, val, test = (encode_split(rows, tokenizer, classes, max_length, pad_id) for rows in splits)
+    train_rows, _, test_rows = splits
+    classes, max_length, (train, val, test) = _encode_splits(splits, tokenizer, config.context_length, max_length)
 
     results: dict = {"classes": classes, "examples": {"train": len(train), "val": len(val), "test": len(test)},
                      "max_length": max_length, "pooling": pooling, "finetune": cfg.to_dict()}
@@ -252,15 +259,10 @@ def finetune_classifier(gpt_params: dict, config: GPTConfig, tokenizer, splits, 
 
     meta = {"task": "classify", "model": config.to_dict(), "tokenizer": tokenizer.to_dict(), "classes": classes,
             "pooling": pooling, "max_length": max_length, "finetune": cfg.to_dict(), **(extra_meta or {})}
-    rng = np.random.default_rng(cfg.seed)
-    steps_per_epoch = len(train) // cfg.batch_size
-    if steps_per_epoch == 0:
-        raise DataError(f"{len(train)} training examples do not fill one batch of {cfg.batch_size}")
+    steps_per_epoch, index_batches = shuffled_index_batches(len(train), cfg.batch_size, cfg.seed)
 
     def epoch_batches(epoch):
-        order = rng.permutation(len(train))  # shuffled, last partial batch dropped (the book's loader)
-        for s in range(steps_per_epoch):
-            idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+        for idx in index_batches(epoch):
             yield {"ids": train.ids_nl[idx], "lengths": train.lengths_n[idx], "labels": train.labels_n[idx]}
 
     history: list[dict] = []

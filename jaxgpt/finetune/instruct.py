@@ -18,7 +18,7 @@ import numpy as np
 
 from jaxgpt.config import GPTConfig
 from jaxgpt.data.corpus import DataError
-from jaxgpt.finetune.loop import (FinetuneConfig, count_trainable, fit, gpt_config_for_finetuning, model_params,
+from jaxgpt.finetune.loop import (FinetuneConfig, shuffled_index_batches, count_trainable, fit, gpt_config_for_finetuning, model_params,
                        trainable_mask, with_lora, write_results)
 from jaxgpt.nn.model import GPT, count_params, cross_entropy
 
@@ -140,7 +140,7 @@ def finetune_instructions(gpt_params: dict, config: GPTConfig, tokenizer, splits
     adapters merged: generate/serve/convert take it), test-responses.json and results.json.
     """
     from jaxgpt.train.run_dir import save_for_inference
-    from jaxgpt.train.metrics import JsonlLogger
+    from jaxgpt.train.metrics import JsonlLogger, plot_curves, read_jsonl
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -163,15 +163,10 @@ def finetune_instructions(gpt_params: dict, config: GPTConfig, tokenizer, splits
                                 "total": count_params(params)}}
     print(f"[jaxgpt] training {results['params']['trainable']:,} of {results['params']['total']:,} parameters "
           f"({cfg.trainable}) on {len(train_e)} examples", file=sys.stderr)
-    rng = np.random.default_rng(cfg.seed)
-    steps_per_epoch = len(train_seqs) // cfg.batch_size
-    if steps_per_epoch == 0:
-        raise DataError(f"{len(train_seqs)} training examples do not fill one batch of {cfg.batch_size}")
+    steps_per_epoch, index_batches = shuffled_index_batches(len(train_seqs), cfg.batch_size, cfg.seed)
 
     def epoch_batches(epoch):
-        order = rng.permutation(len(train_seqs))
-        for s in range(steps_per_epoch):
-            idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+        for idx in index_batches(epoch):
             x, y = collate([train_seqs[i] for i in idx], tokenizer.eot_id, allowed_max_length=config.context_length,
                            prompt_lengths=[train_prompts[i] for i in idx] if mask_prompt else None,
                            pad_to_multiple=pad_to_multiple)
@@ -179,7 +174,6 @@ def finetune_instructions(gpt_params: dict, config: GPTConfig, tokenizer, splits
 
     history: list[dict] = []
     kw = dict(batch_size=cfg.batch_size, mask_prompt=mask_prompt, pad_to_multiple=pad_to_multiple)
-
     model_dir = out_dir / "model"
 
     def save_model(p) -> dict:
@@ -203,11 +197,8 @@ def finetune_instructions(gpt_params: dict, config: GPTConfig, tokenizer, splits
     finally:
         logger.close()
     merged = {"params": model_params(params, cfg.lora)}  # as saved at the end of the last epoch
-    from jaxgpt.train.metrics import plot_curves, read_jsonl
-
-    records = read_jsonl(out_dir / "metrics.jsonl")
-    plot_curves([r for r in records if "train_loss" in r], ["train_loss"], out_dir / "loss.png", x_key="step",
-                title="instruction finetuning", ylabel="loss")
+    plot_curves([r for r in read_jsonl(out_dir / "metrics.jsonl") if "train_loss" in r], ["train_loss"],
+                out_dir / "loss.png", x_key="step", title="instruction finetuning", ylabel="loss")
     results["history"] = history
     if test_e:
         responses = respond(merged, config, tokenizer, test_e, max_new_tokens=max_new_tokens, progress=progress)

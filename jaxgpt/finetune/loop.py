@@ -23,6 +23,7 @@ import numpy as np
 import optax
 
 from jaxgpt.config import ConfigError, GPTConfig
+from jaxgpt.data.corpus import DataError
 from jaxgpt.finetune.lora import LoRAConfig, init_lora, merge_lora
 from jaxgpt.train.optimizer import adamw
 
@@ -116,6 +117,22 @@ def with_lora(gpt_params: dict, cfg: FinetuneConfig, key: jax.Array) -> dict:
     if cfg.lora is not None:
         tree["lora"] = init_lora(gpt_params, cfg.lora, key)
     return tree
+
+
+def shuffled_index_batches(n_examples: int, batch_size: int, seed: int):
+    """(steps per epoch, epoch -> index arrays of its batches): reshuffled every epoch, the last
+    partial batch dropped (the book's data loader)."""
+    steps = n_examples // batch_size
+    if steps == 0:
+        raise DataError(f"{n_examples} training examples do not fill one batch of {batch_size}")
+    rng = np.random.default_rng(seed)
+
+    def batches(epoch: int):
+        order = rng.permutation(n_examples)
+        for s in range(steps):
+            yield order[s * batch_size:(s + 1) * batch_size]
+
+    return steps, batches
 
 
 LossFn = Callable[..., tuple[jax.Array, Any]]  # (params, batch, rng, deterministic) -> (loss, aux)

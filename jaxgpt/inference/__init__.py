@@ -1,0 +1,4 @@
+"""Using a trained model: generation with the KV cache (generate, sampling, kv_cache), the decoding
+copy of the weights (decoding_copy), the HTTP server (serve, batcher, playground.html) and
+attention maps (attention_map).
+"""
