@@ -137,7 +137,7 @@ def test_decoding_layout_transposes_kernels_and_decodes_the_same(monkeypatch, dt
     monkeypatch.setenv("JAXGPT_XLA_TUNING", "0")
     assert decode_params(params) is params and xla_tuning.transposed_decode_kernels("cpu") is False
     assert xla_tuning.decode_cache_dtype(jnp.dtype(dtype), "cpu") == jnp.dtype(dtype)
-    if dtype == "float32":  # float32 decoding on CPU always runs transposed: tests/test_kv_cache.py checks it
+    if dtype == "float32":  # float32 decoding on CPU always runs transposed: tests/test_inference_kv_cache.py checks it
         return
     prompts = [[1, 2, 3], [4, 5]]
     plain_tokens, plain_logits = generate_batch(params, cfg, prompts, 5, return_logits=True)
