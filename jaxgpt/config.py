@@ -8,6 +8,7 @@ JSON). Invalid values raise `ConfigError` at construction, naming the field.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -25,6 +26,15 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and the allowed values."""
+
+
+def check_finite_numbers(config) -> None:
+    """Refuse NaN and infinite values in any float field of a config dataclass (NaN slips past
+    every range check: all comparisons with it are false)."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{type(config).__name__}.{f.name} must be a finite number, got {value}")
 
 
 @dataclass(frozen=True)
@@ -55,6 +65,7 @@ class GPTConfig:
     remat: str = "none"  # rematerialisation per block, one of REMAT_POLICIES (memory for recomputation)
 
     def __post_init__(self) -> None:
+        check_finite_numbers(self)
         for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "mlp_ratio"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:

@@ -259,3 +259,24 @@ def test_blockwise_memory_grows_linearly_naive_quadratically():
     assert blockwise[2] / blockwise[1] < 2.5 and blockwise[1] / blockwise[0] < 2.5, blockwise
     assert naive[2] / naive[1] > 3.0, naive
     assert blockwise[2] < naive[2] / 8
+
+
+X64_CASES = [  # every backend with each position scheme, grouped heads and windows; MLA and linear too
+    ("xla", dict(position="rope", n_kv_heads=2)), ("xla", dict(position="alibi", sliding_window=3)),
+    ("blockwise", dict(position="rope", n_kv_heads=2)), ("blockwise", dict(position="alibi", sliding_window=3)),
+    ("xla", dict(attention="mla", latent_dim=8, position="rope")), ("naive", dict(attention="linear")),
+]
+
+
+@pytest.mark.parametrize("impl, changes", X64_CASES)
+def test_every_backend_computes_float64_under_x64(impl, changes):
+    """With dtype float64 every backend and variant matches the float64 reference to float64
+    precision (XLA's fused attention, which would compute in float32, is not used for float64)."""
+    config = TEST.replace(**changes, dtype="float64", attn_impl=impl, drop_rate=0.0)
+    ids = np.random.default_rng(1).integers(0, config.vocab_size, (2, 11))
+    with jax.enable_x64(True):
+        params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), init_params(config, seed=3))
+        logits = GPT(config).apply(params, jnp.asarray(ids))
+        assert logits.dtype == jnp.float64
+        expected = ref.gpt_forward(ref.to_numpy(params), ids, config)
+        np.testing.assert_allclose(np.asarray(logits), expected, rtol=1e-10, atol=1e-12)

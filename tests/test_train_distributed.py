@@ -92,3 +92,21 @@ def test_resume_on_another_layout_continues_the_same_run(corpus, tmp_path):
     p_straight, _, _ = load_for_inference(straight)
     for a, b in zip(jax.tree.leaves(p_moved), jax.tree.leaves(p_straight)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_two_processes_without_a_mesh_train_and_save(corpus, tmp_path):
+    """No --mesh across processes: pmap state could not be saved (it died at its first checkpoint);
+    the sharded step is chosen instead, and said so."""
+    port = _free_port()
+    no_mesh = [a for a in TRAIN if a not in ("--mesh", "data=2,fsdp=2")]
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "jaxgpt.cli", "train", "--data", str(corpus), "--out", str(tmp_path / "run"), *no_mesh,
+         "--max-steps", "3", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)]
+        + [a for s in SETS for a in ("--set", s)], env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert "no --mesh: training with the sharded step over mesh data=-1" in outs[0][1]
+    params, _, _ = load_for_inference(tmp_path / "run")
+    assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(params))

@@ -174,15 +174,15 @@ def test_resume_refuses_changes_that_alter_the_training(corpus, tmp_path):
 def test_resume_takes_the_newest_saved_state_and_old_metadata(tmp_path):
     """A run killed before its first periodic save resumes from its best (evaluation) checkpoint,
     and checkpoints written before a config field existed still match that field's default."""
-    from jaxgpt.weights.checkpoint import _resolve, check_compatible
+    from jaxgpt.weights.checkpoint import _candidates, check_compatible
     from jaxgpt.config import get_preset
 
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "best" / "100").mkdir(parents=True)
     (tmp_path / "checkpoints" / "200.orbax-checkpoint-tmp-1").mkdir()  # an unfinished save
-    assert _resolve(tmp_path) == (tmp_path / "best", None)
+    assert _candidates(tmp_path)[0][0] == (tmp_path / "best", 100)
     (tmp_path / "checkpoints" / "150").mkdir()
-    assert _resolve(tmp_path) == (tmp_path / "checkpoints", None)
+    assert _candidates(tmp_path)[0][0] == (tmp_path / "checkpoints", 150)
     old = {k: v for k, v in get_preset("test").to_dict().items() if k not in ("attention", "position", "n_kv_heads")}
     check_compatible(old, get_preset("test"))
     with pytest.raises(CheckpointError, match="position"):

@@ -10,7 +10,7 @@ def _cmd_data_prepare(args) -> int:
 
     stats = prepare(args.inputs, args.out, tokenizer_name=args.tokenizer, val_fraction=args.val_fraction,
                     near_dup_threshold=args.near_dup_threshold or None, text_field=args.text_field,
-                    seed=args.seed, progress=not args.no_progress)
+                    seed=args.seed, progress=not args.no_progress, force=args.force)
     print(json.dumps(stats) if args.json else
           f"{stats['documents_kept']:,} documents kept of {stats['documents_in']:,} "
           f"({stats['exact_duplicates']} exact and {stats['near_duplicates']} near duplicates removed, "
@@ -30,6 +30,7 @@ def add_commands(sub) -> None:
                    help="estimated Jaccard similarity at which a document is a near duplicate (0 disables)")
     p.add_argument("--text-field", default="text", help="field holding the text in JSONL records")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out (the old corpus stays until the new one is complete)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_data_prepare)

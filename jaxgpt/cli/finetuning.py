@@ -71,9 +71,14 @@ def _cmd_finetune_instruct(args) -> int:
 
 
 def _cmd_judge(args) -> int:
-    from jaxgpt.finetune.instruct import judge
+    from jaxgpt.data.corpus import DataError
+    from jaxgpt.finetune.instruct import check_entries, judge
 
-    entries = json.loads(open(args.responses, encoding="utf-8").read())
+    try:
+        entries = json.loads(open(args.responses, encoding="utf-8").read())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{args.responses} is not valid JSON: {e}") from None
+    check_entries(entries, args.responses, fields=("instruction", "output", args.key))
     result = judge(entries, args.url, args.model, key=args.key)
     print(json.dumps(result) if args.json else
           f"mean score {result['mean_score']} over {result['scored']} of {result['n']} responses ({result['unparsed']} unparsed)")

@@ -23,61 +23,73 @@ def _cmd_params(args) -> int:
 
 
 class _TokenPrinter:
-    """Prints a single prompt's continuation as the compiled decode loop produces it."""
+    """Prints a single prompt's continuation as it is made, keeping only the ids of a multi-byte
+    character not yet complete (memory does not grow with the length of the output)."""
 
     def __init__(self, tokenizer) -> None:
-        self.tokenizer, self.ids, self.printed, self.stopped = tokenizer, [], "", False
+        self.tokenizer, self.pending, self.stopped = tokenizer, [], False
 
-    def __call__(self, tokens_b, step) -> None:
-        token = int(tokens_b[0])
-        if self.stopped or token == self.tokenizer.eot_id:
-            self.stopped = True
-            return
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            sys.stdout.write(text[len(self.printed):])
-            sys.stdout.flush()
-            self.printed = text
+    def feed(self, tokens) -> None:
+        for token in tokens:
+            if self.stopped or int(token) == self.tokenizer.eot_id:
+                self.stopped = True
+                return
+            self.pending.append(int(token))
+            text = self.tokenizer.decode(self.pending)
+            if not text.endswith("\ufffd"):  # else wait for the rest of a multi-byte character
+                sys.stdout.write(text)
+                sys.stdout.flush()
+                self.pending = []
+
+    def __call__(self, tokens_b, step) -> None:  # `on_token` of the cached decoder
+        self.feed([tokens_b[0]])
 
 
 def _cmd_generate(args) -> int:
-    from jaxgpt.inference.generate import generate, generate_batch, trim_at_eos
+    from jaxgpt.inference.generate import Decoder, trim_at_eos
 
     if (args.prompt is None) == (args.batch_file is None):
         raise ValueError("give exactly one of --prompt or --batch-file")
     prompts = [args.prompt] if args.prompt is not None else [
         line.rstrip("\n") for line in open(args.batch_file, encoding="utf-8") if line.strip()]
     params, config, tokenizer = load_model(args)
+    decoder = Decoder(params, config)
     encoded = [tokenizer.encode(p) or [tokenizer.eot_id] for p in prompts]
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                     eos_id=tokenizer.eot_id)
-    longest = max(len(e) for e in encoded)
-    fits = longest + args.max_new_tokens <= config.context_length
-    stream = len(prompts) == 1 and not args.json and fits and not args.no_cache
+    fits = max(len(e) for e in encoded) + args.max_new_tokens <= config.context_length and not args.no_cache
     t0 = time.perf_counter()
-    if stream:
+    if len(prompts) == 1 and not args.json:  # text as it is made
         sys.stdout.write(prompts[0])
-        new = generate_batch(params, config, encoded, args.max_new_tokens, on_token=_TokenPrinter(tokenizer), **sampling)
-        sys.stdout.write("\n")
-    elif fits and not args.no_cache:
-        new = generate_batch(params, config, encoded, args.max_new_tokens, **sampling)
+        printer = _TokenPrinter(tokenizer)
+        if fits:
+            decoder.generate_batch(encoded, args.max_new_tokens, on_token=printer, **sampling)
+        else:  # the sliding window, chunk by chunk
+            for chunk_bn in decoder.window_chunks([encoded[0]], args.max_new_tokens, **sampling):
+                printer.feed(chunk_bn[0])
+                if printer.stopped:
+                    break
+        sys.stdout.write(tokenizer.decode(printer.pending) + "\n")
+        return 0
+    if fits:
+        new = decoder.generate_batch(encoded, args.max_new_tokens, **sampling)
     else:  # one at a time through the sliding-window decoder (prompt + new tokens exceed the context)
-        new = [trim_at_eos(generate(params, config, [e], args.max_new_tokens, use_cache=False, **sampling)[0],
+        new = [trim_at_eos(decoder.generate([e], args.max_new_tokens, use_cache=False, **sampling)[0],
                            tokenizer.eot_id, start=len(e)) for e in encoded]
     seconds = time.perf_counter() - t0
     for prompt, tokens in zip(prompts, new):
         if args.json:
             print(json.dumps({"prompt": prompt, "text": tokenizer.decode(tokens), "tokens": tokens,
                               "seconds": round(seconds, 3)}))
-        elif not stream:
+        else:
             print(prompt + tokenizer.decode(tokens))
     return 0
 
 
 def _cmd_serve(args) -> int:
-    from jaxgpt.inference.serve import serve
+    from jaxgpt.inference.serve import check_serving_options, serve
 
+    check_serving_options(args.port, args.max_batch, args.batch_wait_ms / 1000, args.max_tokens_limit)  # before loading
     args.seed = 0
     params, config, tokenizer = load_model(args)
     name = args.model_name or (args.hf or args.checkpoint or f"random-{args.preset}").rstrip("/").split("/")[-1]
@@ -91,11 +103,11 @@ def _cmd_attention_map(args) -> int:
     from jaxgpt.inference.attention_map import attention_maps, plot_attention_maps
 
     params, config, tokenizer = load_model(args)
-    ids = (tokenizer.encode(args.prompt) or [tokenizer.eot_id])[-config.context_length:]
-    maps = attention_maps(params, config, ids)
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
     if layers and not all(0 <= x < config.n_layers for x in layers):
         raise ValueError(f"--layers must lie in [0, {config.n_layers})")
+    ids = (tokenizer.encode(args.prompt) or [tokenizer.eot_id])[-config.context_length:]
+    maps = attention_maps(params, config, ids)
     out = plot_attention_maps(maps, [tokenizer.decode([i]) for i in ids], args.out, layers=layers,
                               title=f"attention weights: {args.prompt[:60]!r}")
     if args.json:

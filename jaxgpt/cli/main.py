@@ -39,6 +39,9 @@ def main(argv=None) -> int:
 
     try:
         return args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C outside the loops that save first (start-up, loading, decoding)
+        print(f"jaxgpt {args.command}: interrupted", file=sys.stderr)
+        return 130
     except FinetuneInterrupted as e:
         print(f"jaxgpt {args.command}: {e}", file=sys.stderr)
         return 130

@@ -17,18 +17,17 @@ def _cmd_train(args) -> int:
     from jaxgpt.train.config import TrainConfig, apply_overrides
     from jaxgpt.train.loop import TrainingDiverged, train
 
-    model_given = args.preset is not None or any(o.startswith("model.") for o in args.set)
     model_cfg = get_preset(args.preset or "small")
     train_cfg = TrainConfig()
-    if args.resume:  # start from the run's own configs; flags and --set change them from there
-        from jaxgpt.weights.checkpoint import read_meta
+    if args.resume:  # start from the run's own configs; --preset, flags and --set change them from there
         from jaxgpt.config import GPTConfig
+        from jaxgpt.weights.checkpoint import locate, read_meta
 
         if args.out is None:
             raise ValueError("--resume needs --out: the run directory to continue")
-        meta = read_meta(args.out)
+        meta = read_meta(locate(args.out, fallback=True, quiet=True))
         train_cfg = TrainConfig.from_dict(meta["train"])
-        if not model_given:
+        if args.preset is None:
             model_cfg = GPTConfig.from_dict(meta["model"])
     direct = {k: v for k, v in {"data": args.data, "tokenizer": args.tokenizer, "max_steps": args.max_steps,
                                  "devices": args.devices, "seed": args.seed, "mesh": args.mesh}.items() if v is not None}

@@ -12,7 +12,8 @@ def _cmd_convert(args) -> int:
         from jaxgpt.weights.checkpoint import load_for_inference
 
         params, config, tokenizer = load_for_inference(args.source)
-        out = save_hf(params, config, args.out, max_shard_bytes=args.max_shard_bytes, tokenizer=tokenizer)
+        out = save_hf(params, config, args.out, max_shard_bytes=args.max_shard_bytes, tokenizer=tokenizer,
+                      force=args.force)
     else:
         from jaxgpt.train.run_dir import save_for_inference
 
@@ -31,5 +32,6 @@ def add_commands(sub) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--max-shard-bytes", type=int, default=None, help="to-hf: shard the safetensors above this size")
     p.add_argument("--download", action="store_true", help="from-hf: allow downloading when not cached")
+    p.add_argument("--force", action="store_true", help="to-hf: replace a non-empty --out folder (whole)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_convert)

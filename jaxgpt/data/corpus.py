@@ -15,7 +15,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -234,18 +234,22 @@ class TokenFileWriter:
         self.vocab_size = vocab_size
         self.dtype = token_dtype(vocab_size).newbyteorder("<")
         self.count = 0
+        self._sha256 = hashlib.sha256()
         self._file = open(self.path, "wb")
 
     def write(self, ids) -> None:
         arr = np.asarray(ids)
         if arr.size and (arr.min() < 0 or arr.max() >= self.vocab_size):
             raise DataError(f"token id out of range [0, {self.vocab_size}) while writing {self.path}")
-        self._file.write(arr.astype(self.dtype).tobytes())
+        data = arr.astype(self.dtype).tobytes()
+        self._file.write(data)
+        self._sha256.update(data)
         self.count += arr.size
 
     def close(self) -> Path:
         self._file.close()
-        meta = {"dtype": self.dtype.name, "count": self.count, "vocab_size": self.vocab_size}
+        meta = {"dtype": self.dtype.name, "count": self.count, "vocab_size": self.vocab_size,
+                "sha256": self._sha256.hexdigest()}
         self.path.with_suffix(self.path.suffix + ".json").write_text(json.dumps(meta))
         return self.path
 
@@ -257,8 +261,9 @@ def write_token_file(ids, path: Path, vocab_size: int) -> Path:
     return writer.close()
 
 
-def open_token_file(path: Path) -> np.memmap:
-    """Memory-map a token file written by `write_token_file` (checks its size against the sidecar)."""
+def open_token_file(path: Path, vocab_size: Optional[int] = None) -> np.memmap:
+    """Memory-map a token file written by `write_token_file`: its size is checked against the
+    sidecar, and every id against the sidecar's vocabulary and `vocab_size` (the tokenizer's)."""
     path = Path(path)
     meta_path = path.with_suffix(path.suffix + ".json")
     if not path.is_file() or not meta_path.is_file():
@@ -270,7 +275,15 @@ def open_token_file(path: Path) -> np.memmap:
         raise DataError(f"token file {path} has {path.stat().st_size} bytes, expected {expected}: truncated or corrupt")
     if meta["count"] == 0:  # mmap cannot map an empty file
         return np.zeros(0, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r", shape=(meta["count"],))
+    ids = np.memmap(path, dtype=dtype, mode="r", shape=(meta["count"],))
+    limits = [v for v in (meta.get("vocab_size"), vocab_size) if v is not None]
+    if limits:
+        limit = min(limits)
+        top = int(ids.max())  # one pass over the file: ids beyond the vocabulary would train on garbage
+        if top >= limit:
+            raise DataError(f"token file {path} holds id {top}, outside the vocabulary of {limit}: it was written "
+                            "for another tokenizer; prepare the corpus again")
+    return ids
 
 
 class EpochSampler:

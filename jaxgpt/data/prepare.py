@@ -22,6 +22,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
+from jaxgpt.atomic import atomic_directory
 from jaxgpt.data.corpus import DataError, TokenFileWriter, open_token_file, write_token_file
 from jaxgpt.data.tokenizer import CharTokenizer, Tokenizer, get_tokenizer
 
@@ -112,14 +113,22 @@ def prepare(
     text_field: str = "text",
     seed: int = 0,
     progress: bool = True,
+    force: bool = False,
 ) -> dict:
-    """Clean, deduplicate, split and tokenize `inputs` into `out_dir`; returns the statistics."""
-    from tqdm import tqdm
+    """Clean, deduplicate, split and tokenize `inputs` into `out_dir`; returns the statistics.
 
+    The corpus is built in a temporary folder and renamed into place when complete: a non-empty
+    `out_dir` is refused unless `force`, and an interrupted run leaves the old corpus as it was.
+    """
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_directory(Path(out_dir), force=force) as tmp:
+        return _prepare_into(tmp, inputs, tokenizer_name, val_fraction, near_dup_threshold, text_field, seed, progress)
+
+
+def _prepare_into(out_dir: Path, inputs, tokenizer_name, val_fraction, near_dup_threshold, text_field, seed,
+                  progress) -> dict:
+    from tqdm import tqdm
 
     tokenizer: Tokenizer
     if tokenizer_name == "char":  # the vocabulary needs a first pass over the cleaned text

@@ -67,7 +67,12 @@ def load_labeled(path: Path, text_field: str = "text", label_field: str = "label
             reader = csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",")
             if not reader.fieldnames or {text_field, label_field} - set(reader.fieldnames):
                 raise DataError(f"{path}: header {reader.fieldnames} lacks {text_field!r} or {label_field!r}")
-            rows = [(r[text_field], r[label_field]) for r in reader]
+            rows = []
+            for r in reader:
+                if r.get(text_field) is None or r.get(label_field) in (None, ""):
+                    missing = text_field if r.get(text_field) is None else label_field
+                    raise DataError(f"{path}:{reader.line_num}: the row has no {missing!r} value")
+                rows.append((r[text_field], r[label_field]))
     else:
         raise DataError(f"{path}: give a .jsonl, .csv or .tsv file (or the SMSSpamCollection file)")
     if len({label for _, label in rows}) < 2:

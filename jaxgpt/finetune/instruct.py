@@ -39,12 +39,23 @@ def load_instruction_data(path: Path) -> list[dict]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise DataError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(data, list) or not data:
-        raise DataError(f"{path}: expected a non-empty JSON list of entries")
-    for i, entry in enumerate(data):
-        if not isinstance(entry, dict) or not {"instruction", "output"} <= set(entry):
-            raise DataError(f"{path}: entry {i} needs 'instruction' and 'output' (and optionally 'input')")
+    check_entries(data, path)
     return data
+
+
+def check_entries(data, path, fields: Sequence[str] = ("instruction", "output")) -> None:
+    """Refuse, naming the entry and field, anything but a non-empty list of objects whose `fields`
+    (and "input", when present) are strings."""
+    if not isinstance(data, list) or not data:
+        raise DataError(f"{path}: expected a non-empty JSON list of entries, got {type(data).__name__}")
+    for i, entry in enumerate(data):
+        if not isinstance(entry, dict):
+            raise DataError(f"{path}: entry {i} is a {type(entry).__name__}, not an object with {list(fields)}")
+        for field in (*fields, "input"):
+            if field not in entry and field != "input":
+                raise DataError(f"{path}: entry {i} has no {field!r} field (needs {list(fields)}, optionally 'input')")
+            if field in entry and not isinstance(entry[field], str):
+                raise DataError(f"{path}: entry {i} field {field!r} is a {type(entry[field]).__name__}, not text")
 
 
 def format_input(entry: dict) -> str:

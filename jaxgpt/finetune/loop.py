@@ -22,7 +22,7 @@ import jax
 import numpy as np
 import optax
 
-from jaxgpt.config import ConfigError, GPTConfig
+from jaxgpt.config import ConfigError, GPTConfig, check_finite_numbers
 from jaxgpt.data.corpus import DataError
 from jaxgpt.finetune.lora import LoRAConfig, init_lora, merge_lora
 from jaxgpt.train.optimizer import adamw
@@ -45,6 +45,7 @@ class FinetuneConfig:
     log_every: int = 10
 
     def __post_init__(self) -> None:
+        check_finite_numbers(self)
         for name in ("epochs", "batch_size", "log_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
@@ -200,7 +201,8 @@ def fit(params: dict, cfg: FinetuneConfig, mask: dict, loss_fn: LossFn,
 # --- finetuned checkpoints: {"params": tree} + JSON meta, through the same Orbax manager --------
 
 def save_finetuned(run_dir: Path, step: int, params: dict, meta: dict) -> None:
-    from jaxgpt.weights.checkpoint import Checkpointer, write_json
+    from jaxgpt.atomic import write_json
+    from jaxgpt.weights.checkpoint import Checkpointer
 
     ckpt = Checkpointer(Path(run_dir), keep=1)
     ckpt.save(step, {"params": params}, meta)

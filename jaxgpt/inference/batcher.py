@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -78,18 +80,30 @@ class Batcher:
         self.batches = 0  # decode calls so far
         self.cancelled_rows = 0  # rows stopped because their client left
 
-    def shapes(self, n_jobs: int, longest_prompt: int) -> tuple[int, int, int]:
-        """(batch, padded prompt length, token budget): bucketed, so few programs are compiled."""
+    def shapes(self, n_jobs: int, longest_prompt: int, most_tokens: int) -> tuple[int, int, int]:
+        """(batch, padded prompt length, token budget), bucketed so that few programs are compiled.
+
+        Every row gets what it asked for: the budget covers the largest `max_tokens` (each row
+        stops at its own), and the padding of the prompts is cut back so that padded prompt +
+        budget fit the context. Jobs are only batched together when their longest prompt and
+        their largest request fit together (`fits`).
+        """
+        context = self.config.context_length
         b = min(_bucket(n_jobs), _bucket(self.max_batch))
-        p = min(_bucket(longest_prompt, 16), self.config.context_length - 1)
-        return b, p, min(self.max_tokens_limit, self.config.context_length - p)
+        budget = min(_bucket(most_tokens, 16), context - longest_prompt)
+        p = min(_bucket(longest_prompt, 16), context - budget)
+        return b, p, budget
+
+    def fits(self, jobs: list) -> bool:
+        """Whether these jobs can share one batch: longest prompt + largest request within the context."""
+        return max(len(j.prompt_ids) for j in jobs) + max(j.max_tokens for j in jobs) <= self.config.context_length
 
     def start(self, warmup: bool = True) -> None:
-        if warmup:  # compile the decoder for the shortest prompt bucket, alone and in a full batch
+        if warmup:  # compile the decoder for the shortest prompt and answer buckets, alone and in a full batch
             for n in sorted({1, self.max_batch}):
-                b, p, budget = self.shapes(n, 1)
+                b, p, budget = self.shapes(n, 1, 1)
                 self.decoder.generate_batch([[self.tokenizer.eot_id]] * b, budget, pad_to=p,
-                               eos_id=self.tokenizer.eot_id, on_token=lambda t, s: np.ones(len(t), bool))
+                                            eos_id=self.tokenizer.eot_id, on_token=lambda t, s: np.ones(len(t), bool))
         self._thread.start()
 
     def submit(self, job: Job) -> None:
@@ -104,7 +118,8 @@ class Batcher:
                 job = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 break
-            (jobs if job.group_key() == first.group_key() else deferred).append(job)
+            same = job.group_key() == first.group_key() and self.fits(jobs + [job])
+            (jobs if same else deferred).append(job)
         for job in deferred:
             self.queue.put(job)
         return [j for j in jobs if not j.cancelled.is_set()]
@@ -115,13 +130,15 @@ class Batcher:
             if jobs:
                 try:
                     self._decode(jobs)
-                except Exception as e:  # noqa: BLE001 - report to the clients, keep serving
+                except Exception as e:  # noqa: BLE001 - report to the clients (no internals), keep serving
+                    traceback.print_exception(e, file=sys.stderr)
                     for job in jobs:
-                        job.send({"error": f"decoding failed: {e}"})
+                        job.send({"error": "decoding failed (details are in the server's log)"})
 
     def _decode(self, jobs: list) -> None:
         self.batches += 1
-        b, longest, budget = self.shapes(len(jobs), max(len(j.prompt_ids) for j in jobs))
+        b, longest, budget = self.shapes(len(jobs), max(len(j.prompt_ids) for j in jobs),
+                                         max(j.max_tokens for j in jobs))
         rows = [j.prompt_ids for j in jobs] + [[self.tokenizer.eot_id]] * (b - len(jobs))  # filler rows
         first = jobs[0]
 
@@ -149,6 +166,11 @@ class Batcher:
             return True
         if token == self.tokenizer.eot_id:
             job.finish_reason = "stop"
+            return True
+        if token >= self.tokenizer.vocab_size:  # a model wider than its tokenizer (e.g. a padded vocabulary)
+            job.send({"error": f"the model produced token id {token}, which its tokenizer "
+                               f"({self.tokenizer.vocab_size} tokens) cannot decode"})
+            job.finish_reason = "error"
             return True
         job.ids.append(token)
         text = self.tokenizer.decode(job.ids)

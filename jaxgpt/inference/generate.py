@@ -39,6 +39,7 @@ from jaxgpt.nn.model import GPT
 
 Array = jax.Array
 _CACHED_STATIC = ("config", "max_new_tokens", "return_logits", "emit")
+WINDOW_CHUNK = 256  # new tokens per compiled call of the sliding-window decoder
 
 
 @partial(jax.jit, static_argnames=("config", "max_new_tokens"))
@@ -200,26 +201,55 @@ class Decoder:
         `context_length` tokens are seen. The KV cache is used when prompt + new tokens fit the
         context window; beyond it (or with `use_cache=False`) each step recomputes the window.
         """
-        config = self.config
+        prompt_bt = self._checked_prompt(prompt_bt)
+        check_sampling(max_new_tokens, temperature, top_k, top_p)
+        if max_new_tokens == 0:
+            return prompt_bt
+        if use_cache and prompt_bt.shape[1] + max_new_tokens <= self.config.context_length:
+            pad_b = jnp.zeros((prompt_bt.shape[0],), jnp.int32)
+            new_bn, _ = _decode_cached_jit(self.params, jnp.asarray(prompt_bt), pad_b,
+                                           *sampling_args(seed, temperature, top_k, top_p, eos_id),
+                                           config=self.config, max_new_tokens=int(max_new_tokens))
+            return np.concatenate([prompt_bt, np.asarray(new_bn)], axis=1)
+        chunks = self.window_chunks(prompt_bt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                    seed=seed, eos_id=eos_id)
+        return np.concatenate([prompt_bt, *chunks], axis=1)
+
+    def window_chunks(self, prompt_bt, max_new_tokens: int, *, temperature: float = 0.0, top_k: Optional[int] = None,
+                      top_p: Optional[float] = None, seed: int = 0, eos_id: Optional[int] = None):
+        """The sliding-window decoder (no cache; the book's cropping), yielding the new tokens
+        (b, ≤ `WINDOW_CHUNK`) chunk by chunk: memory does not grow with `max_new_tokens`, and a
+        caller can show text as it is made. Rows that emitted `eos_id` continue as `eos_id`."""
+        prompt_bt = self._checked_prompt(prompt_bt)
+        check_sampling(max_new_tokens, temperature, top_k, top_p)
+        tail_bt, done_b = prompt_bt[:, -self.config.context_length:], np.zeros(prompt_bt.shape[0], bool)
+        for i, start in enumerate(range(0, max_new_tokens, WINDOW_CHUNK)):
+            n = min(WINDOW_CHUNK, max_new_tokens - start)
+            key, *rest = sampling_args(seed, temperature, top_k, top_p, eos_id)
+            key = key if i == 0 else jax.random.fold_in(key, i)  # chunk 0 draws what one whole call drew
+            out = np.asarray(_decode_window(self.params, jnp.asarray(tail_bt), key, *rest, config=self.config,
+                                            max_new_tokens=n))
+            new_bn = out[:, tail_bt.shape[1]:]
+            if eos_id is not None:  # within a chunk the decoder pads a stopped row with eos; across chunks, here
+                new_bn = np.where(done_b[:, None], eos_id, new_bn)
+                done_b = done_b | (new_bn == eos_id).any(axis=1)
+            yield new_bn
+            if done_b.all():
+                if start + n < max_new_tokens:
+                    yield np.full((len(done_b), max_new_tokens - start - n), eos_id, np.int32)
+                return
+            tail_bt = np.concatenate([tail_bt, new_bn], axis=1)[:, -self.config.context_length:]
+
+    def _checked_prompt(self, prompt_bt) -> np.ndarray:
         prompt_bt = np.asarray(prompt_bt, dtype=np.int32)
         if prompt_bt.ndim == 1:
             prompt_bt = prompt_bt[None]
         if prompt_bt.ndim != 2 or prompt_bt.shape[1] == 0:
             raise ValueError(f"prompt must be a non-empty (batch, length) array of ids, got shape {prompt_bt.shape}")
-        check_sampling(max_new_tokens, temperature, top_k, top_p)
-        if prompt_bt.min() < 0 or prompt_bt.max() >= config.vocab_size:
-            raise ValueError(f"prompt ids must lie in [0, {config.vocab_size}), got [{prompt_bt.min()}, {prompt_bt.max()}]")
-        if max_new_tokens == 0:
-            return prompt_bt
-        sampling = sampling_args(seed, temperature, top_k, top_p, eos_id)
-        if use_cache and prompt_bt.shape[1] + max_new_tokens <= config.context_length:
-            pad_b = jnp.zeros((prompt_bt.shape[0],), jnp.int32)
-            new_bn, _ = _decode_cached_jit(self.params, jnp.asarray(prompt_bt), pad_b, *sampling, config=config,
-                                           max_new_tokens=int(max_new_tokens))
-            return np.concatenate([prompt_bt, np.asarray(new_bn)], axis=1)
-        out = _decode_window(self.params, jnp.asarray(prompt_bt), *sampling, config=config,
-                             max_new_tokens=int(max_new_tokens))
-        return np.asarray(out)
+        if prompt_bt.min() < 0 or prompt_bt.max() >= self.config.vocab_size:
+            raise ValueError(f"prompt ids must lie in [0, {self.config.vocab_size}), "
+                             f"got [{prompt_bt.min()}, {prompt_bt.max()}]")
+        return prompt_bt
 
 
 def _left_padded(prompts: Sequence[Sequence[int]], length: int, config: GPTConfig) -> tuple[np.ndarray, np.ndarray]:

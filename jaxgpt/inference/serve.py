@@ -10,7 +10,9 @@ OpenAI-shaped error) and streams with server-sent events.
 import asyncio
 import contextlib
 import json
+import sys
 import time
+import traceback
 import uuid
 from importlib import resources
 from typing import Optional, Union
@@ -28,6 +30,13 @@ def _error(status: int, message: str, param: Optional[str] = None):
 
     return JSONResponse(status_code=status, content={
         "error": {"message": message, "type": "invalid_request_error", "param": param, "code": None}})
+
+
+def _server_error(message: str):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(status_code=500, content={"error": {"message": message, "type": "server_error",
+                                                            "param": None, "code": None}})
 
 
 def _request_model(limit: int, vocab_size: int):
@@ -49,17 +58,46 @@ def _request_model(limit: int, vocab_size: int):
     return CompletionRequest
 
 
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes gets a 413 while it is being read, whether
+    it announces its length or comes in chunks (it is never read past the limit)."""
+
+    def __init__(self, app, limit: int = MAX_BODY_BYTES) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        size = headers.get(b"content-length", b"").decode("latin-1")
+        if size.isdigit() and int(size) > self.limit:
+            return await _error(413, f"request body of {size} bytes exceeds the limit of {self.limit} bytes")(
+                scope, receive, send)
+        messages, total = [], 0
+        while True:  # read the whole (bounded) body first, then replay it to the app
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            total += len(message.get("body", b""))
+            if total > self.limit:
+                return await _error(413, f"request body exceeds the limit of {self.limit} bytes")(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+
+        return await self.app(scope, replay, send)
+
+
 def _add_request_checks(app) -> None:
-    """Body-size limit and validation errors as 4xx responses that say what is wrong."""
+    """Body-size limit, validation errors as 4xx responses that say what is wrong, and no internal
+    detail in any other error (it goes to the server's log)."""
     from fastapi import Request
     from fastapi.exceptions import RequestValidationError
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
-            return _error(413, f"request body of {size} bytes exceeds the limit of {MAX_BODY_BYTES} bytes")
-        return await call_next(request)
+    app.add_middleware(BodyLimit)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
@@ -71,6 +109,11 @@ def _add_request_checks(app) -> None:
         if kind == "extra_forbidden":
             return _error(400, f"unknown field {where!r}", where)
         return _error(400, f"{where}: {first.get('msg', 'invalid value')}", where)
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception):
+        traceback.print_exception(exc, file=sys.stderr)
+        return _server_error("internal server error (details are in the server's log)")
 
 
 def _add_info_routes(app, batcher: Batcher, config: GPTConfig, model_name: str) -> None:
@@ -116,7 +159,7 @@ def build_app(params, config: GPTConfig, tokenizer, *, model_name: str = "jaxgpt
               batch_wait_s: float = 0.02, max_tokens_limit: int = 256, warmup: bool = True):
     """The FastAPI app (the batcher thread starts with it)."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import StreamingResponse
 
     batcher = Batcher(params, config, tokenizer, max_batch=max_batch, batch_wait_s=batch_wait_s,
                       max_tokens_limit=max_tokens_limit)
@@ -135,7 +178,14 @@ def build_app(params, config: GPTConfig, tokenizer, *, model_name: str = "jaxgpt
     async def completions(req: CompletionRequest, request: Request):
         if req.model not in (None, model_name):
             return _error(404, f"model {req.model!r} is not served here; GET /v1/models lists {model_name!r}", "model")
-        prompt_ids = tokenizer.encode(req.prompt) or [tokenizer.eot_id]
+        try:
+            prompt_ids = tokenizer.encode(req.prompt) or [tokenizer.eot_id]
+        except Exception as e:  # noqa: BLE001 - a character outside a char vocabulary, a special token, ...
+            return _error(400, f"prompt cannot be encoded by this model's tokenizer: {str(e).splitlines()[0][:200]}",
+                          "prompt")
+        if max(prompt_ids) >= config.vocab_size:
+            return _error(400, f"prompt encodes to token id {max(prompt_ids)}, outside the model's vocabulary of "
+                          f"{config.vocab_size}", "prompt")
         room = config.context_length - len(prompt_ids)
         if room < 1:
             return _error(400, f"prompt is {len(prompt_ids)} tokens; the context window is {config.context_length}", "prompt")
@@ -159,7 +209,7 @@ def build_app(params, config: GPTConfig, tokenizer, *, model_name: str = "jaxgpt
         while True:
             event = await job.events.get()
             if "error" in event:
-                return JSONResponse(status_code=500, content={"error": {"message": event["error"], "type": "server_error"}})
+                return _server_error(event["error"])
             if event.get("done"):
                 break
         body = chunk(job.text, job.finish_reason)
@@ -171,9 +221,23 @@ def build_app(params, config: GPTConfig, tokenizer, *, model_name: str = "jaxgpt
     return app
 
 
+def check_serving_options(port: int, max_batch: int, batch_wait_s: float, max_tokens_limit: int) -> None:
+    """Refuse at start-up what would serve something else than announced."""
+    if not 1 <= port <= 65535:
+        raise ValueError(f"--port must be in 1..65535, got {port}")
+    if max_batch < 1:
+        raise ValueError(f"--max-batch must be at least 1, got {max_batch}")
+    if not 0 <= batch_wait_s <= 10:
+        raise ValueError(f"--batch-wait-ms must be in [0, 10000], got {batch_wait_s * 1000:g}")
+    if max_tokens_limit < 1:
+        raise ValueError(f"--max-tokens-limit must be at least 1, got {max_tokens_limit}")
+
+
 def serve(params, config: GPTConfig, tokenizer, *, host: str = "127.0.0.1", port: int = 8000,
           model_name: str = "jaxgpt", **batching) -> None:
     import uvicorn
 
+    check_serving_options(port, batching.get("max_batch", 8), batching.get("batch_wait_s", 0.02),
+                          batching.get("max_tokens_limit", 256))
     app = build_app(params, config, tokenizer, model_name=model_name, **batching)
     uvicorn.run(app, host=host, port=port, log_level="info")

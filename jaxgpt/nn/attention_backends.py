@@ -59,10 +59,10 @@ def visible_keys(q_pos_bt: Array, k_pos_bs: Array, mask_bts: Optional[Array] = N
     return visible
 
 
-def alibi_bias(q_pos_bt: Array, k_pos_bs: Array, slopes_n: Array) -> Array:
-    """ALiBi's additive score bias (b, n, t, s): -slope_n · (q_pos - k_pos)."""
-    delta_bts = (q_pos_bt[:, :, None] - k_pos_bs[:, None, :]).astype(jnp.float32)
-    return -jnp.asarray(slopes_n, jnp.float32)[None, :, None, None] * delta_bts[:, None]
+def alibi_bias(q_pos_bt: Array, k_pos_bs: Array, slopes_n: Array, dtype=jnp.float32) -> Array:
+    """ALiBi's additive score bias (b, n, t, s): -slope_n · (q_pos - k_pos), in `dtype`."""
+    delta_bts = (q_pos_bt[:, :, None] - k_pos_bs[:, None, :]).astype(dtype)
+    return -jnp.asarray(slopes_n, dtype)[None, :, None, None] * delta_bts[:, None]
 
 
 def attention_weights(q_btnh: Array, k_bsmh: Array, *, q_pos_bt: Array, k_pos_bs: Array,
@@ -81,7 +81,8 @@ def _weights_from_scores(scores_bnts: Array, *, q_pos_bt: Array, k_pos_bs: Array
                          window: Optional[int], slopes_n: Optional[Array]) -> Array:
     """Scaled scores (b, n, t, s) -> attention weights: ALiBi bias, visibility mask, softmax."""
     if slopes_n is not None:
-        scores_bnts = scores_bnts.astype(jnp.float32) + alibi_bias(q_pos_bt, k_pos_bs, slopes_n)
+        acc = jnp.promote_types(scores_bnts.dtype, jnp.float32)
+        scores_bnts = scores_bnts.astype(acc) + alibi_bias(q_pos_bt, k_pos_bs, slopes_n, acc)
     visible_b1ts = visible_keys(q_pos_bt, k_pos_bs, mask_bts, window)[:, None]
     weights_bnts = masked_softmax(scores_bnts, visible_b1ts)
     # a query that sees no key at all (a padding row) gets zeros, not NaN
@@ -108,6 +109,9 @@ def xla_attention(q_btnh: Array, k_bsmh: Array, v_bsmh: Array, *, q_pos_bt: Arra
     """`jax.nn.dot_product_attention` (fused by XLA, cuDNN on GPUs; no dropout on the weights)."""
     if dropout is not None:
         raise ValueError("the 'xla' attention backend has no attention dropout; use 'naive' or 'auto'")
+    if q_btnh.dtype == jnp.float64:  # XLA's fused attention computes float64 inputs in float32
+        return naive_attention(q_btnh, k_bsmh, v_bsmh, q_pos_bt=q_pos_bt, k_pos_bs=k_pos_bs, mask_bts=mask_bts,
+                               window=window, slopes_n=slopes_n)
     plain_causal = mask_bts is None and window is None and slopes_n is None and q_btnh.shape[1] == k_bsmh.shape[1]
     if plain_causal:  # training: positions are 0..t-1 for queries and keys alike
         return jax.nn.dot_product_attention(q_btnh, k_bsmh, v_bsmh, is_causal=True)

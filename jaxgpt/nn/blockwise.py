@@ -36,12 +36,18 @@ def _pad_to(x: Array, multiple: int, axis: int, value) -> Array:
     return jnp.pad(x, widths, constant_values=value)
 
 
+def accumulation_dtype(x: Array):
+    """The dtype scores, softmax and sums are computed in: at least float32 (float64 stays float64)."""
+    return jnp.promote_types(x.dtype, jnp.float32)
+
+
 def _tile_scores(q_bnqh, k_bnkh, qpos_bq, kpos_bk, slopes_n, window, scale):
     """Scores (b, n, q, k) of one tile with ALiBi bias, and its visibility (b, 1, q, k)."""
-    s_bnqk = jnp.einsum("bnqh,bnkh->bnqk", q_bnqh, k_bnkh).astype(jnp.float32) * scale
+    acc = accumulation_dtype(q_bnqh)
+    s_bnqk = jnp.einsum("bnqh,bnkh->bnqk", q_bnqh, k_bnkh).astype(acc) * scale
     delta_bqk = qpos_bq[:, :, None] - kpos_bk[:, None, :]
     if slopes_n is not None:
-        s_bnqk = s_bnqk - slopes_n[None, :, None, None] * delta_bqk[:, None].astype(jnp.float32)
+        s_bnqk = s_bnqk - slopes_n[None, :, None, None].astype(acc) * delta_bqk[:, None].astype(acc)
     visible = delta_bqk >= 0
     if window is not None:
         visible = visible & (delta_bqk < window)
@@ -59,7 +65,8 @@ def _tile_needed(qpos_bq, kpos_bk, window):
 def _forward(q, k, v, qpos, kpos, slopes, window, block_q, block_k):
     """q (b, n, T, h), k/v (b, n, S, h), padded to whole blocks -> out (b, n, T, h), lse (b, n, T)."""
     b, n, t, h = q.shape
-    scale = 1.0 / jnp.sqrt(jnp.float32(h))
+    acc = accumulation_dtype(q)
+    scale = 1.0 / jnp.sqrt(jnp.asarray(h, acc))
     k_blocks = k.reshape(b, n, -1, block_k, h).transpose(2, 0, 1, 3, 4)  # (nk, b, n, block_k, h)
     v_blocks = v.reshape(b, n, -1, block_k, h).transpose(2, 0, 1, 3, 4)
     kpos_blocks = kpos.reshape(b, -1, block_k).transpose(1, 0, 2)  # (nk, b, block_k)
@@ -79,13 +86,13 @@ def _forward(q, k, v, qpos, kpos, slopes, window, block_q, block_k):
                 correction = jnp.exp(m_bnq - m_new)
                 l_new = l_bnq * correction + jnp.sum(p_bnqk, axis=-1)
                 acc_new = acc_bnqh * correction[..., None] + jnp.einsum(
-                    "bnqk,bnkh->bnqh", p_bnqk, v_bnkh.astype(jnp.float32))
+                    "bnqk,bnkh->bnqh", p_bnqk, v_bnkh.astype(acc))
                 return m_new, l_new, acc_new
 
             return jax.lax.cond(_tile_needed(qpos_bq, kpos_bk, window), update, lambda c: c, carry), None
 
-        init = (jnp.full((b, n, block_q), NEG, jnp.float32), jnp.zeros((b, n, block_q), jnp.float32),
-                jnp.zeros((b, n, block_q, h), jnp.float32))
+        init = (jnp.full((b, n, block_q), NEG, acc), jnp.zeros((b, n, block_q), acc),
+                jnp.zeros((b, n, block_q, h), acc))
         (m_bnq, l_bnq, acc_bnqh), _ = jax.lax.scan(step, init, (k_blocks, v_blocks, kpos_blocks))
         seen = l_bnq > 0
         out_bnqh = jnp.where(seen[..., None], acc_bnqh / jnp.where(seen, l_bnq, 1.0)[..., None], 0.0)
@@ -114,13 +121,14 @@ def _attention_bwd(window, block_q, block_k, residuals, dout):
     q, k, v, qpos, kpos, slopes, out, lse = residuals
     b, n, t, h = q.shape
     s_len = k.shape[2]
-    scale = 1.0 / jnp.sqrt(jnp.float32(h))
-    dout = dout.astype(jnp.float32)
+    acc = accumulation_dtype(q)
+    scale = 1.0 / jnp.sqrt(jnp.asarray(h, acc))
+    dout = dout.astype(acc)
     delta_bnt = jnp.sum(dout * out, axis=-1)
     nk = s_len // block_k
 
     def one_query_block(carry, args):
-        dk, dv = carry  # (b, n, S, h) float32 accumulators
+        dk, dv = carry  # (b, n, S, h) accumulators in `acc`
         q_bnqh, qpos_bq, do_bnqh, lse_bnq, delta_bnq = args
 
         def step(inner, j):
@@ -135,12 +143,12 @@ def _attention_bwd(window, block_q, block_k, residuals, dout):
                 s_bnqk, vis = _tile_scores(q_bnqh, k_bnkh, qpos_bq, kpos_bk, slopes, window, scale)
                 p_bnqk = jnp.exp(jnp.where(vis, s_bnqk, NEG) - lse_bnq[..., None]) * vis
                 dv_blk = jnp.einsum("bnqk,bnqh->bnkh", p_bnqk, do_bnqh)
-                dp_bnqk = jnp.einsum("bnqh,bnkh->bnqk", do_bnqh, v_bnkh.astype(jnp.float32))
+                dp_bnqk = jnp.einsum("bnqh,bnkh->bnqk", do_bnqh, v_bnkh.astype(acc))
                 ds_bnqk = p_bnqk * (dp_bnqk - delta_bnq[..., None]) * scale
-                dq_bnqh = dq_bnqh + jnp.einsum("bnqk,bnkh->bnqh", ds_bnqk, k_bnkh.astype(jnp.float32))
-                dk_blk = jnp.einsum("bnqk,bnqh->bnkh", ds_bnqk, q_bnqh.astype(jnp.float32))
-                add = lambda acc, blk: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
-                    acc, jax.lax.dynamic_slice_in_dim(acc, start, block_k, axis=2) + blk, start, axis=2)
+                dq_bnqh = dq_bnqh + jnp.einsum("bnqk,bnkh->bnqh", ds_bnqk, k_bnkh.astype(acc))
+                dk_blk = jnp.einsum("bnqk,bnqh->bnkh", ds_bnqk, q_bnqh.astype(acc))
+                add = lambda total, blk: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
+                    total, jax.lax.dynamic_slice_in_dim(total, start, block_k, axis=2) + blk, start, axis=2)
                 return dq_bnqh, add(dk, dk_blk), add(dv, dv_blk)
 
             return jax.lax.cond(_tile_needed(qpos_bq, kpos_bk, window), update, lambda x: x, inner), None
@@ -150,7 +158,7 @@ def _attention_bwd(window, block_q, block_k, residuals, dout):
 
     split = lambda x: x.reshape(b, n, -1, block_q, *x.shape[3:]).swapaxes(0, 2).swapaxes(1, 2)  # noqa: E731
     qpos_blocks = qpos.reshape(b, -1, block_q).transpose(1, 0, 2)
-    zeros = jnp.zeros((b, n, s_len, h), jnp.float32)
+    zeros = jnp.zeros((b, n, s_len, h), acc)
     (dk, dv), dq_blocks = jax.lax.scan(
         one_query_block, (zeros, zeros),
         (split(q), qpos_blocks, split(dout), split(lse[..., None])[..., 0], split(delta_bnt[..., None])[..., 0]))
@@ -185,6 +193,6 @@ def blockwise_attention(q_btnh: Array, k_bsmh: Array, v_bsmh: Array, *, q_pos_bt
     q_bnth, qpos = _pad_to(q_bnth, block_q, 2, 0), _pad_to(q_pos_bt.astype(jnp.int32), block_q, 1, -FAR)
     k_bnsh, v_bnsh = _pad_to(k_bnsh, block_k, 2, 0), _pad_to(v_bnsh, block_k, 2, 0)
     kpos = _pad_to(k_pos_bs.astype(jnp.int32), block_k, 1, FAR)
-    slopes = None if slopes_n is None else jnp.asarray(slopes_n, jnp.float32)
+    slopes = None if slopes_n is None else jnp.asarray(slopes_n, accumulation_dtype(q_btnh))
     out_bnth = _attention(q_bnth, k_bnsh, v_bnsh, qpos, kpos, slopes, window, block_q, block_k)
     return out_bnth[:, :, :t].transpose(0, 2, 1, 3)

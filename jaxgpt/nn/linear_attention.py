@@ -26,8 +26,8 @@ Array = jax.Array
 
 
 def feature_map(x: Array) -> Array:
-    """φ(x) = elu(x) + 1, positive everywhere, computed in float32."""
-    return jax.nn.elu(x.astype(jnp.float32)) + 1.0
+    """φ(x) = elu(x) + 1, positive everywhere, computed in at least float32 (float64 stays float64)."""
+    return jax.nn.elu(x.astype(jnp.promote_types(x.dtype, jnp.float32))) + 1.0
 
 
 def chunk_sums(q_btnh: Array, k_btmh: Array, v_btmh: Array, visible_btt: Array) -> tuple[Array, Array, Array]:
@@ -37,7 +37,7 @@ def chunk_sums(q_btnh: Array, k_btmh: Array, v_btmh: Array, visible_btt: Array) 
     n, m = q_btnh.shape[2], k_btmh.shape[2]
     k_btnh, v_btnh = jnp.repeat(k_btmh, n // m, axis=2), jnp.repeat(v_btmh, n // m, axis=2)
     a_bnts = jnp.einsum("btnh,bsnh->bnts", feature_map(q_btnh), feature_map(k_btnh)) * visible_btt[:, None]
-    num_btnh = jnp.einsum("bnts,bsnh->btnh", a_bnts, v_btnh.astype(jnp.float32))
+    num_btnh = jnp.einsum("bnts,bsnh->btnh", a_bnts, v_btnh.astype(a_bnts.dtype))
     return a_bnts, num_btnh, jnp.sum(a_bnts, axis=-1).transpose(0, 2, 1)
 
 
@@ -55,7 +55,8 @@ class LinearAttention(nn.Module):
     @staticmethod
     def empty_cache(config, batch: int, length: int, dtype) -> dict:
         m, h = config.kv_heads, config.head_dim
-        return {"state": jnp.zeros((batch, m, h, h), jnp.float32), "norm": jnp.zeros((batch, m, h), jnp.float32)}
+        acc = jnp.promote_types(dtype, jnp.float32)  # the state sums many terms: at least float32
+        return {"state": jnp.zeros((batch, m, h, h), acc), "norm": jnp.zeros((batch, m, h), acc)}
 
     @nn.compact
     def __call__(self, x_btd: Array, *, deterministic: bool = True, positions_bt: Optional[Array] = None,
@@ -80,7 +81,7 @@ class LinearAttention(nn.Module):
             _, chunk_num_btnh, chunk_den_btn = chunk_sums(q_btnh, k_btmh, v_btmh, visible_btt)
             out_btnh = normalise(num_btnh + chunk_num_btnh, den_btn + chunk_den_btn)
             phi_k_btmh = feature_map(k_btmh) * real_bt[:, :, None, None]
-            kv_cache = {"state": kv_cache["state"] + jnp.einsum("btmh,btme->bmhe", phi_k_btmh, v_btmh.astype(jnp.float32)),
+            kv_cache = {"state": kv_cache["state"] + jnp.einsum("btmh,btme->bmhe", phi_k_btmh, v_btmh.astype(phi_k_btmh.dtype)),
                         "norm": kv_cache["norm"] + jnp.sum(phi_k_btmh, axis=1)}
         out_btd = out_btnh.astype(x_btd.dtype).reshape(b, t, d)
         out_btd = Dense(d, dtype=self.dtype, kernel_init=nn.initializers.normal(self.out_init_std), name="c_proj")(out_btd)

@@ -20,18 +20,19 @@ import numpy as np
 POSITIONS = ("learned", "rope", "alibi", "none")
 
 
-def rope_angles(pos_bt: jax.Array, head_dim: int, base: float) -> jax.Array:
-    """Rotation angles (b, t, h/2): position × base^(-2i/h) for frequency i."""
-    inv_freq = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    return pos_bt.astype(jnp.float32)[..., None] * inv_freq
+def rope_angles(pos_bt: jax.Array, head_dim: int, base: float, dtype=jnp.float32) -> jax.Array:
+    """Rotation angles (b, t, h/2): position × base^(-2i/h) for frequency i, in `dtype` (at least float32)."""
+    inv_freq = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=dtype) / head_dim))
+    return pos_bt.astype(dtype)[..., None] * inv_freq
 
 
 def apply_rope(x_btnh: jax.Array, pos_bt: jax.Array, base: float) -> jax.Array:
     """Rotate each (x[i], x[i + h/2]) pair of every head by its position's angle; shape unchanged."""
     h = x_btnh.shape[-1]
-    angles_bt1f = rope_angles(pos_bt, h, base)[:, :, None, :]
+    acc = jnp.promote_types(x_btnh.dtype, jnp.float32)  # float32 for bf16/f32, float64 under x64
+    angles_bt1f = rope_angles(pos_bt, h, base, acc)[:, :, None, :]
     cos, sin = jnp.cos(angles_bt1f), jnp.sin(angles_bt1f)
-    x1, x2 = x_btnh[..., : h // 2].astype(jnp.float32), x_btnh[..., h // 2:].astype(jnp.float32)
+    x1, x2 = x_btnh[..., : h // 2].astype(acc), x_btnh[..., h // 2:].astype(acc)
     return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x_btnh.dtype)
 
 

@@ -7,6 +7,7 @@ function of (config, s), which is what makes exact resume possible.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,14 @@ class RunData:
     n_train_tokens: int
     n_val_tokens: int
     sample_prompt: list  # token ids the end-of-run samples start from
+    fingerprint: str  # sha256 of the corpus and the tokenizer: a resumed run must see the same
+
+
+def _fingerprint(*parts: bytes) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(hashlib.sha256(part).digest())
+    return digest.hexdigest()
 
 
 def is_prepared_dir(path: str) -> bool:
@@ -50,23 +59,28 @@ def _val_batches(val_ids, seq_len: int, batch_size: int, max_batches: int) -> li
 
 
 def _token_streams(cfg: TrainConfig, tokenizer: Optional[Tokenizer]):
-    """(tokenizer, train ids, val ids) of a prepared directory or of a corpus tokenized here."""
+    """(tokenizer, train ids, val ids, fingerprint) of a prepared directory or of a corpus tokenized here."""
     if is_prepared_dir(cfg.data):
-        meta = json.loads((Path(cfg.data) / PREPARED_META).read_text())
-        tokenizer = tokenizer or tokenizer_from_dict(meta["tokenizer"])
-        return (tokenizer, open_token_file(Path(cfg.data) / "train.bin"),
-                np.asarray(open_token_file(Path(cfg.data) / "val.bin")))
+        root = Path(cfg.data)
+        meta_text = (root / PREPARED_META).read_text()
+        tokenizer = tokenizer or tokenizer_from_dict(json.loads(meta_text)["tokenizer"])
+        sidecars = [(root / f"{split}.bin.json").read_bytes() if (root / f"{split}.bin.json").is_file() else b""
+                    for split in ("train", "val")]
+        fingerprint = _fingerprint(meta_text.encode(), *sidecars)  # the sidecars hold each file's sha256
+        return (tokenizer, open_token_file(root / "train.bin", tokenizer.vocab_size),
+                np.asarray(open_token_file(root / "val.bin", tokenizer.vocab_size)), fingerprint)
     text = load_text(cfg.data)
     tokenizer = tokenizer or get_tokenizer(cfg.tokenizer, corpus_text=text)
     split = int(cfg.train_ratio * len(text))
     train_ids = np.asarray(tokenizer.encode(text[:split], allow_special=True), dtype=np.int32)
     val_ids = np.asarray(tokenizer.encode(text[split:], allow_special=True), dtype=np.int32)
-    return tokenizer, train_ids, val_ids
+    fingerprint = _fingerprint(text.encode("utf-8", "surrogatepass"), json.dumps(tokenizer.to_dict()).encode())
+    return tokenizer, train_ids, val_ids, fingerprint
 
 
 def build_data(cfg: TrainConfig, seq_len: int, tokenizer: Optional[Tokenizer] = None) -> RunData:
     """Token streams, samplers and the fixed validation batches of a run."""
-    tokenizer, train_ids, val_ids = _token_streams(cfg, tokenizer)
+    tokenizer, train_ids, val_ids, fingerprint = _token_streams(cfg, tokenizer)
     if len(train_ids) <= seq_len:
         raise DataError(
             f"training split of {cfg.data!r} has {len(train_ids)} tokens, too few for a context of {seq_len} "
@@ -79,4 +93,4 @@ def build_data(cfg: TrainConfig, seq_len: int, tokenizer: Optional[Tokenizer] = 
         source = EpochSampler(dataset, cfg.batch_size, seed=cfg.seed)
     val = _val_batches(val_ids, seq_len, cfg.batch_size, cfg.eval_batches)
     prompt = [int(i) for i in val_ids[: min(16, seq_len // 2)]]
-    return RunData(tokenizer, source, val, len(train_ids), len(val_ids), prompt)
+    return RunData(tokenizer, source, val, len(train_ids), len(val_ids), prompt, fingerprint)

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from jaxgpt.config import ConfigError, GPTConfig
+from jaxgpt.config import ConfigError, GPTConfig, check_finite_numbers
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,8 @@ class TrainConfig:
     lr: float = 1e-3
     min_lr: float = 1e-4
     warmup_steps: int = 50
-    decay_steps: Optional[int] = None  # steps of warmup + cosine decay (default: max_steps)
+    decay_steps: Optional[int] = None  # steps of warmup + cosine decay (default: max_steps of the run's start;
+    # recorded then, so extending a run with a larger max_steps keeps its schedule; min_lr after it)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99
@@ -53,6 +54,7 @@ class TrainConfig:
     tensorboard: bool = False
 
     def __post_init__(self) -> None:
+        check_finite_numbers(self)
         positive = ("batch_size", "micro_batches", "max_steps", "log_every", "eval_every", "eval_batches",
                     "ckpt_every", "keep_checkpoints")
         for name in positive:

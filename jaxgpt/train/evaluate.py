@@ -13,13 +13,14 @@ from jaxgpt.train.batches import build_data
 from jaxgpt.train.config import TrainConfig
 from jaxgpt.train.loop import evaluate
 from jaxgpt.train.step import make_eval_step
-from jaxgpt.weights.checkpoint import load_for_inference, read_meta
+from jaxgpt.weights.checkpoint import load_for_inference, locate, read_meta
 
 
 def evaluate_checkpoint(path: Path, data: Optional[str] = None, batches: Optional[int] = None) -> dict:
     """Validation loss and perplexity of a checkpoint (its parameters only), on its own data or on `data`."""
-    cfg = TrainConfig.from_dict(read_meta(path)["train"])
-    params, model_cfg, tokenizer = load_for_inference(path)
+    found = locate(path)
+    cfg = TrainConfig.from_dict(read_meta(found)["train"])
+    params, model_cfg, tokenizer = load_for_inference(found)
     if data is not None:
         cfg = cfg.replace(data=data)
     if batches is not None:

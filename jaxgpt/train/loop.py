@@ -31,7 +31,8 @@ from jaxgpt.train.optimizer import build_optimizer, lr_schedule
 from jaxgpt.train.run_dir import keep_records_up_to, run_configs, run_meta
 from jaxgpt.train.sharding import ShardedTrainer, build_mesh
 from jaxgpt.train.step import ParallelTrainer, create_state
-from jaxgpt.weights.checkpoint import Checkpointer, restore, write_json
+from jaxgpt.atomic import write_json
+from jaxgpt.weights.checkpoint import Checkpointer, restore
 
 
 class TrainingDiverged(RuntimeError):
@@ -169,7 +170,7 @@ class _Loop:
                             for x, y in data.val_batches]
 
     def save(self, step: int, *, best: bool = False) -> None:
-        meta = run_meta(self.model_cfg, self.cfg, self.data.tokenizer, step, self.best_val)
+        meta = run_meta(self.model_cfg, self.cfg, self.data.tokenizer, step, self.best_val, self.data.fingerprint)
         self.ckpt.save(step, self.trainer.get_state(self.state), meta, best=best)
 
     def run(self, start_step: int, progress: bool, step_callback: Optional[Callable[[int], None]]) -> None:
@@ -205,13 +206,7 @@ class _Loop:
         self.steps_since_log += 1
         bar.update(1)
         if not math.isfinite(loss):
-            self.logger.log({"kind": "diverged", "step": done, "loss": str(loss)})
-            self.status = "diverged"
-            raise TrainingDiverged(
-                f"loss became {loss} at step {done}; stopped without saving this state. "
-                f"The last good checkpoint is kept in {self.run_dir} (step {self.ckpt.latest_step()}): "
-                "lower train.lr, raise train.warmup_steps, or check the data"
-            )
+            self._diverged(done, f"loss became {loss}")
         self.last_loss = loss
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             self._log_train(step, loss, metrics, bar)
@@ -219,6 +214,17 @@ class _Loop:
             self._evaluate(done, loss, bar)
         if done % cfg.ckpt_every == 0 or done == cfg.max_steps:
             self.save(done)
+
+    def _diverged(self, done: int, what: str) -> None:
+        """Stop without saving the state of step `done`, saying which saved state is still good."""
+        self.logger.log({"kind": "diverged", "step": done, "what": what})
+        self.status = "diverged"
+        self.ckpt.wait()
+        saved = self.ckpt.latest_step()
+        kept = (f"the last good checkpoint is kept in {self.run_dir} (step {saved})" if saved is not None
+                else "no checkpoint had been saved yet")
+        raise TrainingDiverged(f"{what} at step {done}; stopped without saving this state, and {kept}. Lower "
+                               "train.lr, raise train.warmup_steps, or check the data")
 
     def _log_train(self, step: int, loss: float, metrics: dict, bar) -> None:
         now = time.perf_counter()
@@ -234,6 +240,8 @@ class _Loop:
 
     def _evaluate(self, done: int, loss: float, bar) -> None:
         self.val_loss = evaluate(self.trainer.eval_step, self.trainer.params(self.state), self.val_batches)
+        if not math.isfinite(self.val_loss):  # never saved, and never called best
+            self._diverged(done, f"validation loss became {self.val_loss}")
         improved = self.val_loss < self.best_val
         self.best_val = min(self.best_val, self.val_loss)
         self.logger.log({
@@ -273,22 +281,28 @@ def train(
     `RESUMABLE_CHANGES` (length of the run, device layout, schedule of side work).
     """
     run_dir = Path(run_dir)
-    model_cfg, cfg, tokenizer, best_val = run_configs(run_dir, model_cfg, cfg, resume)
+    start = run_configs(run_dir, model_cfg, cfg, resume)
+    model_cfg, cfg, best_val = start.model, start.train, start.best_val
     run_dir.mkdir(parents=True, exist_ok=True)
     seq_len = cfg.context_length or model_cfg.context_length
     if seq_len > model_cfg.context_length:
         raise DataError(f"train.context_length {seq_len} exceeds the model's context_length {model_cfg.context_length}")
-    data = build_data(cfg, seq_len, tokenizer)
+    data = build_data(cfg, seq_len, start.tokenizer)
+    start.check_data(data.fingerprint, cfg.data)
     if model_cfg.vocab_size != data.tokenizer.vocab_size:
         model_cfg = model_cfg.replace(vocab_size=data.tokenizer.vocab_size)
 
+    if jax.process_count() > 1 and not cfg.mesh:  # pmap state lives per process and cannot be checkpointed
+        _log(f"{jax.process_count()} processes and no --mesh: training with the sharded step over mesh data=-1")
+        cfg = cfg.replace(mesh="data=-1")
     trainer, abstract, init_state = _build_trainer(model_cfg, cfg)
-    state = restore(run_dir, abstract)[0] if resume else init_state()
+    state = restore(start.resume_from, abstract)[0] if resume else init_state()
     start_step = int(to_host(state["step"]))
     if jax.process_index() == 0:
         if resume:
             keep_records_up_to(run_dir / "metrics.jsonl", start_step)
-        write_json(run_dir / "config.json", run_meta(model_cfg, cfg, data.tokenizer, start_step, best_val))
+        write_json(run_dir / "config.json", run_meta(model_cfg, cfg, data.tokenizer, start_step, best_val,
+                                                          data.fingerprint))
 
     n_params = count_params(abstract["params"])
     flops_tok = flops_per_token(model_cfg, seq_len, n_params)
@@ -303,7 +317,7 @@ def train(
     final_step = int(to_host(trainer.get_state(loop.state)["step"]))
     if not loop.is_main:
         return {"status": loop.status, "run_dir": str(run_dir), "step": final_step, "process": jax.process_index()}
-    records = read_jsonl(run_dir / "metrics.jsonl")
+    records = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else []
     plot_losses(records, run_dir / "loss.png", title=f"{run_dir.name}: {cfg.data}")
     train_records = [r for r in records if r.get("kind") == "train"]
     summary = {

@@ -14,7 +14,9 @@ before `save` returns, the disk write overlaps training).
 
 from __future__ import annotations
 
-import json
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,19 +25,34 @@ import orbax.checkpoint as ocp
 
 from jaxgpt.config import GPTConfig
 from jaxgpt.data.tokenizer import tokenizer_from_dict
+from jaxgpt.weights import integrity
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete, corrupt, or does not fit the requested model."""
 
 
+def _short(error: Exception) -> str:
+    """The first line of an Orbax/TensorStore error (their dumps run to dozens of lines)."""
+    text = str(error).strip().splitlines()
+    return (text[0][:300] if text else type(error).__name__)
+
+
 def _manager(directory: Path, keep: int, create: bool) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create, enable_async_checkpointing=True)
-    return ocp.CheckpointManager(directory.absolute(), options=options)
+    directory = directory.absolute()
+
+    def seal() -> None:  # after each finished save: its integrity record
+        if jax.process_index() == 0:
+            integrity.seal_finished_steps(directory)
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create, enable_async_checkpointing=True,
+                                           async_options=ocp.AsyncOptions(post_finalization_callback=seal))
+    return ocp.CheckpointManager(directory, options=options)
 
 
 class Checkpointer:
-    """Saves the last `keep` checkpoints of a run and, separately, its best one."""
+    """Saves the last `keep` checkpoints of a run and, separately, its best one; every finished
+    step gets an integrity record (`jaxgpt.weights.integrity`)."""
 
     def __init__(self, run_dir: Path, keep: int) -> None:
         self.run_dir = Path(run_dir)
@@ -45,55 +62,119 @@ class Checkpointer:
     def save(self, step: int, state: dict, meta: dict, *, best: bool = False) -> None:
         manager = self.best if best else self.latest
         if step in manager.all_steps():
-            return
+            step_dir = Path(manager.directory) / str(step)
+            if jax.process_count() > 1 or integrity.problem(step_dir) is None:
+                return
+            # a damaged copy of this step (a resumed run skipped it): keep it aside, write it anew
+            step_dir.rename(step_dir.with_name(f"{step}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"))
+            manager.reload()
         if jax.process_count() > 1:
             # Orbax's cross-process barriers are named by step only: two managers saving the same
             # step at once would collide, so the other manager's save finishes first.
             (self.latest if best else self.best).wait_until_finished()
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        manager.save(step, args=args)
+        try:
+            manager.save(step, args=args)
+        except Exception as e:  # noqa: BLE001 - a full disk surfaces as one of many Orbax/OS errors
+            raise CheckpointError(f"could not save step {step} in {manager.directory}: {_short(e)}") from e
 
     def latest_step(self) -> Optional[int]:
-        return self.latest.latest_step()
+        """The newest periodic or best step saved so far (None before the first save)."""
+        steps = [s for s in (self.latest.latest_step(), self.best.latest_step()) if s is not None]
+        return max(steps, default=None)
 
-    def close(self) -> None:
-        """Wait for pending writes and release the managers."""
+    def wait(self) -> None:
+        """Block until pending saves are on disk."""
         for m in (self.latest, self.best):
             m.wait_until_finished()
+
+    def close(self) -> None:
+        """Wait for pending writes, record the integrity of what was written, release the managers."""
+        errors = []
+        for m in (self.latest, self.best):
+            try:
+                m.wait_until_finished()
+            except Exception as e:  # noqa: BLE001
+                errors.append(f"{m.directory}: {_short(e)}")
             m.close()
+            if jax.process_index() == 0:
+                integrity.seal_finished_steps(Path(m.directory))
+        if errors:
+            raise CheckpointError(f"a checkpoint save did not finish ({'; '.join(errors)})")
 
 
-def _resolve(path: Path) -> tuple[Path, Optional[int]]:
-    """(manager directory, step or None for latest) for a run dir, a checkpoints dir or a step dir."""
+@dataclass(frozen=True)
+class Located:
+    """A checkpoint step found on disk and checked: its manager directory and its step."""
+
+    directory: Path
+    step: int
+
+    @property
+    def path(self) -> Path:
+        return self.directory / str(self.step)
+
+
+def _finished_steps(directory: Path) -> list[int]:
+    return sorted((int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir()),
+                  reverse=True) if directory.is_dir() else []
+
+
+def _candidates(path: Path) -> tuple[list[tuple[Path, int]], bool]:
+    """(steps to try, newest first; whether the path named one step) for a run dir, a checkpoints
+    dir or a step dir. A run's newest state is its latest periodic save, or its best one when that
+    is newer (a run that died before or between periodic saves still has its last evaluation's)."""
     path = Path(path).expanduser()
     if not path.exists():
         raise CheckpointError(f"no such checkpoint path: {path}")
     if (path / "checkpoints").is_dir():
-        # a run's newest state: its latest periodic save, or its best one when that is newer (a run
-        # that died before or between periodic saves still has the state of its last evaluation)
-        newest = lambda d: max((int(p.name) for p in d.iterdir() if p.name.isdigit()), default=-1) if d.is_dir() else -1  # noqa: E731
-        if newest(path / "best") > newest(path / "checkpoints"):
-            return path / "best", None
-        return path / "checkpoints", None
+        found = [(path / "checkpoints", s) for s in _finished_steps(path / "checkpoints")]
+        found += [(path / "best", s) for s in _finished_steps(path / "best")]
+        return sorted(found, key=lambda c: (c[1], c[0].name == "checkpoints"), reverse=True), False
     if path.name.isdigit() and path.is_dir():
-        return path.parent, int(path.name)
-    return path, None
+        return [(path.parent, int(path.name))], True
+    return [(path, s) for s in _finished_steps(path)], False
 
 
-def find_checkpoint(path: Path) -> tuple[ocp.CheckpointManager, int]:
-    """An open manager and the step to restore, or a `CheckpointError` saying what is wrong."""
-    directory, step = _resolve(path)
-    manager = _manager(directory, keep=1_000_000, create=False)
-    steps = manager.all_steps()
-    if not steps:
+def locate(path, *, fallback: bool = False, quiet: bool = False) -> Located:
+    """The step of `path` to load, checked against its integrity record.
+
+    A damaged newest step is an error naming it and the newest intact step; with `fallback`
+    (resuming a run) the newest intact step is used instead, and that is said on stderr (unless `quiet`).
+    """
+    if isinstance(path, Located):
+        return path
+    candidates, named = _candidates(path)
+    finished = [(d, s) for d, s in candidates if (d / str(s) / "_CHECKPOINT_METADATA").exists()
+                or (d / str(s) / "meta").is_dir()]
+    if not finished:
+        directory = candidates[0][0] if candidates else Path(path)
         unfinished = [p.name for p in directory.iterdir() if "tmp" in p.name] if directory.is_dir() else []
         hint = f" (only unfinished saves: {unfinished})" if unfinished else ""
+        if named:
+            raise CheckpointError(f"{path} is not a finished checkpoint step{hint}")
         raise CheckpointError(f"no checkpoint found in {directory}{hint}")
-    if step is None:
-        step = max(steps)
-    elif step not in steps:
-        raise CheckpointError(f"{directory} has no finished checkpoint for step {step}; it has {sorted(steps)}")
-    return manager, step
+    damaged = []
+    for directory, step in finished:
+        wrong = integrity.problem(directory / str(step))
+        if wrong is None:
+            if damaged and not fallback:
+                first = damaged[0]
+                raise CheckpointError(f"checkpoint {first[0]} is corrupt ({first[1]}); the newest intact step is "
+                                      f"{directory / str(step)}")
+            if damaged and not quiet:
+                print(f"[jaxgpt] checkpoint {damaged[0][0]} is corrupt ({damaged[0][1]}); using the newest intact "
+                      f"step, {directory / str(step)}", file=sys.stderr)
+            return Located(directory, step)
+        damaged.append((directory / str(step), wrong))
+    listed = "; ".join(f"{p} is corrupt ({why})" for p, why in damaged[:3])
+    raise CheckpointError(f"no intact checkpoint in {path}: {listed}")
+
+
+def find_checkpoint(path) -> tuple[ocp.CheckpointManager, int]:
+    """An open manager and the (checked) step to restore, or a `CheckpointError` saying what is wrong."""
+    found = locate(path)
+    return _manager(found.directory, keep=1_000_000, create=False), found.step
 
 
 def read_meta(path: Path, required: tuple[str, ...] = ("model", "train", "tokenizer")) -> dict:
@@ -102,7 +183,7 @@ def read_meta(path: Path, required: tuple[str, ...] = ("model", "train", "tokeni
     try:
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     except Exception as e:  # noqa: BLE001 - Orbax raises many types; report them as one
-        raise CheckpointError(f"cannot read the metadata of checkpoint {manager.directory}/{step}: {e}") from e
+        raise CheckpointError(f"cannot read the metadata of checkpoint {manager.directory}/{step}: {_short(e)}") from e
     finally:
         manager.close()
     for key in required:
@@ -132,7 +213,7 @@ def restore(path: Path, abstract_state: Any) -> tuple[dict, dict]:
         )
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(
-            f"checkpoint {manager.directory}/{step} is corrupt or does not fit this model/optimizer: {e}"
+            f"checkpoint {manager.directory}/{step} is corrupt or does not fit this model/optimizer: {_short(e)}"
         ) from e
     finally:
         manager.close()
@@ -161,7 +242,7 @@ def restore_params(path: Path, abstract_params: Any) -> dict:
         items = manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args, partial_restore=True)))
     except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"checkpoint {manager.directory}/{step} is corrupt or does not fit this model: {e}") from e
+        raise CheckpointError(f"checkpoint {manager.directory}/{step} is corrupt or does not fit this model: {_short(e)}") from e
     finally:
         manager.close()
     return items["state"]["params"]
@@ -174,14 +255,8 @@ def load_for_inference(path: Path):
     from jaxgpt.nn.layout import unstack_layers
     from jaxgpt.nn.model import param_shapes  # imported here: the CLI's light commands never pay for Flax
 
-    meta = read_meta(path, required=("model", "tokenizer"))
+    found = locate(path)  # checked once, read twice
+    meta = read_meta(found, required=("model", "tokenizer"))
     config = GPTConfig.from_dict(meta["model"])
-    params = restore_params(path, param_shapes(config))
+    params = restore_params(found, param_shapes(config))
     return unstack_layers(params), config.replace(scan_layers=False), tokenizer_from_dict(meta["tokenizer"])
-
-
-def write_json(path: Path, obj: dict) -> None:
-    """Write JSON atomically (temporary file + rename)."""
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)

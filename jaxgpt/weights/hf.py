@@ -163,6 +163,36 @@ def _read_safetensors(directory: Path) -> dict[str, np.ndarray]:
     return tensors
 
 
+def _tensor_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in the checkpoint's safetensors files, from their headers only
+    (nothing is allocated), with jaxgpt's `transformer.` naming."""
+    from safetensors import SafetensorError, safe_open
+
+    files = ([directory / WEIGHTS_FILE] if (directory / WEIGHTS_FILE).is_file()
+             else sorted(directory.glob("model-*.safetensors")))
+    shapes = {}
+    for path in files:
+        try:
+            with safe_open(str(path), "numpy") as f:
+                shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+        except (SafetensorError, OSError, ValueError) as e:
+            raise WeightsError(f"{path} is not a readable safetensors file: {e}") from None
+    return {(k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k): v for k, v in shapes.items()}
+
+
+def check_config_fits_tensors(cfg: GPTConfig, shapes: dict[str, tuple[int, ...]], config_path: Path) -> None:
+    """Compare config.json's sizes with the tensors actually stored, before anything is allocated
+    (an absurd `n_layer` in a config would otherwise build a model of that size)."""
+    blocks = {int(name.split(".")[2]) for name in shapes if name.startswith("transformer.h.")
+              and name.split(".")[2].isdigit()}
+    if blocks and cfg.n_layers != len(blocks):
+        raise WeightsError(f"{config_path} says n_layer={cfg.n_layers} but the weights hold {len(blocks)} blocks")
+    for name, want, field in (("transformer.wte.weight", (cfg.vocab_size, cfg.emb_dim), "vocab_size, n_embd"),
+                              ("transformer.wpe.weight", (cfg.context_length, cfg.emb_dim), "n_positions, n_embd")):
+        if name in shapes and shapes[name] != want:
+            raise WeightsError(f"{config_path} says ({field}) = {want} but {name} has shape {shapes[name]}")
+
+
 def _to_float32(name: str, arr: np.ndarray) -> np.ndarray:
     if arr.dtype.kind != "f" and str(arr.dtype) != "bfloat16":
         raise WeightsError(f"tensor {name!r} has dtype {arr.dtype}; expected a floating-point type")
@@ -211,6 +241,9 @@ def load_hf(name_or_dir: str, *, download: bool = False) -> tuple[dict, GPTConfi
         cfg = config_from_hf(hf_config)
     except KeyError as e:
         raise WeightsError(f"{config_path} lacks the field {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:  # a field of the wrong type, or a value GPTConfig refuses
+        raise WeightsError(f"{config_path}: {e}") from None
+    check_config_fits_tensors(cfg, _tensor_shapes(directory), config_path)
     return params_from_tensors(_read_safetensors(directory), cfg), cfg
 
 
@@ -240,16 +273,38 @@ def load_tokenizer(directory: Path, cfg: GPTConfig):
     return GPT2Tokenizer()
 
 
+def export_problems(cfg: GPTConfig) -> list[str]:
+    """The settings of `cfg` that Hugging Face's GPT-2 cannot represent (empty: exportable). A model
+    exported despite them would load and silently compute other logits."""
+    problems = []
+    if cfg.attention != "softmax":
+        problems.append(f"attention={cfg.attention!r} (GPT-2 has softmax attention)")
+    if cfg.position != "learned":
+        problems.append(f"position={cfg.position!r} (GPT-2 has learned position embeddings)")
+    if cfg.n_kv_heads not in (None, cfg.n_heads):
+        problems.append(f"n_kv_heads={cfg.n_kv_heads} (GPT-2 has as many key/value heads as query heads)")
+    if cfg.sliding_window is not None:
+        problems.append(f"sliding_window={cfg.sliding_window} (GPT-2 attends to the whole context)")
+    return problems
+
+
 def save_hf(params: dict, cfg: GPTConfig, out_dir: Path, *, max_shard_bytes: Optional[int] = None,
-            tokenizer=None) -> Path:
+            tokenizer=None, force: bool = False) -> Path:
     """Write `params` as config.json + model.safetensors (sharded with an index above `max_shard_bytes`).
 
     A model without qkv bias gets a zero `c_attn.bias`, which is the same function. With a
-    tokenizer other than GPT-2's, its spec is written beside (`jaxgpt_tokenizer.json`).
+    tokenizer other than GPT-2's, its spec is written beside (`jaxgpt_tokenizer.json`). A config
+    GPT-2 cannot represent is refused by name (`export_problems`). The export is written to a
+    temporary folder and renamed into place: a non-empty `out_dir` is refused unless `force`, and
+    then replaced whole (no stale shard or index of an older export survives).
     """
-    from safetensors.numpy import save_file
-
+    from jaxgpt.atomic import atomic_directory, check_target
     from jaxgpt.nn.layout import unstack_layers
+
+    problems = export_problems(cfg)
+    if problems:
+        raise WeightsError("this model cannot be exported as Hugging Face GPT-2: " + "; ".join(problems))
+    check_target(out_dir, force)
 
     params = unstack_layers(params)  # GPT-2's h_0 … h_{L-1}, whichever layout the model trained in
     p = params["params"] if "params" in params else params
@@ -268,15 +323,22 @@ def save_hf(params: dict, cfg: GPTConfig, out_dir: Path, *, max_shard_bytes: Opt
         tensors[name] = np.ascontiguousarray(arr.T if transpose else arr)
         if tensors[name].shape != shape:
             raise WeightsError(f"param {'/'.join(path)} has shape {arr.shape}; the config implies {shape}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / CONFIG_FILE).write_text(json.dumps(config_to_hf(cfg), indent=2))
-    if tokenizer is not None and tokenizer.name != "gpt2":
-        (out_dir / TOKENIZER_FILE).write_text(json.dumps(tokenizer.to_dict()))
+    with atomic_directory(out_dir, force=force) as tmp:
+        (tmp / CONFIG_FILE).write_text(json.dumps(config_to_hf(cfg), indent=2))
+        if tokenizer is not None and tokenizer.name != "gpt2":
+            (tmp / TOKENIZER_FILE).write_text(json.dumps(tokenizer.to_dict()))
+        _write_safetensors(tensors, tmp, max_shard_bytes)
+    return Path(out_dir)
+
+
+def _write_safetensors(tensors: dict[str, np.ndarray], out_dir: Path, max_shard_bytes: Optional[int]) -> None:
+    """model.safetensors, or shards of at most `max_shard_bytes` and their index."""
+    from safetensors.numpy import save_file
+
     metadata = {"format": "pt"}  # what transformers expects in the header
     if max_shard_bytes is None or sum(a.nbytes for a in tensors.values()) <= max_shard_bytes:
         save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata=metadata)
-        return out_dir
+        return
     shards, current, size = [], {}, 0
     for name, arr in tensors.items():
         if current and size + arr.nbytes > max_shard_bytes:
@@ -292,4 +354,3 @@ def save_hf(params: dict, cfg: GPTConfig, out_dir: Path, *, max_shard_bytes: Opt
         weight_map.update({name: fname for name in shard})
     index = {"metadata": {"total_size": sum(a.nbytes for a in tensors.values())}, "weight_map": weight_map}
     (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2))
-    return out_dir
