@@ -66,3 +66,26 @@ def test_prepare_single_document_splits_by_tokens_and_bad_input(tmp_path):
         prepare([str(tmp_path / "bad.jsonl")], tmp_path / "out2", progress=False)
     with pytest.raises(DataError, match="does not exist"):
         prepare([str(tmp_path / "missing")], tmp_path / "out3", progress=False)
+
+
+def test_prepare_refuses_a_non_empty_output_and_an_interrupted_rebuild_keeps_the_old_corpus(tmp_path, monkeypatch):
+    src = tmp_path / "docs.txt"
+    src.write_text("one document here\n\nanother document there\n\na third one\n")
+    out = tmp_path / "prepared"
+    prepare([str(src)], out, tokenizer_name="char", progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(FileExistsError, match="not empty"):
+        prepare([str(src)], out, tokenizer_name="char", progress=False)
+    import jaxgpt.data.prepare as prep
+
+    def dies(*a, **k):  # the rebuild is interrupted half-way (as by kill -9 or Ctrl-C)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prep, "clean_text", dies)
+    with pytest.raises(KeyboardInterrupt):
+        prepare([str(src)], out, tokenizer_name="char", progress=False, force=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no half-written folder left
+    monkeypatch.undo()
+    prepare([str(src)], out, tokenizer_name="gpt2", progress=False, force=True)  # replaced whole
+    assert json.loads((out / "meta.json").read_text())["tokenizer"]["kind"] == "gpt2"

@@ -87,3 +87,20 @@ def test_generate_text_with_char_tokenizer():
     cfg = CFG.replace(vocab_size=tok.vocab_size)
     text = generate_text(init_params(cfg), cfg, tok, "hello", 8, temperature=1.0, seed=0)
     assert text.startswith("hello") and len(text) <= 5 + 8 + len("<|endoftext|>")
+
+
+def test_the_sliding_window_decodes_in_bounded_chunks(monkeypatch):
+    """Beyond the context the window decoder runs chunk by chunk (its memory no longer grows with
+    the tokens asked for): the chunks are bounded and give the tokens of a single pass."""
+    import jaxgpt.inference.generate as gen
+
+    prompt = [[1, 2, 3], [4, 5, 6]]
+    whole = generate(PARAMS, CFG, prompt, 40, use_cache=False)
+    monkeypatch.setattr(gen, "WINDOW_CHUNK", 7)
+    chunks = list(gen.Decoder(PARAMS, CFG).window_chunks(prompt, 40))
+    assert [c.shape[1] for c in chunks] == [7] * 5 + [5]
+    np.testing.assert_array_equal(np.concatenate([np.asarray(prompt), *chunks], axis=1), whole)
+    eos = int(whole[0, 10])  # a row that stops stays stopped across chunks
+    stopped = generate(PARAMS, CFG, prompt, 40, use_cache=False, eos_id=eos)
+    first = int(np.argmax(stopped[0, 3:] == eos)) + 3
+    assert (stopped[0, first:] == eos).all()

@@ -186,3 +186,16 @@ def test_playground_in_headless_chromium(port, tmp_path):
         assert driver.find_element(By.ID, "go").is_enabled()
     finally:
         driver.quit()
+
+
+@pytest.mark.parametrize("prompt_tokens, asked", [(38, 20), (6, 32)])
+def test_the_budget_is_the_context_minus_the_real_prompt(port, prompt_tokens, asked):
+    """On a 64-token context, a 38-token prompt asking for 20 tokens got 1 (the padding to 64 was
+    counted as prompt); every request now gets what it asks for while prompt + answer fit."""
+    prompt = " the" * prompt_tokens  # one GPT-2 token each
+    assert len(TOK.encode(prompt)) == prompt_tokens
+    body = complete(port, prompt=prompt, max_tokens=asked, temperature=0)
+    usage, choice = body["usage"], body["choices"][0]
+    assert usage["prompt_tokens"] == prompt_tokens
+    assert usage["completion_tokens"] == asked or choice["finish_reason"] == "stop", body
+    assert choice["text"] == greedy_reference(prompt, asked)

@@ -187,3 +187,53 @@ def test_resume_takes_the_newest_saved_state_and_old_metadata(tmp_path):
     check_compatible(old, get_preset("test"))
     with pytest.raises(CheckpointError, match="position"):
         check_compatible(old, get_preset("test", position="rope"))
+
+
+def test_extending_a_run_keeps_its_schedule(corpus, tmp_path):
+    """Train 4 steps (the cosine fitted to 4), then --resume to 8: the learning rate stays at min_lr
+    past the schedule (it jumped back up before), bit-identical to a straight run with that schedule."""
+    short = _cfg(corpus, max_steps=4, decay_steps=None, log_every=1, eval_every=2, ckpt_every=2)
+    train(MODEL, short, tmp_path / "extended", progress=False)
+    assert read_meta(tmp_path / "extended")["train"]["decay_steps"] == 4  # recorded at the start
+    train(None, short.replace(max_steps=8), tmp_path / "extended", resume=True, progress=False)
+    train(MODEL, short.replace(max_steps=8, decay_steps=4), tmp_path / "straight", progress=False)
+    _assert_identical(tmp_path / "extended", tmp_path / "straight")
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "extended" / "metrics.jsonl").read_text().splitlines()
+           if '"kind": "train"' in line]
+    assert lrs[4:] == pytest.approx([short.min_lr] * 4), lrs
+
+
+def test_divergence_before_any_save_says_so(corpus, tmp_path):
+    cfg = _cfg(corpus, lr=1e30, min_lr=0.0, warmup_steps=0, grad_clip=0.0, micro_batches=1, ckpt_every=100,
+               eval_every=100, max_steps=30, decay_steps=30)
+    with pytest.raises(TrainingDiverged, match="no checkpoint had been saved yet"):
+        train(MODEL, cfg, tmp_path / "nan0", progress=False)
+
+
+def test_interrupt_before_the_first_log_line_ends_cleanly(corpus, tmp_path, capsys, monkeypatch):
+    """Ctrl-C before anything was logged: a saved checkpoint and a summary, exit 130 (it failed on a
+    missing metrics.jsonl); Ctrl-C during start-up: one line and exit 130, no traceback."""
+    cfg = _cfg(corpus, log_every=100, eval_every=100, ckpt_every=100)
+    summary = train(MODEL, cfg, tmp_path / "early", progress=False,
+                    step_callback=lambda step: os.kill(os.getpid(), signal.SIGINT) if step == 1 else None)
+    assert summary["status"] == "interrupted" and summary["step"] == 1
+    import jaxgpt.train.loop as loop
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "build_data", interrupted)
+    code = main(["train", "--out", str(tmp_path / "startup"), "--data", str(corpus), "--tokenizer", "char",
+                 "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 130 and "jaxgpt train: interrupted" in err and "Traceback" not in err
+
+
+def test_resume_overrides_apply_to_the_checkpoint_config(corpus, tmp_path, capsys):
+    """--resume --set model.n_layers=2 on a 2-layer run is the same model: accepted (it was compared
+    with the default preset and refused)."""
+    run = tmp_path / "r"
+    train(MODEL, _cfg(corpus, max_steps=2, decay_steps=2, eval_every=2, ckpt_every=2), run, progress=False)
+    code = main(["train", "--out", str(run), "--resume", "--max-steps", "3", "--set", "model.n_layers=2",
+                 "--no-progress"])
+    assert code == 0, capsys.readouterr().err

@@ -1,6 +1,7 @@
 """GPT-2 weights in and out of the Hugging Face layout, against `transformers` (torch, CPU)."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -137,3 +138,30 @@ def test_convert_cli_both_directions(tmp_path, capsys):
     assert main(["generate", "--hf", str(tmp_path / "back"), "--prompt", "hi", "--max-new-tokens", "5", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["prompt"] == "hi" and len(out["tokens"]) <= 5
+
+
+def test_export_replaces_a_stale_sharded_export_only_with_force(tmp_path):
+    """A sharded export followed by an unsharded one: without --force it is refused; with it the
+    old index and shards are gone, so from-hf imports the new model (it imported the old one)."""
+    cfg = GPTConfig(vocab_size=97, context_length=32, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)
+    old, new = init_params(cfg, seed=1), init_params(cfg, seed=2)
+    save_hf(old, cfg, tmp_path / "out", max_shard_bytes=30_000)
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
+    with pytest.raises(FileExistsError, match="not empty"):
+        save_hf(new, cfg, tmp_path / "out")
+    save_hf(new, cfg, tmp_path / "out", force=True)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors"]
+    loaded, _ = load_hf(str(tmp_path / "out"))
+    np.testing.assert_array_equal(loaded["params"]["wte"]["embedding"], np.asarray(new["params"]["wte"]["embedding"]))
+
+
+@pytest.mark.parametrize("changes, named", [
+    (dict(sliding_window=4), "sliding_window=4"), (dict(attention="linear"), "attention='linear'"),
+    (dict(position="alibi"), "position='alibi'"), (dict(n_kv_heads=2), "n_kv_heads=2"),
+    (dict(attention="mla", latent_dim=8), "attention='mla'"),
+])
+def test_export_refuses_what_gpt2_cannot_hold_by_name(tmp_path, changes, named):
+    cfg = GPTConfig(vocab_size=97, context_length=32, emb_dim=32, n_heads=4, n_layers=2, **changes)
+    with pytest.raises(WeightsError, match=re.escape(named)):
+        save_hf(init_params(cfg), cfg, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

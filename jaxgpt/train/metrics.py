@@ -99,7 +99,8 @@ def plot_losses(records: Iterable[dict], out_path: Path, title: str = "") -> Pat
         ax.set_xlabel(xlabel)
         ax.set_ylabel("cross-entropy loss")
         ax.grid(alpha=0.3)
-        ax.legend()
+        if train or val:
+            ax.legend()
     if title:
         fig.suptitle(title)
     fig.tight_layout()
