@@ -185,7 +185,7 @@ def check_config_fits_tensors(cfg: GPTConfig, shapes: dict[str, tuple[int, ...]]
     (an absurd `n_layer` in a config would otherwise build a model of that size)."""
     blocks = {int(name.split(".")[2]) for name in shapes if name.startswith("transformer.h.")
               and name.split(".")[2].isdigit()}
-    if blocks and cfg.n_layers != len(blocks):
+    if cfg.n_layers > len(blocks):  # more claimed than stored (extra stored blocks are named further on)
         raise WeightsError(f"{config_path} says n_layer={cfg.n_layers} but the weights hold {len(blocks)} blocks")
     for name, want, field in (("transformer.wte.weight", (cfg.vocab_size, cfg.emb_dim), "vocab_size, n_embd"),
                               ("transformer.wpe.weight", (cfg.context_length, cfg.emb_dim), "n_positions, n_embd")):
