@@ -22,6 +22,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")  # float64 needs 
 # "none" keeps everything, "full" only the block's input (recomputes the rest), "dots" the matmul
 # outputs, "dots_no_batch" the matmul outputs without batch dimensions (projections, not attention scores).
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+NORMS = ("layernorm", "rmsnorm")  # see jaxgpt.nn.norms
+MLPS = ("gelu", "swiglu", "geglu", "relu2")  # see jaxgpt.nn.mlp
 
 
 class ConfigError(ValueError):
@@ -60,6 +62,24 @@ class GPTConfig:
     rope_base: float = 10000.0  # RoPE wavelength base
     sliding_window: Optional[int] = None  # local attention over this many positions (None: global)
     global_every: Optional[int] = None  # with sliding_window: every k-th layer stays global (6 = 5 local : 1 global)
+    # block options of today's open models (docs/families.md); the defaults are GPT-2's
+    norm: str = "layernorm"  # "layernorm" (scale and bias) or "rmsnorm" (scale only), one of NORMS
+    norm_unit_offset: bool = False  # RMSNorm multiplies by (1 + scale), scale initialised to 0 (Gemma)
+    post_norms: bool = False  # also normalise each branch's output before the residual add (Gemma 3)
+    mlp: str = "gelu"  # "gelu" (GPT-2), "swiglu" (Llama, Qwen), "geglu" (Gemma), "relu2" (modded-nanogpt)
+    mlp_hidden: Optional[int] = None  # hidden width of the MLP (default: mlp_ratio * emb_dim)
+    mlp_bias: bool = True  # biases of the MLP's projections
+    attn_out_bias: bool = True  # bias of the attention output projection
+    head_size: Optional[int] = None  # per-head width when it is not emb_dim / n_heads (Qwen3, Gemma 3)
+    qk_norm: bool = False  # RMSNorm over each head's query and key before RoPE (Qwen3, Gemma 3)
+    query_scale: Optional[float] = None  # multiplies q·k (default 1/sqrt(head_dim); Gemma: query_pre_attn_scalar^-1/2)
+    rope_local_base: Optional[float] = None  # RoPE base of the sliding-window layers (Gemma 3), rope_base elsewhere
+    rope_scaling: Optional[float] = None  # Llama 3's frequency scaling factor (None: no scaling)
+    rope_low_freq_factor: float = 1.0  # Llama 3 scaling: wavelengths above original/low are divided by the factor
+    rope_high_freq_factor: float = 4.0  # ... those below original/high are kept; in between, blended
+    rope_original_context: int = 8192  # Llama 3 scaling: the context length the frequencies were trained for
+    emb_scale: bool = False  # multiply the token embeddings by sqrt(emb_dim) (Gemma)
+    logit_softcap: Optional[float] = None  # final logits become cap * tanh(logits / cap)
     # execution choices: they change neither the parameters (names, shapes) nor the function computed
     scan_layers: bool = False  # run the blocks as one lax.scan over their stacked weights: compile time flat in depth
     remat: str = "none"  # rematerialisation per block, one of REMAT_POLICIES (memory for recomputation)
@@ -70,10 +90,6 @@ class GPTConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
-        if self.emb_dim % self.n_heads != 0:
-            raise ConfigError(
-                f"GPTConfig.emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})"
-            )
         if not isinstance(self.drop_rate, (int, float)) or not 0.0 <= self.drop_rate < 1.0:
             raise ConfigError(f"GPTConfig.drop_rate must be in [0, 1), got {self.drop_rate!r}")
         for name in ("ln_eps", "emb_init_std"):
@@ -116,13 +132,61 @@ class GPTConfig:
             raise ConfigError(f"GPTConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"GPTConfig.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        self._check_block_options()
         if self.scan_layers and self.global_every is not None:
             raise ConfigError("GPTConfig.scan_layers needs identical layers; global_every makes some layers global "
                               "and others local (unset one of them)")
 
+    def _check_block_options(self) -> None:
+        if self.norm not in NORMS:
+            raise ConfigError(f"GPTConfig.norm must be one of {NORMS}, got {self.norm!r}")
+        if self.norm_unit_offset and self.norm != "rmsnorm":
+            raise ConfigError("GPTConfig.norm_unit_offset applies to norm 'rmsnorm' only")
+        if self.mlp not in MLPS:
+            raise ConfigError(f"GPTConfig.mlp must be one of {MLPS}, got {self.mlp!r}")
+        for name in ("mlp_hidden", "head_size", "rope_original_context"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+                raise ConfigError(f"GPTConfig.{name} must be a positive integer or unset, got {v!r}")
+        for name in ("post_norms", "mlp_bias", "attn_out_bias", "qk_norm", "emb_scale", "norm_unit_offset"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"GPTConfig.{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("query_scale", "rope_local_base", "rope_scaling", "logit_softcap"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
+                raise ConfigError(f"GPTConfig.{name} must be a positive number or unset, got {v!r}")
+        if self.rope_scaling is not None and not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+            raise ConfigError("GPTConfig needs 0 < rope_low_freq_factor < rope_high_freq_factor for Llama 3 scaling")
+        if self.head_size is None and self.emb_dim % self.n_heads:
+            raise ConfigError(f"GPTConfig.emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads}) "
+                              "unless head_size is set")
+        uses_rope = self.rope_scaling is not None or self.rope_local_base is not None
+        if uses_rope and self.position != "rope":
+            raise ConfigError("GPTConfig.rope_scaling and rope_local_base need position 'rope'")
+        if self.attention != "softmax" and (self.qk_norm or self.head_size is not None or self.query_scale is not None):
+            raise ConfigError("GPTConfig.qk_norm, head_size and query_scale apply to softmax attention only")
+
     @property
     def head_dim(self) -> int:
-        return self.emb_dim // self.n_heads
+        return self.head_size or self.emb_dim // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        """The MLP's hidden width."""
+        return self.mlp_hidden or self.mlp_ratio * self.emb_dim
+
+    @property
+    def rope_scaling_spec(self) -> Optional[tuple]:
+        """Llama 3's RoPE scaling as (factor, low_freq_factor, high_freq_factor, original context), or None."""
+        if self.rope_scaling is None:
+            return None
+        return (self.rope_scaling, self.rope_low_freq_factor, self.rope_high_freq_factor, self.rope_original_context)
+
+    def layer_rope_base(self, layer: int) -> float:
+        """The RoPE base of layer `layer`: `rope_local_base` for a sliding-window layer when set."""
+        if self.rope_local_base is not None and self.layer_window(layer) is not None:
+            return self.rope_local_base
+        return self.rope_base
 
     @property
     def kv_heads(self) -> int:
@@ -172,6 +236,32 @@ PRESETS: dict[str, GPTConfig] = {
     # For unit tests: compiles in about a second.
     "test": GPTConfig(vocab_size=64, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0),
 }
+
+# Today's open families as settings of the same model (docs/families.md), with their published shapes.
+_LLAMA = dict(norm="rmsnorm", mlp="swiglu", position="rope", qkv_bias=False, attn_out_bias=False, mlp_bias=False,
+              drop_rate=0.0, tie_embeddings=True)
+_QWEN3 = dict(_LLAMA, qk_norm=True, ln_eps=1e-6, rope_base=1_000_000.0)
+_GEMMA3 = dict(_LLAMA, mlp="geglu", qk_norm=True, norm_unit_offset=True, post_norms=True, emb_scale=True,
+               ln_eps=1e-6, rope_base=1_000_000.0, rope_local_base=10_000.0, global_every=6)
+PRESETS.update({
+    "llama-3.2-1b": GPTConfig(**_LLAMA, vocab_size=128_256, context_length=131_072, emb_dim=2048, n_heads=32,
+                              n_kv_heads=8, n_layers=16, mlp_hidden=8192, ln_eps=1e-5, rope_base=500_000.0,
+                              rope_scaling=32.0, rope_original_context=8192),
+    "qwen3-0.6b": GPTConfig(**_QWEN3, vocab_size=151_936, context_length=40_960, emb_dim=1024, n_heads=16,
+                            n_kv_heads=8, head_size=128, n_layers=28, mlp_hidden=3072),
+    "gemma-3-270m": GPTConfig(**_GEMMA3, vocab_size=262_144, context_length=32_768, emb_dim=640, n_heads=4,
+                              n_kv_heads=1, head_size=256, n_layers=18, mlp_hidden=2048, sliding_window=512,
+                              query_scale=256 ** -0.5),
+    # tiny ones of each, for tests and CPU experiments (every option of the family on)
+    "llama-tiny": GPTConfig(**_LLAMA, vocab_size=64, context_length=64, emb_dim=64, n_heads=4, n_kv_heads=2,
+                            n_layers=2, mlp_hidden=128, ln_eps=1e-5, rope_base=500_000.0, rope_scaling=32.0,
+                            rope_original_context=16),
+    "qwen3-tiny": GPTConfig(**_QWEN3, vocab_size=64, context_length=64, emb_dim=64, n_heads=4, n_kv_heads=2,
+                            head_size=32, n_layers=2, mlp_hidden=128),
+    "gemma3-tiny": GPTConfig(**{**_GEMMA3, "global_every": 2}, vocab_size=64, context_length=64, emb_dim=64,
+                             n_heads=4, n_kv_heads=1, head_size=32, n_layers=2, mlp_hidden=128, sliding_window=8,
+                             query_scale=24 ** -0.5),
+})
 
 
 def get_preset(name: str, **overrides: Any) -> GPTConfig:

@@ -1,4 +1,5 @@
-"""Tokenizers: GPT-2 BPE (tiktoken, built offline) and a character-level tokenizer.
+"""Tokenizers: GPT-2 BPE (tiktoken, built offline), a character-level tokenizer, and a model
+folder's own tokenizer.json (`HFTokenizer`, through the `tokenizers` library).
 
 Both satisfy the small `Tokenizer` protocol (encode, decode, vocab_size, eot_id, to_dict), and both
 serialise to a JSON-able dict so a checkpoint can carry its tokenizer (`tokenizer_from_dict`).
@@ -9,7 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 from importlib import resources
-from typing import Iterable, Protocol, Sequence, runtime_checkable
+from typing import Iterable, Optional, Protocol, Sequence, runtime_checkable
 
 ENDOFTEXT = "<|endoftext|>"
 
@@ -174,6 +175,67 @@ class CharTokenizer:
         return {"kind": "char", "chars": "".join(self.chars)}
 
 
+class HFTokenizer:
+    """A model folder's own `tokenizer.json` (Llama, Qwen3, Gemma), read with the `tokenizers`
+    library (no download), with its special tokens; the end-of-text id comes from
+    `tokenizer_config.json`'s eos_token (or config.json's eos_token_id). Its spec carries the whole
+    `tokenizer.json`, so a run converted from such a folder keeps its tokenizer."""
+
+    name = "hf"
+    _EOS_GUESSES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|im_end|>")
+
+    def __init__(self, tokenizer_json: str, eos: Optional[int] = None, chat_template: Optional[str] = None) -> None:
+        from tokenizers import Tokenizer as _Tokenizer
+
+        try:
+            self._tok = _Tokenizer.from_str(tokenizer_json)
+        except Exception as e:  # noqa: BLE001 - the library raises its own exception types
+            raise TokenizerError(f"tokenizer.json cannot be read: {str(e).splitlines()[0][:200]}") from None
+        self._json, self.chat_template = tokenizer_json, chat_template
+        guesses = [self._tok.token_to_id(t) for t in self._EOS_GUESSES]
+        self._eos = eos if eos is not None else next((g for g in guesses if g is not None), None)
+
+    @classmethod
+    def from_folder(cls, directory) -> "HFTokenizer":
+        import json
+        from pathlib import Path
+
+        directory = Path(directory)
+        settings, eos = {}, None
+        if (directory / "tokenizer_config.json").is_file():
+            settings = json.loads((directory / "tokenizer_config.json").read_text())
+        tok = cls((directory / "tokenizer.json").read_text(), None, settings.get("chat_template"))
+        eos_token = settings.get("eos_token")
+        eos_token = eos_token.get("content") if isinstance(eos_token, dict) else eos_token
+        if eos_token is not None:
+            eos = tok._tok.token_to_id(eos_token)
+        elif (directory / "config.json").is_file():
+            eos = json.loads((directory / "config.json").read_text()).get("eos_token_id")
+            eos = eos[0] if isinstance(eos, list) else eos
+        if eos is not None:
+            tok._eos = int(eos)
+        return tok
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def eot_id(self) -> int:
+        if self._eos is None:
+            raise TokenizerError("this tokenizer names no end-of-text token (tokenizer_config.json has no eos_token)")
+        return self._eos
+
+    def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=True).ids)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def to_dict(self) -> dict:
+        return {"kind": "hf", "tokenizer_json": self._json, "eos": self._eos, "chat_template": self.chat_template}
+
+
 def tokenizer_from_dict(spec: dict) -> Tokenizer:
     """Rebuild a tokenizer from `Tokenizer.to_dict()` output (as stored in a checkpoint)."""
     kind = spec.get("kind")
@@ -183,7 +245,9 @@ def tokenizer_from_dict(spec: dict) -> Tokenizer:
         if "chars" not in spec:
             raise TokenizerError("character tokenizer spec has no 'chars' field")
         return CharTokenizer(list(spec["chars"]))
-    raise TokenizerError(f"unknown tokenizer kind {kind!r}; expected 'gpt2' or 'char'")
+    if kind == "hf":
+        return HFTokenizer(spec["tokenizer_json"], spec.get("eos"), spec.get("chat_template"))
+    raise TokenizerError(f"unknown tokenizer kind {kind!r}; expected 'gpt2', 'char' or 'hf'")
 
 
 def get_tokenizer(name: str, corpus_text: str | None = None) -> Tokenizer:

@@ -12,6 +12,7 @@ g query heads per key/value head, h head dim, d model dim.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import flax.linen as nn
@@ -23,6 +24,7 @@ from jaxgpt.nn.attention_backends import (
 )
 from jaxgpt.nn.blockwise import blockwise_attention
 from jaxgpt.nn.dense import Dense
+from jaxgpt.nn.norms import RMSNorm
 from jaxgpt.nn.positions import alibi_slopes, apply_rope
 
 Array = jax.Array
@@ -34,11 +36,13 @@ ATTENTION_BACKENDS: dict[str, Callable[..., Array]] = {
 }
 
 
-def head_counts(x_btd: Array, n_heads: int, n_kv_heads: Optional[int], positions_bt: Optional[Array]):
-    """What every attention layer starts from: (b, t, d, n, m, h, pos_bt), positions 0..t-1 by default."""
+def head_counts(x_btd: Array, n_heads: int, n_kv_heads: Optional[int], positions_bt: Optional[Array],
+                head_dim: Optional[int] = None):
+    """What every attention layer starts from: (b, t, d, n, m, h, pos_bt), positions 0..t-1 by
+    default, h = d / n unless the model sets its own head width."""
     b, t, d = x_btd.shape
     pos_bt = jnp.broadcast_to(jnp.arange(t)[None], (b, t)) if positions_bt is None else positions_bt
-    return b, t, d, n_heads, n_kv_heads or n_heads, d // n_heads, pos_bt
+    return b, t, d, n_heads, n_kv_heads or n_heads, head_dim or d // n_heads, pos_bt
 
 
 def fused_qkv(x_btd: Array, n: int, m: int, h: int, *, use_bias: bool, dtype) -> tuple[Array, Array, Array]:
@@ -102,6 +106,14 @@ class MultiHeadAttention(nn.Module):
     position: str = "learned"  # "rope" and "alibi" act here; "learned"/"none" need nothing
     rope_base: float = 10000.0
     window: Optional[int] = None  # sliding-window (local) attention over this many positions
+    # the options of today's families (docs/families.md); the defaults are GPT-2's
+    head_dim: Optional[int] = None  # per-head width (default d / n)
+    out_bias: bool = True  # bias of c_proj
+    qk_norm: bool = False  # RMSNorm over each head's q and k before RoPE ("q_norm", "k_norm")
+    norm_eps: float = 1e-6
+    norm_unit_offset: bool = False  # the qk-norms multiply by (1 + scale) (Gemma)
+    query_scale: Optional[float] = None  # multiplies q·k (default 1/sqrt(h))
+    rope_scaling: Optional[tuple] = None  # Llama 3's (factor, low, high, original context)
 
     @staticmethod
     def empty_cache(config, batch: int, length: int, dtype, window: Optional[int] = None) -> dict:
@@ -121,10 +133,16 @@ class MultiHeadAttention(nn.Module):
     def __call__(self, x_btd: Array, *, deterministic: bool = True, positions_bt: Optional[Array] = None,
                  kv_cache: Optional[dict] = None, cache_index: Optional[Array] = None,
                  mask_bts: Optional[Array] = None):
-        b, t, d, n, m, h, pos_bt = head_counts(x_btd, self.n_heads, self.n_kv_heads, positions_bt)
+        b, t, d, n, m, h, pos_bt = head_counts(x_btd, self.n_heads, self.n_kv_heads, positions_bt, self.head_dim)
         q_btnh, k_btmh, v_btmh = fused_qkv(x_btd, n, m, h, use_bias=self.qkv_bias, dtype=self.dtype)
+        if self.qk_norm:
+            norm = lambda name: RMSNorm(self.norm_eps, self.norm_unit_offset, self.dtype, name=name)  # noqa: E731
+            q_btnh, k_btmh = norm("q_norm")(q_btnh), norm("k_norm")(k_btmh)
         if self.position == "rope":
-            q_btnh, k_btmh = apply_rope(q_btnh, pos_bt, self.rope_base), apply_rope(k_btmh, pos_bt, self.rope_base)
+            q_btnh = apply_rope(q_btnh, pos_bt, self.rope_base, self.rope_scaling)
+            k_btmh = apply_rope(k_btmh, pos_bt, self.rope_base, self.rope_scaling)
+        if self.query_scale is not None:  # the backends divide by sqrt(h): fold the wanted scale into q
+            q_btnh = q_btnh * jnp.asarray(self.query_scale * math.sqrt(h), q_btnh.dtype)
 
         k_pos_bs = pos_bt
         if kv_cache is not None and "col" in kv_cache:  # a local layer's ring of the last `window` tokens
@@ -155,6 +173,6 @@ class MultiHeadAttention(nn.Module):
         else:
             out_btnh = ATTENTION_BACKENDS[self.impl](q_btnh, k_btmh, v_btmh, **kw, dropout=dropout)
 
-        out_btd = out_btnh.reshape(b, t, d)
-        out_btd = Dense(d, dtype=self.dtype, kernel_init=nn.initializers.normal(self.out_init_std), name="c_proj")(out_btd)
+        out_btd = Dense(d, use_bias=self.out_bias, dtype=self.dtype, kernel_init=nn.initializers.normal(self.out_init_std),
+                        name="c_proj")(out_btnh.reshape(b, t, n * h))  # (b, t, n·h) -> (b, t, d)
         return out_btd if kv_cache is None else (out_btd, kv_cache)

@@ -1,4 +1,4 @@
-"""The transformer block and its parts (the book's chapter 4): the MLP, the attention layer a config
+"""The transformer block (the book's chapter 4): the attention layer, MLP and norms a config
 selects, and the blocks run as pure functions of their parameters (scanned or rematerialised).
 
 Parameter names follow GPT-2's (ln_1, attn, ln_2, mlp with c_fc/c_proj), so Hugging Face weights
@@ -16,7 +16,8 @@ import jax.numpy as jnp
 
 from jaxgpt.config import GPTConfig
 from jaxgpt.nn.attention import MultiHeadAttention
-from jaxgpt.nn.dense import Dense
+from jaxgpt.nn.mlp import MLP
+from jaxgpt.nn.norms import norm_layer
 from jaxgpt.nn.latent_attention import LatentAttention
 from jaxgpt.nn.linear_attention import LinearAttention
 
@@ -35,30 +36,19 @@ def attention_layer(cfg: GPTConfig, *, impl: str, dtype, out_init_std: float, wi
                   out_init_std=out_init_std, name="attn")
     if cfg.attention == "linear":
         return LinearAttention(**common)
-    softmax_options = dict(drop_rate=cfg.drop_rate, impl=impl, position=cfg.position, rope_base=cfg.rope_base,
+    rope_base = cfg.rope_local_base if window is not None and cfg.rope_local_base is not None else cfg.rope_base  # as layer_rope_base
+    softmax_options = dict(drop_rate=cfg.drop_rate, impl=impl, position=cfg.position, rope_base=rope_base,
                            window=window)
     if cfg.attention == "mla":
         return LatentAttention(latent_dim=cfg.latent_dim, **common, **softmax_options)
-    return MultiHeadAttention(**common, **softmax_options)
-
-
-class MLP(nn.Module):
-    """Position-wise feed-forward: d -> ratio*d, GELU (tanh approximation), -> d."""
-
-    hidden: int
-    dtype: jnp.dtype = jnp.float32
-    out_init_std: float = 0.02
-
-    @nn.compact
-    def __call__(self, x_btd: Array) -> Array:
-        d = x_btd.shape[-1]
-        x_btf = Dense(self.hidden, dtype=self.dtype, kernel_init=nn.initializers.normal(0.02), name="c_fc")(x_btd)
-        x_btf = nn.gelu(x_btf, approximate=True)
-        return Dense(d, dtype=self.dtype, kernel_init=nn.initializers.normal(self.out_init_std), name="c_proj")(x_btf)
+    return MultiHeadAttention(**common, **softmax_options, head_dim=cfg.head_size, out_bias=cfg.attn_out_bias,
+                              qk_norm=cfg.qk_norm, norm_eps=cfg.ln_eps, norm_unit_offset=cfg.norm_unit_offset,
+                              query_scale=cfg.query_scale, rope_scaling=cfg.rope_scaling_spec)
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block: x + drop(attn(ln_1(x))), then x + drop(mlp(ln_2(x)))."""
+    """Pre-norm transformer block: x + drop(attn(ln_1(x))), then x + drop(mlp(ln_2(x))); with
+    `post_norms` (Gemma 3) each branch's output is normalised again before it is added."""
 
     config: GPTConfig
     attn_impl: str
@@ -71,17 +61,19 @@ class Block(nn.Module):
                  mask_bts: Optional[Array] = None):
         cfg = self.config
         out_std = 0.02 / math.sqrt(2 * cfg.n_layers)
-        ln = lambda name: nn.LayerNorm(epsilon=cfg.ln_eps, dtype=self.dtype, name=name)  # noqa: E731
+        norm = lambda name: norm_layer(cfg, name, self.dtype)  # noqa: E731
+        post = (lambda name, y: norm(name)(y)) if cfg.post_norms else (lambda name, y: y)  # noqa: E731
         drop = nn.Dropout(cfg.drop_rate)
 
         attn = attention_layer(cfg, impl=self.attn_impl, dtype=self.dtype, out_init_std=out_std, window=self.window)
-        attn_out = attn(ln("ln_1")(x_btd), deterministic=deterministic, positions_bt=positions_bt,
+        attn_out = attn(norm("ln_1")(x_btd), deterministic=deterministic, positions_bt=positions_bt,
                         kv_cache=kv_cache, cache_index=cache_index, mask_bts=mask_bts)
         if kv_cache is not None:
             attn_out, kv_cache = attn_out
-        x_btd = x_btd + drop(attn_out, deterministic=deterministic)
-        mlp = MLP(hidden=cfg.mlp_ratio * cfg.emb_dim, dtype=self.dtype, out_init_std=out_std, name="mlp")
-        x_btd = x_btd + drop(mlp(ln("ln_2")(x_btd)), deterministic=deterministic)
+        x_btd = x_btd + drop(post("ln_post_attn", attn_out), deterministic=deterministic)
+        mlp = MLP(hidden=cfg.hidden_dim, kind=cfg.mlp, use_bias=cfg.mlp_bias, dtype=self.dtype, out_init_std=out_std,
+                  name="mlp")
+        x_btd = x_btd + drop(post("ln_post_mlp", mlp(norm("ln_2")(x_btd))), deterministic=deterministic)
         return x_btd if kv_cache is None else (x_btd, kv_cache)
 
 

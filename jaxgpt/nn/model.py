@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jaxgpt.config import GPTConfig, resolve_attn_impl, resolve_dtype
 from jaxgpt.nn.blocks import Block, init_stacked_blocks, run_blocks
 from jaxgpt.nn.dense import Dense, logits_from_embedding
+from jaxgpt.nn.norms import norm_layer
 
 Array = jax.Array
 
@@ -53,6 +54,8 @@ class GPT(nn.Module):
         wte = nn.Embed(cfg.vocab_size, cfg.emb_dim, embedding_init=emb_init, dtype=dtype, name="wte")
         positions_bt = jnp.broadcast_to(jnp.arange(t)[None], (b, t)) if positions_bt is None else positions_bt
         x_btd = wte(idx_bt)
+        if cfg.emb_scale:  # Gemma: sqrt(d), rounded to the compute dtype as Gemma does
+            x_btd = x_btd * jnp.asarray(math.sqrt(cfg.emb_dim), x_btd.dtype)
         if cfg.position == "learned":  # the other schemes act inside attention (jaxgpt.positions)
             wpe = nn.Embed(cfg.context_length, cfg.emb_dim, embedding_init=emb_init, dtype=dtype, name="wpe")
             x_btd = x_btd + wpe(positions_bt)
@@ -82,7 +85,7 @@ class GPT(nn.Module):
                                            kv_cache=cache[i], cache_index=cache_index, mask_bts=mask_bts)
                 new_cache.append(layer_cache)
 
-        x_btd = nn.LayerNorm(epsilon=cfg.ln_eps, dtype=dtype, name="ln_f")(x_btd)
+        x_btd = norm_layer(cfg, "ln_f", dtype)(x_btd)
         if return_hidden:  # the final hidden states, for heads other than the LM head (classification)
             return x_btd
         # a decoding copy of tied weights may carry the head as its own "lm_head" (jaxgpt.inference.decoding_copy)
@@ -92,6 +95,8 @@ class GPT(nn.Module):
         else:
             logits_btv = Dense(cfg.vocab_size, use_bias=False, dtype=dtype, kernel_init=init, name="lm_head")(x_btd)
         logits_btv = logits_btv.astype(jnp.promote_types(dtype, jnp.float32))  # f32, or f64 under x64
+        if cfg.logit_softcap is not None:
+            logits_btv = cfg.logit_softcap * jnp.tanh(logits_btv / cfg.logit_softcap)
         return logits_btv if cache is None else (logits_btv, new_cache)
 
 

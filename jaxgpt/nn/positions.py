@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -20,17 +21,33 @@ import numpy as np
 POSITIONS = ("learned", "rope", "alibi", "none")
 
 
-def rope_angles(pos_bt: jax.Array, head_dim: int, base: float, dtype=jnp.float32) -> jax.Array:
-    """Rotation angles (b, t, h/2): position × base^(-2i/h) for frequency i, in `dtype` (at least float32)."""
+def llama3_inv_freq(inv_freq, scaling: tuple):
+    """Llama 3's frequency scaling, `scaling` = (factor, low_freq_factor, high_freq_factor, original
+    context): long wavelengths are divided by the factor, short ones kept, the band between blended."""
+    factor, low, high, original = scaling
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > original / low, inv_freq / factor, inv_freq)
+    smooth = (original / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= original / high) & (wavelen <= original / low)
+    return jnp.where(medium, blended, scaled)
+
+
+def rope_angles(pos_bt: jax.Array, head_dim: int, base: float, dtype=jnp.float32,
+                scaling: Optional[tuple] = None) -> jax.Array:
+    """Rotation angles (b, t, h/2): position × base^(-2i/h) for frequency i, in `dtype` (at least
+    float32); with `scaling`, the frequencies of Llama 3 (`llama3_inv_freq`)."""
     inv_freq = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=dtype) / head_dim))
+    if scaling is not None:
+        inv_freq = llama3_inv_freq(inv_freq, scaling)
     return pos_bt.astype(dtype)[..., None] * inv_freq
 
 
-def apply_rope(x_btnh: jax.Array, pos_bt: jax.Array, base: float) -> jax.Array:
+def apply_rope(x_btnh: jax.Array, pos_bt: jax.Array, base: float, scaling: Optional[tuple] = None) -> jax.Array:
     """Rotate each (x[i], x[i + h/2]) pair of every head by its position's angle; shape unchanged."""
     h = x_btnh.shape[-1]
     acc = jnp.promote_types(x_btnh.dtype, jnp.float32)  # float32 for bf16/f32, float64 under x64
-    angles_bt1f = rope_angles(pos_bt, h, base, acc)[:, :, None, :]
+    angles_bt1f = rope_angles(pos_bt, h, base, acc, scaling)[:, :, None, :]
     cos, sin = jnp.cos(angles_bt1f), jnp.sin(angles_bt1f)
     x1, x2 = x_btnh[..., : h // 2].astype(acc), x_btnh[..., h // 2:].astype(acc)
     return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x_btnh.dtype)

@@ -1,0 +1,29 @@
+"""A pure-NumPy float64 reference of every layer: forward, hand-written backward, and AdamW.
+
+In the style of picoGPT: one small function per operation, parameters as plain dicts, a shape
+comment where shapes change. It takes the very same parameter pytree as `jaxgpt.nn.model.GPT`
+(converted with `to_numpy`), so any JAX result can be checked against it.
+
+Each forward function `f(x, …)` has its backward `f_backward(dout, x, …)` beside it: it takes the
+upstream gradient and the forward's *inputs* (recomputing what it needs rather than caching), and
+returns the gradients of the inputs and parameters. `gpt_loss_and_grads` chains them into the
+gradient of the whole model; `adamw_step` is the optimizer step that `jaxgpt.train.optimizer`
+builds in Optax. Dropout is not modelled: the reference is the deterministic pass.
+
+Modules: `layers` (elementwise, norms, linear, embedding, MLPs), `attention` (the book's steps,
+multi-head attention, variants, positions), `model` (block, whole model, loss, backward), `optim`.
+"""
+
+from jaxgpt.reference.attention import (  # noqa: F401
+    ATTENTION, attention, attention_backward, attention_variant, attention_weights, causal_mask, latent_attention,
+    linear_attention, mha, mha_backward, rope, simplified_self_attention,
+)
+from jaxgpt.reference.layers import (  # noqa: F401
+    GELU_C, embedding, embedding_backward, gelu, gelu_backward, layer_norm, layer_norm_backward, linear,
+    linear_backward, softmax, softmax_backward, to_numpy,
+)
+from jaxgpt.reference.model import (  # noqa: F401
+    cross_entropy, cross_entropy_backward, gpt_forward, gpt_loss_and_grads, mlp, mlp_backward, transformer_block,
+    transformer_block_backward,
+)
+from jaxgpt.reference.optim import adamw_init, adamw_step, decays, tree_leaves, tree_map  # noqa: F401
