@@ -48,11 +48,14 @@ class _TokenPrinter:
 def _cmd_generate(args) -> int:
     from jaxgpt.inference.generate import Decoder, trim_at_eos
 
-    if (args.prompt is None) == (args.batch_file is None):
-        raise ValueError("give exactly one of --prompt or --batch-file")
+    if sum(x is not None for x in (args.prompt, args.batch_file, args.prompt_ids)) != 1:
+        raise ValueError("give exactly one of --prompt, --batch-file or --prompt-ids")
+    params, config, tokenizer = load_model(args)
+    if args.prompt_ids is not None:
+        encoded = [_parse_ids(args.prompt_ids, config.vocab_size)]
+        return _generate_ids(Decoder(params, config), encoded[0], tokenizer, args)
     prompts = [args.prompt] if args.prompt is not None else [
         line.rstrip("\n") for line in open(args.batch_file, encoding="utf-8") if line.strip()]
-    params, config, tokenizer = load_model(args)
     decoder = Decoder(params, config)
     encoded = [tokenizer.encode(p) or [tokenizer.eot_id] for p in prompts]
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
@@ -83,6 +86,34 @@ def _cmd_generate(args) -> int:
                               "seconds": round(seconds, 3)}))
         else:
             print(prompt + tokenizer.decode(tokens))
+    return 0
+
+
+def _parse_ids(text: str, vocab_size: int) -> list[int]:
+    try:
+        ids = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--prompt-ids takes comma-separated integers, got {text!r}") from None
+    if not ids or min(ids) < 0 or max(ids) >= vocab_size:
+        raise ValueError(f"--prompt-ids must be non-empty ids in [0, {vocab_size})")
+    return ids
+
+
+def _generate_ids(decoder, prompt_ids: list[int], tokenizer, args) -> int:
+    """Generate from token ids (a model folder without a tokenizer): the new ids, and text when the
+    tokenizer can say it."""
+    from jaxgpt.data.tokenizer import TokenizerError
+    from jaxgpt.inference.generate import trim_at_eos
+
+    try:
+        eos = tokenizer.eot_id
+    except TokenizerError:
+        eos = None
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_id=eos)
+    out = decoder.generate([prompt_ids], args.max_new_tokens, use_cache=not args.no_cache, **sampling)
+    new = trim_at_eos(out[0], eos, start=len(prompt_ids))
+    text = tokenizer.decode(new)
+    print(json.dumps({"prompt_ids": prompt_ids, "tokens": new, "text": text}) if args.json else text)
     return 0
 
 
@@ -128,6 +159,7 @@ def add_commands(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a checkpoint, GPT-2 weights, or a random model")
     p.add_argument("--prompt", default=None)
     p.add_argument("--batch-file", default=None, help="a file with one prompt per line, decoded as one batch")
+    p.add_argument("--prompt-ids", default=None, help="a prompt as comma-separated token ids (for a model without a tokenizer)")
     add_model_source_args(p, "generate with")
     p.add_argument("--no-cache", action="store_true", help="recompute the window each step (no KV cache)")
     add_sampling_args(p)

@@ -236,6 +236,37 @@ class HFTokenizer:
         return {"kind": "hf", "tokenizer_json": self._json, "eos": self._eos, "chat_template": self.chat_template}
 
 
+class IdsTokenizer:
+    """For a model folder that names no tokenizer: ids in and out only. Text cannot be encoded (a
+    clear error: give token ids, e.g. `generate --prompt-ids`), and ids decode as `<id>` marks, so
+    they are never mistaken for text."""
+
+    name = "ids"
+
+    def __init__(self, vocab_size: int, eos: Optional[int] = None) -> None:
+        self._vocab_size, self._eos = vocab_size, eos
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def eot_id(self) -> int:
+        if self._eos is None:
+            raise TokenizerError("this model names no tokenizer and no end-of-text id")
+        return self._eos
+
+    def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
+        raise TokenizerError("this model folder has no tokenizer (no tokenizer.json): give token ids instead of text "
+                             "(generate --prompt-ids 1,2,3)")
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return "".join(f"<{int(i)}>" for i in ids)
+
+    def to_dict(self) -> dict:
+        return {"kind": "ids", "vocab_size": self._vocab_size, "eos": self._eos}
+
+
 def tokenizer_from_dict(spec: dict) -> Tokenizer:
     """Rebuild a tokenizer from `Tokenizer.to_dict()` output (as stored in a checkpoint)."""
     kind = spec.get("kind")
@@ -247,6 +278,8 @@ def tokenizer_from_dict(spec: dict) -> Tokenizer:
         return CharTokenizer(list(spec["chars"]))
     if kind == "hf":
         return HFTokenizer(spec["tokenizer_json"], spec.get("eos"), spec.get("chat_template"))
+    if kind == "ids":
+        return IdsTokenizer(spec["vocab_size"], spec.get("eos"))
     raise TokenizerError(f"unknown tokenizer kind {kind!r}; expected 'gpt2', 'char' or 'hf'")
 
 

@@ -16,14 +16,15 @@ multi-head attention, variants, positions), `model` (block, whole model, loss, b
 
 from jaxgpt.reference.attention import (  # noqa: F401
     ATTENTION, attention, attention_backward, attention_variant, attention_weights, causal_mask, latent_attention,
-    linear_attention, mha, mha_backward, rope, simplified_self_attention,
+    linear_attention, llama3_inv_freq, mha, mha_backward, rope, rope_backward, simplified_self_attention,
 )
 from jaxgpt.reference.layers import (  # noqa: F401
-    GELU_C, embedding, embedding_backward, gelu, gelu_backward, layer_norm, layer_norm_backward, linear,
-    linear_backward, softmax, softmax_backward, to_numpy,
+    ACTIVATIONS, GELU_C, embedding, embedding_backward, gelu, gelu_backward, layer_norm, layer_norm_backward, linear,
+    linear_backward, relu2, relu2_backward, rms_norm, rms_norm_backward, silu, silu_backward, softcap,
+    softcap_backward, softmax, softmax_backward, to_numpy,
 )
 from jaxgpt.reference.model import (  # noqa: F401
-    cross_entropy, cross_entropy_backward, gpt_forward, gpt_loss_and_grads, mlp, mlp_backward, transformer_block,
-    transformer_block_backward,
+    cross_entropy, cross_entropy_backward, gpt_forward, gpt_loss_and_grads, mlp, mlp_backward, norm,
+    transformer_block, transformer_block_backward,
 )
 from jaxgpt.reference.optim import adamw_init, adamw_step, decays, tree_leaves, tree_map  # noqa: F401

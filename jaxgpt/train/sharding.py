@@ -36,7 +36,7 @@ SHARDING_RULES: list[tuple[str, P]] = [
     (r"(wte|wpe)/embedding$", P("fsdp", None)),  # (V or T, d): rows
     (r"lm_head/kernel$", P(None, "fsdp")),  # (d, V): vocabulary
     (r"attn/c_attn/kernel$", P(None, "fsdp")),  # (d, 3d)
-    (r"mlp/c_fc/kernel$", P(None, "fsdp")),  # (d, 4d)
+    (r"mlp/(c_fc|c_gate)/kernel$", P(None, "fsdp")),  # (d, f): the up and gate projections
     (r"(attn|mlp)/c_proj/kernel$", P("fsdp", None)),  # (d or 4d, d)
     (r".*", P()),  # everything else: replicated
 ]

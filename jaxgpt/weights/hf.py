@@ -133,7 +133,8 @@ def save_hf(params: dict, cfg: GPTConfig, out_dir: Path, *, max_shard_bytes: Opt
 
 def load_tokenizer(directory: Path, cfg: GPTConfig):
     """The tokenizer of an HF checkpoint folder: the exported jaxgpt one if present, else the
-    folder's `tokenizer.json` (through the `tokenizers` library), else GPT-2 BPE for GPT-2's vocabulary."""
+    folder's `tokenizer.json` (through the `tokenizers` library), else GPT-2 BPE for GPT-2's
+    vocabulary, else (a Llama/Qwen3/Gemma folder without one) ids only (`IdsTokenizer`)."""
     from jaxgpt.data.tokenizer import GPT2Tokenizer, tokenizer_from_dict
 
     spec_path = Path(directory) / TOKENIZER_FILE
@@ -143,8 +144,13 @@ def load_tokenizer(directory: Path, cfg: GPTConfig):
         from jaxgpt.data.tokenizer import HFTokenizer
 
         return HFTokenizer.from_folder(directory)
+    hf = read_hf_config(directory)
+    if hf.get("model_type", "gpt2") != "gpt2":  # a family model without its tokenizer: ids only
+        from jaxgpt.data.tokenizer import IdsTokenizer
+
+        eos = hf.get("eos_token_id")
+        return IdsTokenizer(cfg.vocab_size, eos[0] if isinstance(eos, list) else eos)
     if cfg.vocab_size != 50257:
         raise WeightsError(f"{directory}: vocabulary of {cfg.vocab_size} is not GPT-2's 50,257 and neither "
-                           f"{TOKENIZER_FILE} nor {HF_TOKENIZER_FILE} says which tokenizer it uses "
-                           "(generate takes --prompt-ids without one)")
+                           f"{TOKENIZER_FILE} nor {HF_TOKENIZER_FILE} says which tokenizer it uses")
     return GPT2Tokenizer()

@@ -52,9 +52,10 @@ def _rope(hf: dict, kind: Optional[str] = None) -> dict:
 def _layer_pattern(hf: dict, n_layers: int) -> Optional[int]:
     """`global_every` from Gemma 3's layer types (every k-th layer full attention), or a clear error."""
     types = hf.get("layer_types")
-    if types is None:
-        k = hf.get("sliding_window_pattern") or hf.get("_sliding_window_pattern") or 6
-        types = ["full_attention" if (i + 1) % k == 0 else "sliding_attention" for i in range(n_layers)]
+    if types is None:  # the older form: every k-th layer global
+        return int(hf.get("sliding_window_pattern") or hf.get("_sliding_window_pattern") or 6)
+    if len(types) != n_layers:
+        raise ValueError(f"layer_types has {len(types)} entries but num_hidden_layers is {n_layers}")
     full = [i for i, t in enumerate(types) if t == "full_attention"]
     if not full:
         return n_layers + 1  # every layer local
