@@ -123,3 +123,40 @@ def test_cli_converts_and_generates_with_prompt_ids(tmp_path, capsys):
     assert main(["convert", "to-hf", str(tmp_path / "run"), "--out", str(tmp_path / "back")]) == 0
     back = transformers.Qwen3ForCausalLM.from_pretrained(tmp_path / "back").eval()
     np.testing.assert_allclose(_logits(back, IDS), _logits(model, IDS), atol=1e-6)
+
+
+def test_a_folder_tokenizer_is_used_for_text(tmp_path, capsys):
+    """A model folder with its own tokenizer.json (read with the `tokenizers` library): text
+    prompts, end-of-text from tokenizer_config.json, `eval --hf` on a corpus, and a converted run
+    that keeps the tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    text = "the quick brown fox jumps over the lazy dog. " * 50
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=96, special_tokens=["<unk>", "<|endoftext|>"],
+                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:60]))
+    assert tok.get_vocab_size() <= 96
+    model = _hf_model("qwen3")
+    model.save_pretrained(tmp_path / "hf")
+    tok.save(str(tmp_path / "hf" / "tokenizer.json"))
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    (tmp_path / "corpus.txt").write_text(text)
+
+    assert main(["generate", "--hf", str(tmp_path / "hf"), "--prompt", "the quick", "--max-new-tokens", "5",
+                 "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    prompt_ids = tok.encode("the quick").ids
+    with torch.no_grad():
+        theirs = model.generate(torch.tensor([prompt_ids]), max_new_tokens=5, do_sample=False, pad_token_id=0,
+                                eos_token_id=tok.token_to_id("<|endoftext|>")).numpy()[0, len(prompt_ids):]
+    eos, expected = tok.token_to_id("<|endoftext|>"), theirs.tolist()
+    assert record["tokens"] == (expected[:expected.index(eos)] if eos in expected else expected)
+    assert main(["eval", "--hf", str(tmp_path / "hf"), "--data", str(tmp_path / "corpus.txt"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert np.isfinite(result["val_loss"]) and result["tokens"] > 0
+    assert main(["convert", "from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "the quick", "--max-new-tokens", "5",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == record["tokens"]

@@ -53,9 +53,14 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from jaxgpt.train.evaluate import evaluate_checkpoint
+    from jaxgpt.train.evaluate import evaluate_checkpoint, evaluate_hf
 
-    result = evaluate_checkpoint(args.checkpoint, data=args.data, batches=args.batches)
+    if (args.checkpoint is None) == (args.hf is None):
+        raise ValueError("give exactly one of --checkpoint or --hf")
+    if args.hf is not None and args.data is None:
+        raise ValueError("--hf needs --data: the corpus to evaluate on")
+    result = (evaluate_checkpoint(args.checkpoint, data=args.data, batches=args.batches) if args.checkpoint else
+              evaluate_hf(args.hf, args.data, args.batches))
     if args.json:
         print(json.dumps(result))
     else:
@@ -98,8 +103,9 @@ def add_commands(sub) -> None:
     p.add_argument("--json", action="store_true", help="print the run summary as JSON")
     p.set_defaults(func=_cmd_train, before_jax=one_cpu_device_per_core)
 
-    p = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint")
-    p.add_argument("--checkpoint", required=True)
+    p = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint or Hugging Face weights")
+    p.add_argument("--checkpoint", default=None, help="a jaxgpt run or checkpoint directory")
+    p.add_argument("--hf", default=None, help="Hugging Face weights (GPT-2, Llama, Qwen3, Gemma 3) with --data")
     p.add_argument("--data", default=None, help="evaluate on this corpus instead of the run's own")
     p.add_argument("--batches", type=int, default=None)
     p.add_argument("--json", action="store_true")

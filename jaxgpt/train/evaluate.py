@@ -8,12 +8,23 @@ from typing import Optional
 
 import jax
 
+from jaxgpt.config import GPTConfig
 from jaxgpt.nn.model import GPT
 from jaxgpt.train.batches import build_data
 from jaxgpt.train.config import TrainConfig
 from jaxgpt.train.loop import evaluate
 from jaxgpt.train.step import make_eval_step
 from jaxgpt.weights.checkpoint import load_for_inference, locate, read_meta
+
+
+def evaluate_model(params, model_cfg: GPTConfig, tokenizer, cfg: TrainConfig) -> dict:
+    """Validation loss and perplexity of a model on the validation split of `cfg.data`."""
+    seq_len = min(cfg.context_length or model_cfg.context_length, model_cfg.context_length)
+    run_data = build_data(cfg, seq_len, tokenizer)
+    loss = evaluate(jax.jit(make_eval_step(GPT(model_cfg))), params, run_data.val_batches)
+    n_tokens = sum(x.size for x, _ in run_data.val_batches)
+    return {"val_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "batches": len(run_data.val_batches),
+            "tokens": int(n_tokens), "data": cfg.data}
 
 
 def evaluate_checkpoint(path: Path, data: Optional[str] = None, batches: Optional[int] = None) -> dict:
@@ -25,9 +36,16 @@ def evaluate_checkpoint(path: Path, data: Optional[str] = None, batches: Optiona
         cfg = cfg.replace(data=data)
     if batches is not None:
         cfg = cfg.replace(eval_batches=batches)
-    seq_len = cfg.context_length or model_cfg.context_length
-    run_data = build_data(cfg, seq_len, tokenizer)
-    loss = evaluate(jax.jit(make_eval_step(GPT(model_cfg))), params, run_data.val_batches)
-    n_tokens = sum(x.size for x, _ in run_data.val_batches)
-    return {"val_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "batches": len(run_data.val_batches),
-            "tokens": int(n_tokens), "data": cfg.data}
+    return evaluate_model(params, model_cfg, tokenizer, cfg)
+
+
+def evaluate_hf(name_or_dir: str, data: str, batches: Optional[int] = None, context: Optional[int] = None) -> dict:
+    """Validation loss and perplexity of Hugging Face weights (any supported family) on `data`,
+    tokenized with the folder's own tokenizer."""
+    from jaxgpt.weights.hf import load_hf, load_tokenizer, resolve_checkpoint
+
+    params, model_cfg = load_hf(name_or_dir)
+    tokenizer = load_tokenizer(resolve_checkpoint(name_or_dir), model_cfg)
+    cfg = TrainConfig(data=data, eval_batches=batches or TrainConfig.eval_batches, batch_size=8,
+                      context_length=min(context or 256, model_cfg.context_length))
+    return evaluate_model(params, model_cfg, tokenizer, cfg)
