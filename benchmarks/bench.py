@@ -51,6 +51,11 @@ class Workload:
     note: str = ""
 
 
+# A Llama 3-style model (RMSNorm, SwiGLU, RoPE with Llama 3 scaling, grouped-query heads, tied head) of
+# gpt2-small's size, for the decode comparison with transformers' LlamaForCausalLM.
+LLAMA_SMALL = {"vocab_size": 50257, "context_length": 1024, "emb_dim": 768, "n_heads": 12, "n_kv_heads": 4,
+               "n_layers": 12, "mlp_hidden": 2048, "rope_original_context": 256}
+
 WORKLOADS: dict[str, Workload] = {
     "nanogpt-cpu": Workload("train", "tiny", {"vocab_size": 65, "drop_rate": 0.0}, batch=12, seq_len=64, steps=40,
                             warmup=3, note="nanoGPT's CPU recipe: char tinyshakespeare, 4 layers, 4 heads, 128 wide"),
@@ -64,6 +69,11 @@ WORKLOADS: dict[str, Workload] = {
     "decode-b8": Workload("decode", "gpt2-small", {"drop_rate": 0.0, "tie_embeddings": True, "qkv_bias": True}, batch=8,
                           seq_len=16, new_tokens=128, steps=3, warmup=1, impls=DECODE_IMPLS,
                           note="the same at batch 8"),
+    "decode-llama-b1": Workload("decode", "llama-tiny", LLAMA_SMALL, batch=1, seq_len=16, new_tokens=128, steps=3,
+                                warmup=1, impls=DECODE_IMPLS,
+                                note="a Llama-style model of gpt2-small's size (12 layers, 768 wide, 4 kv heads), greedy"),
+    "decode-llama-b8": Workload("decode", "llama-tiny", LLAMA_SMALL, batch=8, seq_len=16, new_tokens=128, steps=3,
+                                warmup=1, impls=DECODE_IMPLS, note="the same at batch 8"),
 }
 
 
@@ -122,14 +132,15 @@ def _torch_train(w: Workload, cfg, impl: str):
 def _jax_decode(w: Workload, cfg, impl: str):
     import numpy as np
 
-    from jaxgpt.inference.generate import generate_batch
+    from jaxgpt.inference.generate import Decoder
     from jaxgpt.nn.model import init_params
 
     params = init_params(cfg)
     if impl == "jaxgpt-bf16":
         cfg = cfg.replace(dtype="bfloat16")
+    decoder = Decoder(params, cfg)  # the decoding copy of the weights, made once (as a server does)
     prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (w.batch, w.seq_len)).tolist()
-    return (lambda: generate_batch(params, cfg, prompts, w.new_tokens)), f"KV cache{', bf16 matmuls' if impl == 'jaxgpt-bf16' else ''}"
+    return (lambda: decoder.generate_batch(prompts, w.new_tokens)), f"KV cache{', bf16 matmuls' if impl == 'jaxgpt-bf16' else ''}"
 
 
 def _transformers_decode(w: Workload, cfg, impl: str):
@@ -143,7 +154,7 @@ def _transformers_decode(w: Workload, cfg, impl: str):
 
     with tempfile.TemporaryDirectory() as d:
         save_hf(init_params(cfg), cfg, Path(d))
-        model = transformers.GPT2LMHeadModel.from_pretrained(d).eval()
+        model = transformers.AutoModelForCausalLM.from_pretrained(d).eval()  # GPT-2 or Llama, from config.json
     if impl == "transformers-bf16":
         model = model.to(torch.bfloat16)
     inp = torch.randint(0, cfg.vocab_size, (w.batch, w.seq_len))
