@@ -32,7 +32,7 @@ from jaxgpt.train.run_dir import keep_records_up_to, run_configs, run_meta
 from jaxgpt.train.sharding import ShardedTrainer, build_mesh
 from jaxgpt.train.step import ParallelTrainer, create_state
 from jaxgpt.atomic import write_json
-from jaxgpt.weights.checkpoint import Checkpointer, restore
+from jaxgpt.weights.checkpoint import Checkpointer, restore, restore_params
 
 
 class TrainingDiverged(RuntimeError):
@@ -296,7 +296,11 @@ def train(
         _log(f"{jax.process_count()} processes and no --mesh: training with the sharded step over mesh data=-1")
         cfg = cfg.replace(mesh="data=-1")
     trainer, abstract, init_state = _build_trainer(model_cfg, cfg)
-    state = restore(start.resume_from, abstract)[0] if resume else init_state()
+    if resume and start.params_only:  # converted weights: a fresh optimizer on them, at step 0
+        params = restore_params(start.resume_from, abstract["params"])
+        state = create_state(GPT(model_cfg), build_optimizer(cfg), params, cfg.seed)
+    else:
+        state = restore(start.resume_from, abstract)[0] if resume else init_state()
     start_step = int(to_host(state["step"]))
     if jax.process_index() == 0:
         if resume:

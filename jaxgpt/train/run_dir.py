@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
 from jaxgpt.atomic import write_json, write_text
 from jaxgpt.config import GPTConfig
 from jaxgpt.data.corpus import DataError
@@ -60,6 +62,7 @@ class RunStart:
     best_val: float = float("inf")
     resume_from: Optional[Located] = None  # the checkpoint step a resumed run continues
     data_fingerprint: Optional[str] = None  # of the corpus the run was trained on so far
+    params_only: bool = False  # the checkpoint holds weights alone (a converted model): a fresh optimizer
 
     def check_data(self, fingerprint: str, data: str) -> None:
         """Refuse to resume on a corpus (or tokenizer) other than the one the run trained on."""
@@ -92,6 +95,9 @@ def run_configs(run_dir: Path, model_cfg: Optional[GPTConfig], cfg: Optional[Tra
     saved_train = TrainConfig.from_dict(meta["train"])
     # runs saved before the schedule length was recorded decayed over their max_steps
     saved_train = saved_train.replace(decay_steps=saved_train.total_decay_steps)
+    if meta.get("params_only"):  # converted weights: training starts now, with whatever train config is given
+        cfg = (cfg or saved_train).replace(decay_steps=(cfg or saved_train).total_decay_steps)
+        return RunStart(saved_model, cfg, tokenizer_from_dict(meta["tokenizer"]), float("inf"), found, None, True)
     if cfg is not None and cfg.decay_steps is None:
         cfg = cfg.replace(decay_steps=saved_train.decay_steps)
     if cfg is not None:
@@ -112,22 +118,19 @@ def keep_records_up_to(path: Path, step: int) -> None:
 
 
 def save_for_inference(params, config: GPTConfig, tokenizer, run_dir: Path) -> Path:
-    """A jaxgpt run (step 0, fresh optimizer state) holding given weights, e.g. imported GPT-2.
+    """A jaxgpt run at step 0 holding given weights, e.g. imported from Hugging Face.
 
-    It loads with `--checkpoint` like any run and can be trained further (`--resume`).
+    It loads with `--checkpoint` like any run and can be trained further (`--resume` starts a fresh
+    optimizer on these weights). Only the parameters are written ("params_only" in its metadata):
+    no optimizer state is built, so converting a model needs memory for about one copy of it.
     """
-    from jaxgpt.nn.model import GPT
-    from jaxgpt.train.optimizer import build_optimizer
-    from jaxgpt.train.step import create_state
-
     run_dir = Path(run_dir)
     if holds_checkpoints(run_dir):
         raise CheckpointError(f"{run_dir} already holds checkpoints; choose a new directory")
     train_cfg = TrainConfig(tokenizer="gpt2" if tokenizer.name == "gpt2" else "char")
-    state = create_state(GPT(config), build_optimizer(train_cfg), params, seed=0)
-    meta = run_meta(config, train_cfg, tokenizer, 0, float("inf"))
+    meta = {**run_meta(config, train_cfg, tokenizer, 0, float("inf")), "params_only": True}
     ckpt = Checkpointer(run_dir, keep=1)
-    ckpt.save(0, state, meta)
+    ckpt.save(0, {"step": np.zeros((), np.int32), "params": params}, meta)
     ckpt.close()
     write_json(run_dir / "config.json", meta)
     return run_dir
