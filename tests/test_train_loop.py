@@ -237,3 +237,23 @@ def test_resume_overrides_apply_to_the_checkpoint_config(corpus, tmp_path, capsy
     code = main(["train", "--out", str(run), "--resume", "--max-steps", "3", "--set", "model.n_layers=2",
                  "--no-progress"])
     assert code == 0, capsys.readouterr().err
+
+
+def test_a_converted_model_is_saved_without_optimizer_state_and_trains_on(corpus, tmp_path):
+    """`convert from-hf` writes the weights alone (no optimizer state is built: about one copy of the
+    model in memory); --resume then trains them with the train config given, from step 0."""
+    from jaxgpt.data.tokenizer import CharTokenizer
+    from jaxgpt.nn.model import init_params
+    from jaxgpt.train.run_dir import save_for_inference
+
+    tok = CharTokenizer.from_text(corpus.read_text())
+    model = MODEL.replace(vocab_size=tok.vocab_size)
+    params = init_params(model, seed=3)
+    save_for_inference(params, model, tok, tmp_path / "run")
+    assert read_meta(tmp_path / "run")["params_only"] is True
+    saved_tree = (tmp_path / "run" / "checkpoints" / "0" / "state" / "_METADATA").read_text()  # Orbax's tree record
+    assert "params" in saved_tree and "opt_state" not in saved_tree
+    for a, b in zip(jax.tree.leaves(params), _params(tmp_path / "run")):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    summary = train(None, _cfg(corpus, max_steps=3, decay_steps=3), tmp_path / "run", resume=True, progress=False)
+    assert summary["status"] == "completed" and summary["step"] == 3
