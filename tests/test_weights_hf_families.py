@@ -140,7 +140,9 @@ def test_a_folder_tokenizer_is_used_for_text(tmp_path, capsys):
     model = _hf_model("qwen3")
     model.save_pretrained(tmp_path / "hf")
     tok.save(str(tmp_path / "hf" / "tokenizer.json"))
-    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>",
+                                                                       "chat_template": template}))
     (tmp_path / "corpus.txt").write_text(text)
 
     assert main(["generate", "--hf", str(tmp_path / "hf"), "--prompt", "the quick", "--max-new-tokens", "5",
@@ -160,3 +162,6 @@ def test_a_folder_tokenizer_is_used_for_text(tmp_path, capsys):
     assert main(["generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "the quick", "--max-new-tokens", "5",
                  "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["tokens"] == record["tokens"]
+    assert main(["generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "the fox", "--chat", "--json",
+                 "--max-new-tokens", "3"]) == 0  # the template travels with the converted run
+    assert json.loads(capsys.readouterr().out)["prompt"] == "user: the fox\nassistant:"

@@ -56,6 +56,10 @@ def _cmd_generate(args) -> int:
         return _generate_ids(Decoder(params, config), encoded[0], tokenizer, args)
     prompts = [args.prompt] if args.prompt is not None else [
         line.rstrip("\n") for line in open(args.batch_file, encoding="utf-8") if line.strip()]
+    if args.chat:  # each prompt as one user message, by the model folder's chat template
+        if not hasattr(tokenizer, "apply_chat_template"):
+            raise ValueError("--chat needs a model folder tokenizer with a chat template (tokenizer_config.json)")
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
     decoder = Decoder(params, config)
     encoded = [tokenizer.encode(p) or [tokenizer.eot_id] for p in prompts]
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
@@ -160,6 +164,7 @@ def add_commands(sub) -> None:
     p.add_argument("--prompt", default=None)
     p.add_argument("--batch-file", default=None, help="a file with one prompt per line, decoded as one batch")
     p.add_argument("--prompt-ids", default=None, help="a prompt as comma-separated token ids (for a model without a tokenizer)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message with the model's chat template")
     add_model_source_args(p, "generate with")
     p.add_argument("--no-cache", action="store_true", help="recompute the window each step (no KV cache)")
     add_sampling_args(p)

@@ -235,6 +235,22 @@ class HFTokenizer:
     def to_dict(self) -> dict:
         return {"kind": "hf", "tokenizer_json": self._json, "eos": self._eos, "chat_template": self.chat_template}
 
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The prompt text of a conversation ([{"role", "content"}, …]) by the folder's own chat
+        template (Jinja, rendered in a sandbox as transformers does), ready for the model's answer."""
+        if not self.chat_template:
+            raise TokenizerError("this tokenizer has no chat template (tokenizer_config.json has none)")
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise TokenizerError(f"chat template: {message}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        eos_token = self._tok.id_to_token(self._eos) if self._eos is not None else ""
+        return env.from_string(self.chat_template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                          bos_token="", eos_token=eos_token)
+
 
 class IdsTokenizer:
     """For a model folder that names no tokenizer: ids in and out only. Text cannot be encoded (a
