@@ -1,5 +1,6 @@
 """Shared test settings: derandomised hypothesis, the data directory, small configs."""
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -23,3 +24,29 @@ def shared_data_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"JAXGPT_DATA_DIR={value} is not a directory")
     return path
+
+
+@contextlib.contextmanager
+def running_server(app, start_timeout_s: float = 120):
+    """Serve an ASGI app with uvicorn on a free loopback port in a thread; yields the port."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + start_timeout_s
+    while not server.started:
+        assert time.time() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.05)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import running_server
 from jaxgpt.cli.main import main
 from jaxgpt.config import get_preset
 from jaxgpt.data.corpus import write_token_file
@@ -178,29 +179,14 @@ def test_a_damaged_run_resumes_from_its_newest_intact_step(ws, tmp_path, capsys)
 
 @pytest.fixture(scope="module")
 def server(ws):
-    import socket
-    import threading
-    import time
-
-    uvicorn = pytest.importorskip("uvicorn")
+    pytest.importorskip("uvicorn")
     from jaxgpt.inference.serve import build_app
     from jaxgpt.weights.checkpoint import load_for_inference
 
     params, config, tokenizer = load_for_inference(ws["root"] / "run")
     app = build_app(params, config, tokenizer, model_name="tiny", max_tokens_limit=8, warmup=False)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not srv.started:
-        assert time.time() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.05)
-    yield port
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with running_server(app, start_timeout_s=60) as port:
+        yield port
 
 
 def _post(port, raw: bytes, headers=None, chunked=False):

@@ -17,6 +17,7 @@ from jaxgpt.nn.model import init_params  # noqa: E402
 from jaxgpt.inference import serve  # noqa: E402
 from jaxgpt.inference.serve import build_app  # noqa: E402
 from jaxgpt.data.tokenizer import GPT2Tokenizer  # noqa: E402
+from conftest import running_server  # noqa: E402
 
 TOK = GPT2Tokenizer()
 CFG = get_preset("test", vocab_size=TOK.vocab_size, context_length=64)
@@ -26,19 +27,8 @@ PARAMS = init_params(CFG, seed=0)
 @pytest.fixture(scope="module")
 def port():
     app = build_app(PARAMS, CFG, TOK, model_name="tiny", max_batch=8, batch_wait_s=0.05, max_tokens_limit=32)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        free = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 120
-    while not server.started:
-        assert time.time() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.05)
-    yield free
-    server.should_exit = True
-    thread.join(timeout=10)
+    with running_server(app) as free:
+        yield free
 
 
 def request(port, method, path, body=None, raw=None, headers=None):
