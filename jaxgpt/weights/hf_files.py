@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
+import ml_dtypes  # bfloat16 for NumPy (installed with jax)
 import numpy as np
 
 CONFIG_FILE = "config.json"
@@ -100,31 +101,58 @@ def tensor_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+           "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
 class TensorReader:
     """`reader(name)` -> that tensor as float32 NumPy, read alone from whichever shard holds it
-    (use as a context manager: the files stay open while loading)."""
+    (use as a context manager: the files stay open while loading).
+
+    It reads the safetensors format itself (an 8-byte header length, a JSON header of dtypes,
+    shapes and byte offsets, then the data) with plain reads rather than a memory map, so only the
+    tensor asked for is in memory: a whole model costs about one copy of its weights to load."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
-        self._where: dict[str, str] = {}
-        self._open: dict[str, object] = {}
+        self._where: dict[str, tuple] = {}  # name -> (file, dtype, shape, start, end)
+        self._files: dict[str, object] = {}
 
     def __enter__(self):
-        from safetensors import safe_open
-
         for fname in _files(self.directory)[1]:
-            handle = safe_open(str(self.directory / fname), "numpy")
-            self._open[fname] = handle
-            self._where.update({k: fname for k in handle.keys()})
+            path = self.directory / fname
+            f = open(path, "rb")
+            self._files[fname] = f
+            try:
+                (size,) = np.frombuffer(f.read(8), "<u8")
+                header = json.loads(f.read(int(size)))
+            except (ValueError, TypeError) as e:
+                raise WeightsError(f"{path} is not a readable safetensors file: {e}") from None
+            base = 8 + int(size)
+            for name, info in header.items():
+                if name != "__metadata__":
+                    start, end = info["data_offsets"]
+                    self._where[name] = (fname, info["dtype"], tuple(info["shape"]), base + start, base + end)
         return self
 
     def __exit__(self, *exc) -> None:
-        self._open.clear()
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
 
     def __call__(self, name: str) -> np.ndarray:
         if name not in self._where:
             raise WeightsError(f"checkpoint lacks the tensor {name!r}")
-        return to_float32(name, self._open[self._where[name]].get_tensor(name))
+        fname, dtype, shape, start, end = self._where[name]
+        if dtype not in _DTYPES:
+            raise WeightsError(f"tensor {name!r} has dtype {dtype}, which jaxgpt does not read")
+        np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "BF16" else np.dtype(_DTYPES[dtype])
+        f = self._files[fname]
+        f.seek(start)
+        arr = np.empty(shape, np_dtype)
+        if end - start != arr.nbytes or f.readinto(arr.reshape(-1).view(np.uint8)) != arr.nbytes:
+            raise WeightsError(f"tensor {name!r} in {self.directory / fname} is truncated")
+        return to_float32(name, arr)
 
 
 def to_float32(name: str, arr: np.ndarray) -> np.ndarray:
