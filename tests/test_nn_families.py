@@ -211,3 +211,51 @@ def test_a_family_trains_from_the_command_line(tmp_path, capsys):
                  "--set", "train.peak_flops=1e9", "--set", "train.context_length=32"])
     out = capsys.readouterr().out
     assert code == 0 and "completed at step 4" in out and "--- sample 1 ---" in out
+
+
+def test_a_family_finetunes_with_lora_and_shards_its_gated_mlp(tmp_path, capsys):
+    """LoRA finetuning (classification) runs on a family's blocks, adapting the gated MLP too, and
+    the FSDP rules split the gate projection like the up projection."""
+    import json
+
+    from jax.sharding import PartitionSpec as P
+
+    from jaxgpt.cli.main import main
+    from jaxgpt.finetune.lora import LoRAConfig, adapted_layers
+    from jaxgpt.train.sharding import spec_for
+
+    cfg = get_preset("qwen3-tiny")
+    layers = adapted_layers(init_params(cfg)["params"], LoRAConfig(targets=("mlp",)))
+    assert ("h_0", "mlp", "c_gate") in layers and ("h_0", "mlp", "c_fc") in layers
+    mesh = type("Mesh", (), {"shape": {"fsdp": 2, "data": 1}})()
+    assert spec_for("params/h_0/mlp/c_gate/kernel", (64, 128), mesh) == P(None, "fsdp")
+    rows = "\n".join(f"{t},{lab}" for t, lab in [("win a free prize now", "spam"), ("see you at lunch", "ham")] * 12)
+    (tmp_path / "data.csv").write_text("text,label\n" + rows + "\n")
+    code = main(["finetune", "classify", "--preset", "qwen3-tiny", "--data", str(tmp_path / "data.csv"),
+                 "--trainable", "lora", "--epochs", "1", "--batch-size", "4", "--prompt-shots", "",
+                 "--out", str(tmp_path / "run"), "--no-progress", "--json"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert 0.0 <= result["test_accuracy"] <= 1.0 and result["params"]["trainable"] < result["params"]["total"]
+
+
+def test_a_family_is_served(tmp_path):
+    """`jaxgpt serve` decodes a family model: a greedy completion equals the decoder's own."""
+    import http.client
+    import json
+
+    from conftest import running_server
+    from jaxgpt.data.tokenizer import CharTokenizer
+    from jaxgpt.inference.serve import build_app
+
+    tok = CharTokenizer.from_text("abcdefgh ")
+    cfg = get_preset("gemma3-tiny", vocab_size=tok.vocab_size)
+    params = _params(cfg)
+    app = build_app(params, cfg, tok, model_name="g", max_tokens_limit=8, warmup=False)
+    with running_server(app) as port:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        conn.request("POST", "/v1/completions", body=json.dumps({"prompt": "abc", "max_tokens": 6, "temperature": 0}),
+                     headers={"Content-Type": "application/json"})
+        body = json.loads(conn.getresponse().read())
+    want = generate_batch(params, cfg, [tok.encode("abc")], body["usage"]["completion_tokens"], eos_id=tok.eot_id)[0]
+    assert body["choices"][0]["text"] == tok.decode(want)
