@@ -16,7 +16,7 @@ from typing import Optional
 from jaxgpt.config import GPTConfig
 from jaxgpt.weights import hf_families, hf_gpt2
 from jaxgpt.weights.hf_files import (  # noqa: F401  (resolve_checkpoint, WeightsError: this module's API too)
-    CONFIG_FILE, INDEX_FILE, TOKENIZER_FILE, WEIGHTS_FILE, TensorReader, WeightsError, hf_cache_dir, read_all,
+    CONFIG_FILE, INDEX_FILE, TOKENIZER_FILE, WEIGHTS_FILE, TensorReader, WeightsError, hf_cache_dir,
     resolve_checkpoint, tensor_shapes, write_safetensors,
 )
 
@@ -83,9 +83,10 @@ def load_hf(name_or_dir: str, *, download: bool = False) -> tuple[dict, GPTConfi
     shapes = tensor_shapes(directory)
     kind = hf.get("model_type", "gpt2")
     if kind == "gpt2":
-        shapes = {new: shapes[old] for old, new in hf_gpt2.canonical_names(shapes).items()}
-        check_config_fits_tensors(cfg, shapes, directory / CONFIG_FILE)
-        return hf_gpt2.params_from_tensors(read_all(directory), cfg), cfg
+        names = hf_gpt2.canonical_names(shapes)  # stored name -> `transformer.` name, buffers dropped
+        check_config_fits_tensors(cfg, {new: shapes[old] for old, new in names.items()}, directory / CONFIG_FILE)
+        with TensorReader(directory) as read:  # the same one-tensor reader as the families
+            return hf_gpt2.params_from_tensors({new: read(old) for old, new in names.items()}, cfg), cfg
     check_config_fits_tensors(cfg, shapes, directory / CONFIG_FILE, "model.layers.", "model.embed_tokens.weight")
     _check_names_and_shapes(hf_families.expected_shapes(cfg, kind), shapes, cfg.tie_embeddings)
     with TensorReader(directory) as read:  # one tensor at a time: about one copy of the weights at the peak

@@ -161,29 +161,6 @@ def to_float32(name: str, arr: np.ndarray) -> np.ndarray:
     return np.asarray(arr, dtype=np.float32)
 
 
-def read_all(directory: Path) -> dict[str, np.ndarray]:
-    """All tensors of model.safetensors, or of the shards an index names, as NumPy arrays."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
-    weight_map, files = _files(directory)
-    tensors: dict[str, np.ndarray] = {}
-    for fname in files:
-        path = directory / fname
-        if not path.is_file():
-            raise WeightsError(f"shard {path} named in {INDEX_FILE} is missing")
-        try:
-            tensors.update(load_file(str(path)))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise WeightsError(f"{path} is not a readable safetensors file: {e}") from None
-    if weight_map is not None:
-        missing = sorted(set(weight_map) - set(tensors))
-        if missing:
-            raise WeightsError(f"tensors listed in {INDEX_FILE} but absent from the shards: {missing[:5]}")
-    return tensors
-
-
-
 def write_safetensors(tensors: dict[str, np.ndarray], out_dir: Path, max_shard_bytes: Optional[int]) -> None:
     """model.safetensors, or shards of at most `max_shard_bytes` and their index."""
     from safetensors.numpy import save_file
