@@ -24,6 +24,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")  # float64 needs 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 NORMS = ("layernorm", "rmsnorm")  # see jaxgpt.nn.norms
 MLPS = ("gelu", "swiglu", "geglu", "relu2")  # see jaxgpt.nn.mlp
+MOE_ROUTERS = ("softmax", "sigmoid")  # see jaxgpt.nn.moe
 
 
 class ConfigError(ValueError):
@@ -80,6 +81,20 @@ class GPTConfig:
     rope_original_context: int = 8192  # Llama 3 scaling: the context length the frequencies were trained for
     emb_scale: bool = False  # multiply the token embeddings by sqrt(emb_dim) (Gemma)
     logit_softcap: Optional[float] = None  # final logits become cap * tanh(logits / cap)
+    # mixture of experts (docs/moe.md): unset moe_experts keeps every MLP dense
+    moe_experts: Optional[int] = None  # routed experts of each MoE layer
+    moe_top_k: int = 2  # experts each token is sent to
+    moe_hidden: Optional[int] = None  # hidden width of one expert (default: hidden_dim)
+    moe_shared_experts: int = 0  # always-on experts beside the routed ones, run as one MLP of that many widths
+    moe_every: int = 1  # every k-th layer is an MoE layer (Qwen's decoder_sparse_step)
+    moe_first_dense: int = 0  # the first n layers stay dense (DeepSeek's first_k_dense_replace)
+    moe_router: str = "softmax"  # "softmax" (Mixtral, Qwen3-MoE) or "sigmoid" with a balancing bias (DeepSeek-V3)
+    moe_renormalize: bool = True  # divide the k chosen gates by their sum (Mixtral; Qwen3's norm_topk_prob)
+    moe_capacity_factor: Optional[float] = None  # None: dropless; else each expert takes at most
+    # ceil(factor · tokens · k / experts) tokens in training and drops the rest (evaluation and decoding are dropless)
+    moe_aux_loss_coef: float = 0.01  # Switch Transformer load-balancing loss weight
+    moe_z_loss_coef: float = 0.0  # router z-loss weight (ST-MoE): mean logsumexp(router logits)²
+    moe_bias_rate: float = 0.0  # sigmoid router: after each step bias_e += rate · sign(mean load − load_e)
     # execution choices: they change neither the parameters (names, shapes) nor the function computed
     scan_layers: bool = False  # run the blocks as one lax.scan over their stacked weights: compile time flat in depth
     remat: str = "none"  # rematerialisation per block, one of REMAT_POLICIES (memory for recomputation)
@@ -133,6 +148,7 @@ class GPTConfig:
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"GPTConfig.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
         self._check_block_options()
+        self._check_moe_options()
         if self.scan_layers and self.global_every is not None:
             raise ConfigError("GPTConfig.scan_layers needs identical layers; global_every makes some layers global "
                               "and others local (unset one of them)")
@@ -165,6 +181,52 @@ class GPTConfig:
             raise ConfigError("GPTConfig.rope_scaling and rope_local_base need position 'rope'")
         if self.attention != "softmax" and (self.qk_norm or self.head_size is not None or self.query_scale is not None):
             raise ConfigError("GPTConfig.qk_norm, head_size and query_scale apply to softmax attention only")
+
+    def _check_moe_options(self) -> None:
+        if self.moe_experts is None:
+            return
+        for name in ("moe_experts", "moe_top_k", "moe_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ConfigError(f"GPTConfig.{name} must be a positive integer, got {v!r}")
+        if self.moe_top_k > self.moe_experts:
+            raise ConfigError(f"GPTConfig.moe_top_k ({self.moe_top_k}) cannot exceed moe_experts ({self.moe_experts})")
+        for name in ("moe_shared_experts", "moe_first_dense"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ConfigError(f"GPTConfig.{name} must be a non-negative integer, got {v!r}")
+        if self.moe_hidden is not None and (isinstance(self.moe_hidden, bool) or not isinstance(self.moe_hidden, int)
+                                            or self.moe_hidden <= 0):
+            raise ConfigError(f"GPTConfig.moe_hidden must be a positive integer or unset, got {self.moe_hidden!r}")
+        if self.moe_router not in MOE_ROUTERS:
+            raise ConfigError(f"GPTConfig.moe_router must be one of {MOE_ROUTERS}, got {self.moe_router!r}")
+        if not isinstance(self.moe_renormalize, bool):
+            raise ConfigError(f"GPTConfig.moe_renormalize must be true or false, got {self.moe_renormalize!r}")
+        cf = self.moe_capacity_factor
+        if cf is not None and (isinstance(cf, bool) or not isinstance(cf, (int, float)) or cf <= 0):
+            raise ConfigError(f"GPTConfig.moe_capacity_factor must be a positive number or unset, got {cf!r}")
+        for name in ("moe_aux_loss_coef", "moe_z_loss_coef", "moe_bias_rate"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise ConfigError(f"GPTConfig.{name} must be a non-negative number, got {v!r}")
+        if self.moe_bias_rate > 0 and self.moe_router != "sigmoid":
+            raise ConfigError("GPTConfig.moe_bias_rate balances the 'sigmoid' router's bias; set moe_router='sigmoid'")
+        if not any(self.is_moe_layer(i) for i in range(self.n_layers)):
+            raise ConfigError(f"GPTConfig: moe_every={self.moe_every} and moe_first_dense={self.moe_first_dense} leave "
+                              f"no MoE layer among {self.n_layers}")
+        if self.scan_layers and any(not self.is_moe_layer(i) for i in range(self.n_layers)):
+            raise ConfigError("GPTConfig.scan_layers needs identical layers; moe_every/moe_first_dense make some "
+                              "layers dense (unset one of them)")
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether layer `layer` (0-based) has a mixture-of-experts MLP (Qwen3-MoE's rule, with DeepSeek's dense prefix)."""
+        return (self.moe_experts is not None and layer >= self.moe_first_dense
+                and (layer + 1) % self.moe_every == 0)
+
+    @property
+    def expert_hidden(self) -> int:
+        """The hidden width of one expert."""
+        return self.moe_hidden or self.hidden_dim
 
     @property
     def head_dim(self) -> int:

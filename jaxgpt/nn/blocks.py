@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jaxgpt.config import GPTConfig
 from jaxgpt.nn.attention import MultiHeadAttention
 from jaxgpt.nn.mlp import MLP
+from jaxgpt.nn.moe import MoE, moe_stats
 from jaxgpt.nn.norms import norm_layer
 from jaxgpt.nn.latent_attention import LatentAttention
 from jaxgpt.nn.linear_attention import LinearAttention
@@ -54,6 +55,7 @@ class Block(nn.Module):
     attn_impl: str
     dtype: jnp.dtype
     window: Optional[int] = None  # this layer's sliding window (None: global)
+    moe: bool = False  # a mixture-of-experts MLP (jaxgpt.nn.moe) instead of the dense one
 
     @nn.compact
     def __call__(self, x_btd: Array, *, deterministic: bool = True, positions_bt: Optional[Array] = None,
@@ -71,8 +73,15 @@ class Block(nn.Module):
         if kv_cache is not None:
             attn_out, kv_cache = attn_out
         x_btd = x_btd + drop(post("ln_post_attn", attn_out), deterministic=deterministic)
-        mlp = MLP(hidden=cfg.hidden_dim, kind=cfg.mlp, use_bias=cfg.mlp_bias, dtype=self.dtype, out_init_std=out_std,
-                  name="mlp")
+        if self.moe:
+            moe = MoE(cfg.moe_experts, cfg.moe_top_k, cfg.expert_hidden, kind=cfg.mlp, router=cfg.moe_router,
+                      renormalize=cfg.moe_renormalize, capacity_factor=cfg.moe_capacity_factor,
+                      shared_hidden=cfg.moe_shared_experts * cfg.expert_hidden, shared_bias=cfg.mlp_bias,
+                      dtype=self.dtype, out_init_std=out_std, name="mlp")
+            mlp = lambda h_btd: moe(h_btd, deterministic=deterministic)  # noqa: E731
+        else:
+            mlp = MLP(hidden=cfg.hidden_dim, kind=cfg.mlp, use_bias=cfg.mlp_bias, dtype=self.dtype,
+                      out_init_std=out_std, name="mlp")
         x_btd = x_btd + drop(post("ln_post_mlp", mlp(norm("ln_2")(x_btd))), deterministic=deterministic)
         return x_btd if kv_cache is None else (x_btd, kv_cache)
 
@@ -86,7 +95,7 @@ REMAT_POLICY_FNS = {
 
 def init_stacked_blocks(key: Array, cfg: GPTConfig, impl: str, dtype) -> dict:
     """Initial parameters of all blocks in the scanned layout: one Block init per layer key, vmapped."""
-    block = Block(cfg, attn_impl=impl, dtype=dtype, window=cfg.layer_window(0), parent=None)
+    block = Block(cfg, attn_impl=impl, dtype=dtype, window=cfg.layer_window(0), moe=cfg.is_moe_layer(0), parent=None)
     x_btd = jnp.zeros((1, 1, cfg.emb_dim), jnp.float32)
     init_one = lambda k: block.init({"params": k}, x_btd, positions_bt=jnp.zeros((1, 1), jnp.int32))["params"]  # noqa: E731
     return jax.vmap(init_one)(jax.random.split(key, cfg.n_layers))
@@ -94,7 +103,8 @@ def init_stacked_blocks(key: Array, cfg: GPTConfig, impl: str, dtype) -> dict:
 
 def run_blocks(cfg: GPTConfig, layers, x_btd: Array, *, impl: str, dtype, positions_bt: Array,
                dropout_key: Optional[Array], cache: Optional[list] = None, cache_index: Optional[Array] = None,
-               mask_bts: Optional[Array] = None, new_cache: Optional[list] = None) -> Array:
+               mask_bts: Optional[Array] = None, new_cache: Optional[list] = None,
+               moe_out: Optional[list] = None) -> Array:
     """The transformer blocks as pure functions of their parameters (`GPTConfig.scan_layers`, `.remat`).
 
     `layers` is a list of per-block trees (GPT-2 layout) or, with `scan_layers`, one tree whose
@@ -102,34 +112,42 @@ def run_blocks(cfg: GPTConfig, layers, x_btd: Array, *, impl: str, dtype, positi
     `lax.scan` (XLA compiles one block body whatever the depth); cached decoding, whose cache is a
     per-layer list, loops over layer slices and appends each layer's new cache to `new_cache`.
     `remat` wraps the block in `jax.checkpoint` with the configured policy. Layer i's dropout key is
-    `split(dropout_key, n_layers)[i]` in every form, so scanned and unrolled runs agree.
+    `split(dropout_key, n_layers)[i]` in every form, so scanned and unrolled runs agree. The MoE
+    layers' statistics (`jaxgpt.nn.moe.moe_stats`, leading layer axis) are appended to `moe_out`.
     """
     blocks = {}
 
-    def layer(window, x_btd, params, key, kv_cache=None):
-        if window not in blocks:  # one unbound Block per distinct window (all layers alike under scan)
-            blocks[window] = Block(cfg, attn_impl=impl, dtype=dtype, window=window, parent=None)
+    def layer(kind, x_btd, params, key, kv_cache=None):
+        if kind not in blocks:  # one unbound Block per distinct (window, moe) (all layers alike under scan)
+            blocks[kind] = Block(cfg, attn_impl=impl, dtype=dtype, window=kind[0], moe=kind[1], parent=None)
         rngs = None if key is None else {"dropout": key}
-        return blocks[window].apply({"params": params}, x_btd, deterministic=key is None, positions_bt=positions_bt,
-                                    kv_cache=kv_cache, cache_index=cache_index, mask_bts=mask_bts, rngs=rngs)
+        out = blocks[kind].apply({"params": params}, x_btd, deterministic=key is None, positions_bt=positions_bt,
+                                 kv_cache=kv_cache, cache_index=cache_index, mask_bts=mask_bts, rngs=rngs,
+                                 mutable=["moe"] if kind[1] else False)
+        return (out[0], moe_stats(out[1])) if kind[1] else (out, None)
 
     if cfg.remat != "none" and cache is None:
         layer = jax.checkpoint(layer, static_argnums=(0,), policy=REMAT_POLICY_FNS[cfg.remat],
                                prevent_cse=not cfg.scan_layers)  # scan already keeps XLA from merging recomputation
     keys = None if dropout_key is None else jax.random.split(dropout_key, cfg.n_layers)
+    kind_of = lambda i: (cfg.layer_window(i), cfg.is_moe_layer(i))  # noqa: E731
     if cfg.scan_layers and cache is None:
         def step(x_btd, params_and_key):
             params, key = params_and_key
-            return layer(cfg.layer_window(0), x_btd, params, key), None
+            return layer(kind_of(0), x_btd, params, key)
 
-        x_btd, _ = jax.lax.scan(step, x_btd, (layers, keys))
+        x_btd, stats = jax.lax.scan(step, x_btd, (layers, keys))
+        if stats is not None and moe_out is not None:
+            moe_out.append(jax.tree.map(lambda a: a[:, 0], stats))  # (L, 1, …) -> (L, …)
         return x_btd
     for i in range(cfg.n_layers):
         params = jax.tree.map(lambda a: a[i], layers) if cfg.scan_layers else layers[i]
         key = None if keys is None else keys[i]
         if cache is None:
-            x_btd = layer(cfg.layer_window(i), x_btd, params, key)
+            x_btd, stats = layer(kind_of(i), x_btd, params, key)
         else:
-            x_btd, layer_cache = layer(cfg.layer_window(i), x_btd, params, key, cache[i])
+            (x_btd, layer_cache), stats = layer(kind_of(i), x_btd, params, key, cache[i])
             new_cache.append(layer_cache)
+        if stats is not None and moe_out is not None:
+            moe_out.append(stats)
     return x_btd

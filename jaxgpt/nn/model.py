@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jaxgpt.config import GPTConfig, resolve_attn_impl, resolve_dtype
 from jaxgpt.nn.blocks import Block, init_stacked_blocks, run_blocks
 from jaxgpt.nn.dense import Dense, logits_from_embedding
+from jaxgpt.nn.mlp import GATED
 from jaxgpt.nn.norms import norm_layer
 
 Array = jax.Array
@@ -63,6 +64,7 @@ class GPT(nn.Module):
 
         functional = cfg.scan_layers or (cfg.remat != "none" and cache is None and not self.is_initializing())
         new_cache = [] if cache is not None else None
+        moe_out: list = []  # the functional path's MoE statistics, sown below as the blocks would
         if cfg.scan_layers:  # one tree "h", each leaf (n_layers, ...) (jaxgpt.layout)
             if not self.is_initializing() and "h_0" in self.variables.get("params", {}):
                 raise ValueError("this config has scan_layers=True but the parameters are in GPT-2's layout "
@@ -75,9 +77,12 @@ class GPT(nn.Module):
             dropout_key = None if deterministic or cfg.drop_rate == 0 else self.make_rng("dropout")
             x_btd = run_blocks(cfg, layers, x_btd, impl=impl, dtype=dtype, positions_bt=positions_bt,
                                dropout_key=dropout_key, cache=cache, cache_index=cache_index, mask_bts=mask_bts,
-                               new_cache=new_cache)
+                               new_cache=new_cache, moe_out=moe_out)
+            for stats in moe_out if not self.is_initializing() else ():
+                self.sow("moe", "blocks", stats)
         for i in range(0 if functional else cfg.n_layers):
-            block = Block(cfg, attn_impl=impl, dtype=dtype, window=cfg.layer_window(i), name=f"h_{i}")
+            block = Block(cfg, attn_impl=impl, dtype=dtype, window=cfg.layer_window(i), moe=cfg.is_moe_layer(i),
+                          name=f"h_{i}")
             if cache is None:
                 x_btd = block(x_btd, deterministic=deterministic, positions_bt=positions_bt)
             else:
@@ -117,9 +122,22 @@ def count_params(tree) -> int:
 
 
 def param_counts(config: GPTConfig) -> dict[str, int]:
-    """The book's two numbers: all parameters with a separate output head, and with it tied to wte."""
+    """The book's two numbers: all parameters with a separate output head, and with it tied to wte;
+    and `active`: the parameters one token's forward pass uses (the model's own head choice; for a
+    mixture of experts, k of the E routed experts of each MoE layer)."""
     total = count_params(param_shapes(config.replace(tie_embeddings=False)))
-    return {"total": total, "total_tied": total - config.vocab_size * config.emb_dim}
+    counts = {"total": total, "total_tied": total - config.vocab_size * config.emb_dim}
+    stored = counts["total_tied" if config.tie_embeddings else "total"]
+    return {**counts, "active": stored - inactive_expert_params(config)}
+
+
+def inactive_expert_params(config: GPTConfig) -> int:
+    """Routed-expert parameters a token does not use: (E − k) experts' weights in every MoE layer."""
+    if config.moe_experts is None:
+        return 0
+    per_expert = (3 if config.mlp in GATED else 2) * config.emb_dim * config.expert_hidden
+    n_moe = sum(config.is_moe_layer(i) for i in range(config.n_layers))
+    return n_moe * (config.moe_experts - config.moe_top_k) * per_expert
 
 
 def cross_entropy(logits_btv: Array, targets_bt: Array, ignore_index: int = -100) -> Array:

@@ -46,6 +46,22 @@ def to_host(x) -> float:
     return float(x)
 
 
+def moe_log(metrics: dict) -> dict:
+    """A step's router metrics as JSON values: losses, dropped share, and each MoE layer's load
+    (share of assignments per expert) with its imbalance max_e load_e · E (1: even)."""
+    if "moe_counts" not in metrics:
+        return {}
+    counts_le = metrics["moe_counts"]
+    if isinstance(counts_le, jax.Array) and not counts_le.is_fully_addressable:
+        counts_le = counts_le.addressable_data(0)
+    counts_le = np.asarray(counts_le, dtype=np.float64)
+    load_le = counts_le / np.maximum(counts_le.sum(-1, keepdims=True), 1)
+    return {"moe_aux_loss": to_host(metrics["moe_aux_loss"]), "moe_z_loss": to_host(metrics["moe_z_loss"]),
+            "moe_dropped_frac": to_host(metrics["moe_dropped_frac"]),
+            "moe_imbalance": float(np.mean(load_le.max(-1) * load_le.shape[-1])),
+            "moe_load": np.round(load_le, 5).tolist()}
+
+
 def evaluate(eval_step: Callable, params, batches: list) -> float:
     """Mean validation cross-entropy over the fixed batches (all have the same size)."""
     losses = [to_host(eval_step(params, x, y)) for x, y in batches]
@@ -234,6 +250,7 @@ class _Loop:
             "kind": "train", "step": done, "tokens_seen": done * self.tokens_per_step, "loss": loss,
             "lr": float(self.schedule(step)), "grad_norm": to_host(metrics["grad_norm"]),
             "tokens_per_s": tok_s, "mfu": tok_s * self.flops_tok / self.peak, "time_s": now - self.t_start,
+            **moe_log(metrics),
         })
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
         self.t_last, self.steps_since_log = now, 0

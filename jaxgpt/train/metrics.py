@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgpt.config import GPTConfig
+from jaxgpt.nn.model import inactive_expert_params
 
 
 class JsonlLogger:
@@ -55,9 +56,10 @@ def read_jsonl(path: Path) -> list[dict]:
 def flops_per_token(config: GPTConfig, seq_len: int, n_params: int) -> float:
     """Training FLOPs per token: 6·N (matmuls, forward + backward) + 12·L·T·d (attention scores).
 
-    N excludes the position table (a lookup, no matmul), as in the PaLM paper's MFU appendix.
+    N excludes the position table (a lookup, no matmul), as in the PaLM paper's MFU appendix, and
+    a mixture of experts' routed experts that a token does not use (N is the active parameters).
     """
-    n = n_params - config.context_length * config.emb_dim
+    n = n_params - config.context_length * config.emb_dim - inactive_expert_params(config)
     return 6.0 * n + 12.0 * config.n_layers * seq_len * config.emb_dim
 
 

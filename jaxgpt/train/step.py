@@ -23,6 +23,7 @@ import optax
 from jaxgpt import xla_tuning
 from jaxgpt.config import resolve_dtype
 from jaxgpt.nn.model import GPT, cross_entropy
+from jaxgpt.nn.moe import moe_loss, moe_stats, update_balance_bias
 
 Array = jax.Array
 PMAP_AXIS = "batch"
@@ -38,13 +39,22 @@ def create_state(model: GPT, tx: optax.GradientTransformation, params, seed: int
 
 
 def make_train_step(model: GPT, tx: optax.GradientTransformation, *, axis_name: Optional[str] = None) -> Callable:
-    """The pure step (state, x_mbt, y_mbt) -> (state, metrics); `axis_name` set when run under pmap."""
+    """The pure step (state, x_mbt, y_mbt) -> (state, metrics); `axis_name` set when run under pmap.
+
+    The loss is the cross-entropy plus, for a mixture of experts, the routers' losses
+    (`jaxgpt.nn.moe.moe_loss`); metrics["loss"] is the cross-entropy alone, as evaluation reports
+    it, and an MoE model adds its router metrics (`_moe_metrics`). A sigmoid router's balancing bias
+    is moved after the optimizer update (`update_balance_bias`), from the whole batch's counts."""
+    cfg = model.config
 
     def loss_fn(params, x_bt, y_bt, key):
-        logits_btv = model.apply(params, x_bt, deterministic=False, rngs={"dropout": key})
-        return cross_entropy(logits_btv, y_bt)
+        logits_btv, variables = model.apply(params, x_bt, deterministic=False, rngs={"dropout": key},
+                                            mutable=["moe"])
+        ce = cross_entropy(logits_btv, y_bt)
+        stats = moe_stats(variables)
+        return ce + moe_loss(stats, cfg.moe_aux_loss_coef, cfg.moe_z_loss_coef), (ce, stats)
 
-    grad_fn = jax.value_and_grad(loss_fn)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def train_step(state, x_mbt, y_mbt):
         params = state["params"]
@@ -54,32 +64,54 @@ def make_train_step(model: GPT, tx: optax.GradientTransformation, *, axis_name: 
 
         n_micro = x_mbt.shape[0]
         if n_micro == 1:
-            loss, grads = grad_fn(params, x_mbt[0], y_mbt[0], key)
+            (_, (loss, stats)), grads = grad_fn(params, x_mbt[0], y_mbt[0], key)
         else:
             def accumulate(grads_sum, micro):
                 i, x_bt, y_bt = micro
-                loss_i, grads_i = grad_fn(params, x_bt, y_bt, jax.random.fold_in(key, i))
-                return jax.tree.map(jnp.add, grads_sum, grads_i), loss_i
+                (_, aux), grads_i = grad_fn(params, x_bt, y_bt, jax.random.fold_in(key, i))
+                return jax.tree.map(jnp.add, grads_sum, grads_i), aux
 
             zeros = jax.tree.map(jnp.zeros_like, params)
-            grads, losses = jax.lax.scan(accumulate, zeros, (jnp.arange(n_micro), x_mbt, y_mbt))
+            grads, (losses, stats) = jax.lax.scan(accumulate, zeros, (jnp.arange(n_micro), x_mbt, y_mbt))
             grads = jax.tree.map(lambda g: g / n_micro, grads)
-            loss = jnp.mean(losses)
+            loss, stats = jnp.mean(losses), _merge_micro_stats(stats)
 
         if axis_name is not None:
             grads = jax.lax.pmean(grads, axis_name)
             loss = jax.lax.pmean(loss, axis_name)
+            stats = None if stats is None else _merge_device_stats(stats, axis_name)
 
         updates, opt_state = tx.update(grads, state["opt_state"], params)
-        new_state = {
-            "step": state["step"] + 1,
-            "params": optax.apply_updates(params, updates),
-            "opt_state": opt_state,
-            "rng": state["rng"],
-        }
-        return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        new_params = optax.apply_updates(params, updates)
+        if stats is not None and cfg.moe_bias_rate > 0:
+            new_params = update_balance_bias(new_params, stats["counts"], cfg.moe_bias_rate)
+        new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state, "rng": state["rng"]}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        return new_state, metrics if stats is None else {**metrics, **_moe_metrics(stats)}
 
     return train_step
+
+
+def _merge_micro_stats(stats: Optional[dict]) -> Optional[dict]:
+    """Micro-batch statistics (leading axis M) as one batch's: losses averaged, counts summed."""
+    if stats is None:
+        return None
+    return {"aux_loss": stats["aux_loss"].mean(0), "z_loss": stats["z_loss"].mean(0),
+            "counts": stats["counts"].sum(0), "dropped": stats["dropped"].sum(0)}
+
+
+def _merge_device_stats(stats: dict, axis_name: str) -> dict:
+    return {"aux_loss": jax.lax.pmean(stats["aux_loss"], axis_name), "z_loss": jax.lax.pmean(stats["z_loss"], axis_name),
+            "counts": jax.lax.psum(stats["counts"], axis_name), "dropped": jax.lax.psum(stats["dropped"], axis_name)}
+
+
+def _moe_metrics(stats: dict) -> dict:
+    """Router metrics of a step: mean losses over the MoE layers, the share of assignments dropped
+    by capacity, and the tokens each expert received in each MoE layer (moe_counts, (L, E))."""
+    assignments = jnp.sum(stats["counts"])  # tokens · k · layers
+    return {"moe_aux_loss": jnp.mean(stats["aux_loss"]), "moe_z_loss": jnp.mean(stats["z_loss"]),
+            "moe_dropped_frac": jnp.sum(stats["dropped"]) / jnp.maximum(assignments, 1),
+            "moe_counts": stats["counts"]}
 
 
 def make_eval_step(model: GPT) -> Callable:
