@@ -10,7 +10,7 @@ returns the gradients of the inputs and parameters. `gpt_loss_and_grads` chains 
 gradient of the whole model; `adamw_step` is the optimizer step that `jaxgpt.train.optimizer`
 builds in Optax. Dropout is not modelled: the reference is the deterministic pass.
 
-Modules: `layers` (elementwise, norms, linear, embedding, MLPs), `attention` (the book's steps,
+Modules: `layers` (elementwise, norms, linear, embedding, MLPs), `moe` (mixture of experts), `attention` (the book's steps,
 multi-head attention, variants, positions), `model` (block, whole model, loss, backward), `optim`.
 """
 
@@ -20,11 +20,12 @@ from jaxgpt.reference.attention import (  # noqa: F401
 )
 from jaxgpt.reference.layers import (  # noqa: F401
     ACTIVATIONS, GELU_C, embedding, embedding_backward, gelu, gelu_backward, layer_norm, layer_norm_backward, linear,
-    linear_backward, relu2, relu2_backward, rms_norm, rms_norm_backward, silu, silu_backward, softcap,
+    linear_backward, mlp, mlp_backward, relu2, relu2_backward, rms_norm, rms_norm_backward, silu, silu_backward, softcap,
     softcap_backward, softmax, softmax_backward, to_numpy,
 )
 from jaxgpt.reference.model import (  # noqa: F401
-    cross_entropy, cross_entropy_backward, gpt_forward, gpt_loss_and_grads, mlp, mlp_backward, norm,
-    transformer_block, transformer_block_backward,
+    cross_entropy, cross_entropy_backward, gpt_forward, gpt_loss_and_grads, norm, transformer_block,
+    transformer_block_backward,
 )
+from jaxgpt.reference.moe import moe, moe_backward  # noqa: F401
 from jaxgpt.reference.optim import adamw_init, adamw_step, decays, tree_leaves, tree_map  # noqa: F401

@@ -117,6 +117,28 @@ ACTIVATIONS = {"gelu": (gelu, gelu_backward, False), "swiglu": (silu, silu_backw
                "geglu": (gelu, gelu_backward, True), "relu2": (relu2, relu2_backward, False)}
 
 
+# --- the position-wise MLP --------------------------------------------------------------------------
+
+def mlp(x, c_fc, c_proj, c_gate=None, kind="gelu"):  # [b, t, d] -> [b, t, d] via [b, t, f]
+    act = ACTIVATIONS[kind][0]
+    hidden = act(linear(x, **c_gate)) * linear(x, **c_fc) if c_gate is not None else act(linear(x, **c_fc))
+    return linear(hidden, **c_proj)
+
+
+def mlp_backward(dout, x, c_fc, c_proj, c_gate=None, kind="gelu"):  # dout [b, t, d] -> dx, {c_fc, c_proj[, c_gate]}
+    act, act_backward, _ = ACTIVATIONS[kind]
+    up = linear(x, **c_fc)  # [b, t, f]
+    if c_gate is None:
+        dact, g_proj = linear_backward(dout, act(up), c_proj["kernel"], "bias" in c_proj)
+        dx, g_fc = linear_backward(act_backward(dact, up), x, c_fc["kernel"], "bias" in c_fc)
+        return dx, {"c_fc": g_fc, "c_proj": g_proj}
+    gate = linear(x, **c_gate)  # [b, t, f]
+    dhidden, g_proj = linear_backward(dout, act(gate) * up, c_proj["kernel"], "bias" in c_proj)
+    dx_up, g_fc = linear_backward(dhidden * act(gate), x, c_fc["kernel"], "bias" in c_fc)
+    dx_gate, g_gate = linear_backward(act_backward(dhidden * up, gate), x, c_gate["kernel"], "bias" in c_gate)
+    return dx_up + dx_gate, {"c_fc": g_fc, "c_gate": g_gate, "c_proj": g_proj}
+
+
 def softcap(x, cap):  # cap · tanh(x / cap): logits bounded by ±cap
     return cap * np.tanh(x / cap)
 

@@ -7,9 +7,10 @@ import numpy as np
 from jaxgpt.config import GPTConfig
 from jaxgpt.nn.layout import unstack_layers
 from jaxgpt.reference.attention import ATTENTION, mha, mha_backward
+from jaxgpt.reference.moe import moe
 from jaxgpt.reference.layers import (
-    ACTIVATIONS, embedding, embedding_backward, layer_norm, layer_norm_backward, linear, linear_backward, rms_norm,
-    softcap, softmax,
+    embedding, embedding_backward, layer_norm, layer_norm_backward, linear_backward, mlp,
+    mlp_backward, rms_norm, softcap, softmax,
 )
 
 # --- MLP and block ----------------------------------------------------------------------------------
@@ -20,34 +21,20 @@ def norm(x, params, eps, kind="layernorm", unit_offset=False):  # [..., d] -> [.
     return layer_norm(x, **params, eps=eps)
 
 
-def mlp(x, c_fc, c_proj, c_gate=None, kind="gelu"):  # [b, t, d] -> [b, t, d] via [b, t, f]
-    act = ACTIVATIONS[kind][0]
-    hidden = act(linear(x, **c_gate)) * linear(x, **c_fc) if c_gate is not None else act(linear(x, **c_fc))
-    return linear(hidden, **c_proj)
-
-
-def mlp_backward(dout, x, c_fc, c_proj, c_gate=None, kind="gelu"):  # dout [b, t, d] -> dx, {c_fc, c_proj[, c_gate]}
-    act, act_backward, _ = ACTIVATIONS[kind]
-    up = linear(x, **c_fc)  # [b, t, f]
-    if c_gate is None:
-        dact, g_proj = linear_backward(dout, act(up), c_proj["kernel"], "bias" in c_proj)
-        dx, g_fc = linear_backward(act_backward(dact, up), x, c_fc["kernel"], "bias" in c_fc)
-        return dx, {"c_fc": g_fc, "c_proj": g_proj}
-    gate = linear(x, **c_gate)  # [b, t, f]
-    dhidden, g_proj = linear_backward(dout, act(gate) * up, c_proj["kernel"], "bias" in c_proj)
-    dx_up, g_fc = linear_backward(dhidden * act(gate), x, c_fc["kernel"], "bias" in c_fc)
-    dx_gate, g_gate = linear_backward(act_backward(dhidden * up, gate), x, c_gate["kernel"], "bias" in c_gate)
-    return dx_up + dx_gate, {"c_fc": g_fc, "c_gate": g_gate, "c_proj": g_proj}
-
-
 def transformer_block(x, ln_1, attn, ln_2, mlp_params, n_heads, eps, attention="softmax", norm_kind="layernorm",
-                      unit_offset=False, mlp_kind="gelu", ln_post_attn=None, ln_post_mlp=None, **variant):
+                      unit_offset=False, mlp_kind="gelu", ln_post_attn=None, ln_post_mlp=None, moe_options=None,
+                      **variant):
     """[b, t, d] -> [b, t, d]: x + attn(norm(x)), then x + mlp(norm(x)); each branch normalised
-    again when its post-norm is given (Gemma 3)."""
+    again when its post-norm is given (Gemma 3). With `moe_options` (top_k, router, renormalize)
+    the MLP is a mixture of experts (`jaxgpt.reference.moe`), run as evaluation does: dropless."""
     nrm = lambda y, params: norm(y, params, eps, norm_kind, unit_offset)  # noqa: E731
     branch = ATTENTION[attention](nrm(x, ln_1), **attn, n_heads=n_heads, **variant)
     x = x + (branch if ln_post_attn is None else nrm(branch, ln_post_attn))
-    branch = mlp(nrm(x, ln_2), **mlp_params, kind=mlp_kind)
+    h = nrm(x, ln_2)
+    if moe_options is None:
+        branch = mlp(h, **mlp_params, kind=mlp_kind)
+    else:
+        branch = moe(h.reshape(-1, h.shape[-1]), mlp_params, kind=mlp_kind, **moe_options)[0].reshape(h.shape)
     return x + (branch if ln_post_mlp is None else nrm(branch, ln_post_mlp))
 
 
@@ -74,6 +61,9 @@ def _layer_options(config: GPTConfig, i: int) -> dict:
     options = dict(attention=config.attention, norm_kind=config.norm, unit_offset=config.norm_unit_offset,
                    mlp_kind=config.mlp, n_kv_heads=config.n_kv_heads, position=config.position,
                    rope_base=config.layer_rope_base(i), window=config.layer_window(i))
+    if config.is_moe_layer(i):
+        options["moe_options"] = dict(top_k=config.moe_top_k, router=config.moe_router,
+                                      renormalize=config.moe_renormalize)
     if config.attention == "softmax":
         options.update(norm_eps=config.ln_eps, qk_unit_offset=config.norm_unit_offset, query_scale=config.query_scale,
                        rope_scaling=config.rope_scaling_spec)
@@ -125,7 +115,8 @@ def gpt_loss_and_grads(params, ids, targets, config: GPTConfig, ignore_index=-10
     MLPs, soft-capping, RoPE)."""
     default = GPTConfig()
     variant_fields = ("n_kv_heads", "position", "sliding_window", "attention", "norm", "post_norms", "mlp",
-                      "mlp_bias", "attn_out_bias", "head_size", "qk_norm", "query_scale", "emb_scale", "logit_softcap")
+                      "mlp_bias", "attn_out_bias", "head_size", "qk_norm", "query_scale", "emb_scale", "logit_softcap",
+                      "moe_experts")
     changed = [f for f in variant_fields if getattr(config, f) != getattr(default, f)]
     if changed:
         raise NotImplementedError(f"the hand-written backward of the whole model covers GPT-2 only; {changed} differ")
