@@ -2,6 +2,7 @@
 127.0.0.1) match one process × 4 devices, and the checkpoint written on a 4-device mesh restores
 onto the single device of this test process."""
 
+import json
 import os
 import socket
 import subprocess
@@ -110,3 +111,32 @@ def test_two_processes_without_a_mesh_train_and_save(corpus, tmp_path):
     assert "no --mesh: training with the sharded step over mesh data=-1" in outs[0][1]
     params, _, _ = load_for_inference(tmp_path / "run")
     assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(params))
+
+
+MOE = ["model.mlp=swiglu", "model.moe_experts=4", "model.moe_top_k=2", "model.moe_hidden=48", "model.norm=rmsnorm"]
+
+
+def test_two_processes_split_the_experts_and_match_one_device(corpus, tmp_path):
+    """A mixture of experts with its experts split over two processes (`--mesh expert=2`, one CPU
+    device each, tokens moved by all-to-all over gloo) trains as one device without a mesh does."""
+    moe_sets = [a for s in MOE for a in ("--set", s)]
+    single_cmd = [a if a != "data=2,fsdp=2" else "data=1" for a in _cmd(corpus, tmp_path / "single", moe_sets)]
+    single = subprocess.run(single_cmd, env=_env(1), capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    port = _free_port()
+    procs = [subprocess.Popen([a if a != "data=2,fsdp=2" else "expert=2" for a in _cmd(
+        corpus, tmp_path / "multi", [*moe_sets, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                                     "--process-id", str(i)])], env=_env(1), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "multi" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert len(train[-1]["moe_load"]) == 2 and len(train[-1]["moe_load"][0]) == 4  # (layers, experts) shares
+    assert abs(sum(train[-1]["moe_load"][0]) - 1.0) < 1e-3 and train[-1]["moe_imbalance"] >= 1.0
+    p_single, cfg, _ = load_for_inference(tmp_path / "single")
+    p_multi, cfg2, _ = load_for_inference(tmp_path / "multi")
+    assert cfg == cfg2 and cfg.moe_experts == 4
+    for a, b in zip(jax.tree.leaves(p_single), jax.tree.leaves(p_multi)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)

@@ -1,10 +1,12 @@
-"""Sharded training with `jax.jit` over a device mesh: data parallelism and FSDP, one or many hosts.
+"""Sharded training with `jax.jit` over a device mesh: data, FSDP and expert parallelism, one or many hosts.
 
-The mesh has two named axes, `data` and `fsdp`. The batch is split over both (FSDP is data
-parallel too); parameters and optimizer state are split over `fsdp` by a small rule table
-(parameter path pattern -> PartitionSpec) and replicated over `data`. XLA (GSPMD) inserts the
-all-gathers and reduce-scatters. The step is `train_step.make_train_step` unchanged: the same pure
-function the pmap path wraps.
+The mesh has three named axes, `data`, `fsdp` and `expert`. The batch is split over all of them
+(FSDP and expert parallelism are data parallel too); parameters and optimizer state are split
+over `fsdp` by a small rule table (parameter path pattern -> PartitionSpec) and replicated over
+`data`; a mixture of experts' expert weights are split over `expert` (each expert on one shard),
+and its layers move tokens to them with all-to-all (`jaxgpt.nn.moe`, which finds the mesh through
+`jax.set_mesh`). XLA (GSPMD) inserts the all-gathers and reduce-scatters. The step is
+`train_step.make_train_step` unchanged: the same pure function the pmap path wraps.
 
 Multi-host: every process runs the same program; `jax.distributed.initialize` connects them, the
 mesh spans all processes' devices, and each process feeds only its rows of every global batch
@@ -26,8 +28,8 @@ from jaxgpt.config import resolve_dtype
 from jaxgpt.nn.model import GPT
 from jaxgpt.train.step import make_eval_step, make_train_step
 
-MESH_AXES = ("data", "fsdp")
-BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over every device
+MESH_AXES = ("data", "fsdp", "expert")
+BATCH_AXES = MESH_AXES  # the batch dimension is split over every device
 
 # Parameter path (keys joined by "/", matched at the end) -> how to split it over `fsdp`.
 # Matrices are split along their larger "model" dimension; vectors (biases, LayerNorm) are small
@@ -38,6 +40,10 @@ SHARDING_RULES: list[tuple[str, P]] = [
     (r"attn/c_attn/kernel$", P(None, "fsdp")),  # (d, 3d)
     (r"mlp/(c_fc|c_gate)/kernel$", P(None, "fsdp")),  # (d, f): the up and gate projections
     (r"(attn|mlp)/c_proj/kernel$", P("fsdp", None)),  # (d or 4d, d)
+    (r"experts/(c_fc|c_gate)/kernel$", P("expert", None, "fsdp")),  # (E, d, f): experts, then as c_fc
+    (r"experts/c_proj/kernel$", P("expert", "fsdp", None)),  # (E, f, d)
+    (r"shared/(c_fc|c_gate)/kernel$", P(None, "fsdp")),  # the shared experts' MLP, as the dense one
+    (r"shared/c_proj/kernel$", P("fsdp", None)),
     (r".*", P()),  # everything else: replicated
 ]
 
@@ -47,8 +53,8 @@ class MeshError(ValueError):
 
 
 def parse_mesh(spec: str) -> dict[str, int]:
-    """"data=2,fsdp=2" -> {"data": 2, "fsdp": 2}; a missing axis is 1; `-1` means "the rest"."""
-    sizes = {"data": 1, "fsdp": 1}
+    """"data=2,fsdp=2" -> {"data": 2, "fsdp": 2, "expert": 1}; a missing axis is 1; `-1` means "the rest"."""
+    sizes = {axis: 1 for axis in MESH_AXES}
     for part in filter(None, (p.strip() for p in spec.split(","))):
         if "=" not in part:
             raise MeshError(f"mesh entry {part!r} must look like axis=size (axes: {MESH_AXES})")
@@ -89,10 +95,9 @@ def spec_for(path: str, shape: tuple[int, ...], mesh) -> P:
                 spec = P(None, *spec)
             if len(spec) != len(shape):
                 return P()
-            for dim, axis in zip(shape, spec):
-                if axis is not None and dim % mesh.shape[axis]:
-                    return P()
-            return spec
+            # an axis that does not divide its dimension leaves that dimension whole
+            return P(*(axis if axis is None or dim % mesh.shape[axis] == 0 else None
+                       for dim, axis in zip(shape, spec)))
     return P()
 
 
@@ -164,13 +169,15 @@ class ShardedTrainer:
         local_shape = (self.micro_batches, rows // self.micro_batches, t)
         x = self._global(x_local.reshape(local_shape), self.batch_sharding, shape)
         y = self._global(y_local.reshape(local_shape), self.batch_sharding, shape)
-        return self.step(state, x, y)
+        with jax.set_mesh(self.mesh):  # the mesh an MoE layer splits its experts over (jaxgpt.nn.moe)
+            return self.step(state, x, y)
 
     def eval_step(self, params, x_local: np.ndarray, y_local: np.ndarray):
         rows, t = x_local.shape
         shape = (rows * jax.process_count(), t)
-        return self._eval(params, self._global(x_local, self.eval_batch_sharding, shape),
-                          self._global(y_local, self.eval_batch_sharding, shape))
+        with jax.set_mesh(self.mesh):
+            return self._eval(params, self._global(x_local, self.eval_batch_sharding, shape),
+                              self._global(y_local, self.eval_batch_sharding, shape))
 
 
 def initialize_distributed(coordinator: Optional[str], num_processes: Optional[int], process_id: Optional[int]) -> None:
