@@ -325,6 +325,21 @@ PRESETS.update({
                              query_scale=24 ** -0.5),
 })
 
+# Mixtures of experts (docs/moe.md): the published shapes (not trained here) and tiny ones for tests.
+_QWEN3_MOE = dict(_QWEN3, tie_embeddings=False, moe_router="softmax", moe_aux_loss_coef=0.001)
+_MIXTRAL = dict(_LLAMA, tie_embeddings=False, rope_base=1_000_000.0, moe_router="softmax", moe_aux_loss_coef=0.02)
+PRESETS.update({
+    "qwen3-30b-a3b": GPTConfig(**_QWEN3_MOE, vocab_size=151_936, context_length=40_960, emb_dim=2048, n_heads=32,
+                               n_kv_heads=4, head_size=128, n_layers=48, mlp_hidden=6144, moe_experts=128, moe_top_k=8,
+                               moe_hidden=768, moe_renormalize=True),
+    "mixtral-8x7b": GPTConfig(**_MIXTRAL, vocab_size=32_000, context_length=32_768, emb_dim=4096, n_heads=32,
+                              n_kv_heads=8, n_layers=32, mlp_hidden=14_336, moe_experts=8, moe_top_k=2, ln_eps=1e-5),
+    "qwen3-moe-tiny": GPTConfig(**_QWEN3_MOE, vocab_size=64, context_length=64, emb_dim=64, n_heads=4, n_kv_heads=2,
+                                head_size=32, n_layers=2, mlp_hidden=128, moe_experts=4, moe_top_k=2, moe_hidden=32),
+    "mixtral-tiny": GPTConfig(**_MIXTRAL, vocab_size=64, context_length=64, emb_dim=64, n_heads=4, n_kv_heads=2,
+                              n_layers=2, mlp_hidden=48, moe_experts=4, moe_top_k=2, ln_eps=1e-5),
+})
+
 
 def get_preset(name: str, **overrides: Any) -> GPTConfig:
     """The preset `name` with `overrides` applied; a clear error for an unknown name."""

@@ -1,6 +1,8 @@
-"""Llama 3, Qwen3 and Gemma 3 (text) weights in the Hugging Face layout, in and out.
+"""Llama 3, Qwen3 and Gemma 3 (text) weights in the Hugging Face layout, in and out — and their
+mixture-of-experts siblings Qwen3-MoE and Mixtral, whose MoE layers `jaxgpt.weights.hf_moe` maps.
 
-The family is read from `config.json`'s `model_type` ("llama", "qwen3", "gemma3_text") on import,
+The family is read from `config.json`'s `model_type` ("llama", "qwen3", "gemma3_text", "qwen3_moe",
+"mixtral") on import,
 and decided from the jaxgpt config on export (`family_of`, which names every setting the target
 class cannot hold). The mapping (HF `nn.Linear` weights are (out, in): transposed here):
 
@@ -29,9 +31,11 @@ from typing import Optional
 import numpy as np
 
 from jaxgpt.config import GPTConfig
+from jaxgpt.weights import hf_moe
 
-FAMILIES = ("llama", "qwen3", "gemma3_text")
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+FAMILIES = ("llama", "qwen3", "gemma3_text", *hf_moe.ARCHITECTURES)
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+                 **hf_moe.ARCHITECTURES}
 
 
 def _rope(hf: dict, kind: Optional[str] = None) -> dict:
@@ -66,8 +70,12 @@ def _layer_pattern(hf: dict, n_layers: int) -> Optional[int]:
 
 
 def config_from_hf(hf: dict) -> GPTConfig:
-    """The jaxgpt config of a Llama, Qwen3 or Gemma 3 `config.json` (ValueError naming what it cannot hold)."""
+    """The jaxgpt config of a Llama, Qwen3, Gemma 3, Qwen3-MoE or Mixtral `config.json` (ValueError
+    naming what it cannot hold)."""
     kind = hf.get("model_type")
+    if kind in hf_moe.DENSE_FAMILY:
+        dense = config_from_hf({**hf, "model_type": hf_moe.DENSE_FAMILY[kind]})
+        return dense.replace(**hf_moe.moe_fields(hf, kind))
     n_layers, d = hf["num_hidden_layers"], hf["hidden_size"]
     n_heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or d // n_heads
@@ -120,6 +128,7 @@ def family_of(cfg: GPTConfig) -> tuple[Optional[str], list[str]]:
     if cfg.norm == "layernorm":
         return None, ["norm='layernorm' (GPT-2 style: export as gpt2)"]
     kind = "gemma3_text" if cfg.norm_unit_offset else ("qwen3" if cfg.qk_norm else "llama")
+    moe_kind = {"qwen3": "qwen3_moe", "llama": "mixtral"}.get(kind) if cfg.moe_experts else None
     wanted = {"llama": dict(mlp="swiglu", post_norms=False, emb_scale=False, qk_norm=False, query_scale=None,
                             rope_local_base=None, sliding_window=None, logit_softcap=None),
               "qwen3": dict(mlp="swiglu", post_norms=False, emb_scale=False, qk_norm=True, query_scale=None,
@@ -127,6 +136,11 @@ def family_of(cfg: GPTConfig) -> tuple[Optional[str], list[str]]:
               "gemma3_text": dict(mlp="geglu", post_norms=True, emb_scale=True, qk_norm=True, rope_scaling=None,
                                   qkv_bias=False, attn_out_bias=False, mlp_bias=False)}[kind]
     problems = [f"{k}={getattr(cfg, k)!r} (a {kind} model has {v!r})" for k, v in wanted.items() if getattr(cfg, k) != v]
+    if cfg.moe_experts and moe_kind is None:
+        problems.append(f"moe_experts={cfg.moe_experts} ({kind} has no mixture-of-experts sibling)")
+    elif moe_kind is not None:
+        problems += hf_moe.moe_problems(cfg, moe_kind)
+        kind = moe_kind
     if cfg.attention != "softmax":
         problems.append(f"attention={cfg.attention!r}")
     if cfg.position != "rope":
@@ -149,6 +163,11 @@ def _query_pre_attn_scalar(cfg: GPTConfig) -> Optional[int]:
 
 
 def config_to_hf(cfg: GPTConfig, kind: str) -> dict:
+    if kind in hf_moe.DENSE_FAMILY:
+        dense = config_to_hf(cfg, hf_moe.DENSE_FAMILY[kind])
+        dense.pop("mlp_bias", None)
+        return {**dense, "architectures": [ARCHITECTURES[kind]], "model_type": kind,
+                **hf_moe.moe_config_to_hf(cfg, kind)}
     d, n = cfg.emb_dim, cfg.n_heads
     out = {"architectures": [ARCHITECTURES[kind]], "model_type": kind, "vocab_size": cfg.vocab_size,
            "hidden_size": d, "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.n_layers,
@@ -172,8 +191,12 @@ def config_to_hf(cfg: GPTConfig, kind: str) -> dict:
     return {**out, "mlp_bias": cfg.mlp_bias} if kind == "llama" else out
 
 
-def _block_names(kind: str) -> dict[str, tuple[str, ...]]:
-    """HF name within `model.layers.i.` -> jaxgpt path within `h_i` (norms, MLP; attention apart)."""
+def _block_names(kind: str, moe_layer: bool = False) -> dict[str, tuple[str, ...]]:
+    """HF name within `model.layers.i.` -> jaxgpt path within `h_i` (norms, dense MLP; attention and
+    an MoE layer's MLP apart)."""
+    if kind in hf_moe.DENSE_FAMILY:
+        names = _block_names(hf_moe.DENSE_FAMILY[kind])
+        return {k: v for k, v in names.items() if not (moe_layer and k.startswith("mlp."))}
     names = {"input_layernorm.weight": ("ln_1", "scale"), "mlp.down_proj.weight": ("mlp", "c_proj", "kernel"),
              "mlp.gate_proj.weight": ("mlp", "c_gate", "kernel"), "mlp.up_proj.weight": ("mlp", "c_fc", "kernel")}
     if kind == "gemma3_text":
@@ -199,7 +222,7 @@ def expected_shapes(cfg: GPTConfig, kind: str) -> dict[str, tuple[int, ...]]:
     if cfg.qkv_bias:
         per_block.update({"self_attn.q_proj.bias": (n * h,), "self_attn.k_proj.bias": (m * h,),
                           "self_attn.v_proj.bias": (m * h,), "self_attn.o_proj.bias": (d,)})
-    for name, path in _block_names(kind).items():
+    for name, path in _block_names(kind).items():  # a dense layer's; an MoE layer's MLP is replaced below
         if path[0] == "attn":  # q_norm, k_norm
             per_block[name] = (h,)
         elif name.startswith("mlp."):
@@ -209,7 +232,11 @@ def expected_shapes(cfg: GPTConfig, kind: str) -> dict[str, tuple[int, ...]]:
     if cfg.mlp_bias:
         per_block.update({"mlp.gate_proj.bias": (f,), "mlp.up_proj.bias": (f,), "mlp.down_proj.bias": (d,)})
     for i in range(cfg.n_layers):
-        shapes.update({f"model.layers.{i}.{k}": v for k, v in per_block.items()})
+        layer = per_block
+        if cfg.is_moe_layer(i):
+            layer = {k: v for k, v in per_block.items() if not k.startswith("mlp.")}
+            layer.update(hf_moe.expected_moe_shapes(cfg, kind))
+        shapes.update({f"model.layers.{i}.{k}": v for k, v in layer.items()})
     return shapes
 
 
@@ -221,7 +248,9 @@ def params_from_reader(read, cfg: GPTConfig, kind: str) -> dict:
         p["lm_head"] = {"kernel": np.ascontiguousarray(get("lm_head.weight").T)}
     for i in range(cfg.n_layers):
         pre, blk = f"model.layers.{i}.", {}
-        for name, path in _block_names(kind).items():
+        if cfg.is_moe_layer(i):
+            blk["mlp"] = hf_moe.read_moe_layer(get, pre, cfg, kind)
+        for name, path in _block_names(kind, cfg.is_moe_layer(i)).items():
             arr = get(pre + name)
             node = blk
             for key in path[:-1]:
@@ -250,7 +279,9 @@ def tensors_from_params(params: dict, cfg: GPTConfig, kind: str) -> dict[str, np
     n, m, h = cfg.n_heads, cfg.kv_heads, cfg.head_dim
     for i in range(cfg.n_layers):
         pre, blk = f"model.layers.{i}.", p[f"h_{i}"]
-        for name, path in _block_names(kind).items():
+        if cfg.is_moe_layer(i):
+            out.update(hf_moe.write_moe_layer(blk["mlp"], pre, kind, arr))
+        for name, path in _block_names(kind, cfg.is_moe_layer(i)).items():
             node = blk
             for key in path:
                 node = node[key]
