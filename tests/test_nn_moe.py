@@ -178,3 +178,52 @@ def test_model_with_moe_layers_matches_reference_and_counts():
 def test_bad_moe_config_is_refused(changes, message):
     with pytest.raises(ConfigError, match=message):
         get_preset("qwen3-tiny", **changes)
+
+
+@pytest.mark.parametrize("overrides", [dict(scan_layers=True, remat="full")])
+def test_scan_and_remat_give_the_same_moe_loss_gradients_and_stats(overrides):
+    from jaxgpt.nn.layout import stack_layers, unstack_layers
+    from jaxgpt.nn.model import cross_entropy
+    from jaxgpt.nn.moe import moe_loss
+
+    cfg = get_preset("qwen3-moe-tiny", moe_z_loss_coef=0.01)
+    params = init_params(cfg, seed=5)
+    ids = np.random.default_rng(7).integers(0, cfg.vocab_size, (2, 12))
+
+    def loss(c, p):
+        logits, variables = GPT(c).apply(p, ids[:, :-1], mutable=["moe"])
+        stats = moe_stats(variables)
+        return cross_entropy(logits, ids[:, 1:]) + moe_loss(stats, c.moe_aux_loss_coef, c.moe_z_loss_coef), stats
+
+    (base_loss, base_stats), base_grads = jax.value_and_grad(lambda p: loss(cfg, p), has_aux=True)(params)
+    other = cfg.replace(**overrides)
+    other_params = stack_layers(params) if other.scan_layers else params
+    (other_loss, other_stats), other_grads = jax.value_and_grad(lambda p: loss(other, p), has_aux=True)(other_params)
+    np.testing.assert_allclose(other_loss, base_loss, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(other_stats["counts"]), np.asarray(base_stats["counts"]))
+    assert base_stats["counts"].shape == (2, 4)
+    other_grads = jax.tree.leaves(unstack_layers(other_grads) if other.scan_layers else other_grads)
+    for g1, g2 in zip(jax.tree.leaves(base_grads), other_grads):
+        np.testing.assert_allclose(g1, g2, rtol=1e-5, atol=1e-6)
+
+
+def test_an_moe_model_trains_from_the_command_line_and_logs_expert_load(tmp_path, capsys):
+    import json
+
+    from jaxgpt.cli.main import main
+
+    corpus = tmp_path / "text.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    sets = ["train.batch_size=4", "train.eval_every=2", "train.samples=1", "train.sample_tokens=8",
+            "train.peak_flops=1e9", "train.context_length=32", "train.log_every=1", "model.moe_capacity_factor=1.0"]
+    code = main(["train", "--preset", "qwen3-moe-tiny", "--data", str(corpus), "--tokenizer", "char", "--out",
+                 str(tmp_path / "run"), "--max-steps", "4", "--no-progress", "--devices", "1",
+                 *[a for s in sets for a in ("--set", s)]])
+    out = capsys.readouterr().out
+    assert code == 0 and "completed at step 4" in out and "--- sample 1 ---" in out
+    train = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if '"train"' in line]
+    assert len(train) == 4
+    last = train[-1]
+    assert np.asarray(last["moe_load"]).shape == (2, 4) and 0.0 <= last["moe_dropped_frac"] < 1.0
+    assert 0.0 < last["moe_aux_loss"] < 4.0 and last["moe_imbalance"] >= 1.0  # top-2 of 4 at balance: aux = 2

@@ -105,14 +105,17 @@ def test_published_shapes_have_transformers_parameter_counts(preset, kind, cls):
     assert round(counts["active"] / 1e9, 1) == {"qwen3-30b-a3b": 3.4, "mixtral-8x7b": 12.9}[preset]
 
 
-@pytest.mark.parametrize("changes, named", [
-    (dict(moe_router="sigmoid"), "moe_router='sigmoid'"),
-    (dict(moe_shared_experts=1), "moe_shared_experts=1"),
-])
-def test_export_refuses_what_the_moe_classes_cannot_hold(tmp_path, changes, named):
-    cfg = get_preset("mixtral-tiny", **changes)
-    with pytest.raises(WeightsError, match=named):
+def test_export_refuses_what_the_moe_classes_cannot_hold(tmp_path):
+    from jaxgpt.weights.hf_families import family_of
+
+    cfg = get_preset("mixtral-tiny", moe_router="sigmoid")
+    with pytest.raises(WeightsError, match="moe_router='sigmoid'"):
         save_hf(init_params(cfg), cfg, tmp_path / "out")
-    cfg = get_preset("mixtral-tiny", moe_every=2, n_layers=2)
-    with pytest.raises(WeightsError, match="every Mixtral layer is MoE"):
-        save_hf(init_params(cfg), cfg, tmp_path / "out2")
+    assert not (tmp_path / "out").exists()
+    for changes, named in [(dict(moe_shared_experts=1), "moe_shared_experts=1"),
+                           (dict(moe_every=2), "every Mixtral layer is MoE"),
+                           (dict(moe_renormalize=False), "renormalises")]:
+        kind, problems = family_of(get_preset("mixtral-tiny", **changes))
+        assert kind == "mixtral" and any(named in p for p in problems), (changes, problems)
+    kind, problems = family_of(get_preset("qwen3-moe-tiny", moe_renormalize=False, moe_first_dense=1))
+    assert (kind, problems) == ("qwen3_moe", [])  # norm_topk_prob=false and mlp_only_layers hold these
