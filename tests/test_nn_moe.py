@@ -227,3 +227,19 @@ def test_an_moe_model_trains_from_the_command_line_and_logs_expert_load(tmp_path
     last = train[-1]
     assert np.asarray(last["moe_load"]).shape == (2, 4) and 0.0 <= last["moe_dropped_frac"] < 1.0
     assert 0.0 < last["moe_aux_loss"] < 4.0 and last["moe_imbalance"] >= 1.0  # top-2 of 4 at balance: aux = 2
+
+
+def test_tiled_grouped_matmul_equals_ragged_dot_with_empty_groups():
+    from jaxgpt.nn.moe import grouped_matmul
+
+    rng = np.random.default_rng(0)
+    sizes = jnp.array([5, 0, 17, 0, 1, 9], jnp.int32)  # empty groups, and groups across tile borders
+    x = jnp.asarray(rng.normal(size=(32, 6)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(6, 6, 3)), jnp.float32)
+    loss = lambda fn: lambda x, w: jnp.sum(fn(x, w) ** 2)  # noqa: E731
+    tiled = lambda x, w: grouped_matmul(x, w, sizes)  # noqa: E731  (the CPU backend takes the tiled form)
+    ragged = lambda x, w: jax.lax.ragged_dot(x, w, sizes)  # noqa: E731
+    assert jax.default_backend() == "cpu"
+    np.testing.assert_allclose(np.asarray(tiled(x, w)), np.asarray(ragged(x, w)), rtol=1e-5, atol=1e-5)
+    for got, want in zip(jax.grad(loss(tiled), (0, 1))(x, w), jax.grad(loss(ragged), (0, 1))(x, w)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-4)
