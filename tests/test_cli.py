@@ -5,7 +5,8 @@ from jaxgpt.cli.main import main
 
 def test_params_json(capsys):
     assert main(["params", "--preset", "gpt2-medium", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == {"total": 406_212_608, "total_tied": 354_749_440}
+    # gpt2-medium unties its head (the book's GPT_CONFIG): every stored parameter is active
+    assert json.loads(capsys.readouterr().out) == {"total": 406_212_608, "total_tied": 354_749_440, "active": 406_212_608}
 
 
 def test_generate_random_model(capsys):

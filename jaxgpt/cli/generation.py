@@ -18,7 +18,8 @@ def _cmd_params(args) -> int:
     if args.json:
         print(json.dumps(counts))
     else:
-        print(f"{args.preset}: {counts['total']:,} parameters ({counts['total_tied']:,} with tied embeddings)")
+        active = f"; {counts['active']:,} active per token" if cfg.moe_experts else ""
+        print(f"{args.preset}: {counts['total']:,} parameters ({counts['total_tied']:,} with tied embeddings{active})")
     return 0
 
 
