@@ -50,3 +50,21 @@ def running_server(app, start_timeout_s: float = 120):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def assert_serves_greedy_like_the_decoder(params, cfg, tok, prompt: str = "abc", max_tokens: int = 6) -> None:
+    """`jaxgpt serve`'s app answers a greedy completion with the decoder's own tokens."""
+    import http.client
+    import json
+
+    from jaxgpt.inference.generate import generate_batch
+    from jaxgpt.inference.serve import build_app
+
+    app = build_app(params, cfg, tok, model_name="m", max_tokens_limit=max_tokens + 2, warmup=False)
+    with running_server(app) as port:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        conn.request("POST", "/v1/completions", headers={"Content-Type": "application/json"},
+                     body=json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0}))
+        body = json.loads(conn.getresponse().read())
+    want = generate_batch(params, cfg, [tok.encode(prompt)], body["usage"]["completion_tokens"], eos_id=tok.eot_id)[0]
+    assert body["choices"][0]["text"] == tok.decode(want)

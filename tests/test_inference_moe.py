@@ -1,9 +1,6 @@
 """Decoding and serving a mixture of experts: causal, cached = uncached, every row of a batch routed
 on its own (a row's tokens equal its tokens decoded alone), and `jaxgpt serve` on MoE blocks."""
 
-import http.client
-import json
-
 import jax
 import numpy as np
 import pytest
@@ -47,18 +44,9 @@ def test_moe_is_causal_and_decodes_the_same_cached_uncached_and_batched(name):
 
 
 def test_moe_model_is_served():
-    from conftest import running_server
+    from conftest import assert_serves_greedy_like_the_decoder
     from jaxgpt.data.tokenizer import CharTokenizer
-    from jaxgpt.inference.serve import build_app
 
     tok = CharTokenizer.from_text("abcdefgh ")
     cfg = get_preset("mixtral-tiny", vocab_size=tok.vocab_size)
-    params = init_params(cfg, seed=1)
-    app = build_app(params, cfg, tok, model_name="m", max_tokens_limit=8, warmup=False)
-    with running_server(app) as port:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-        conn.request("POST", "/v1/completions", body=json.dumps({"prompt": "abc", "max_tokens": 6, "temperature": 0}),
-                     headers={"Content-Type": "application/json"})
-        body = json.loads(conn.getresponse().read())
-    want = generate_batch(params, cfg, [tok.encode("abc")], body["usage"]["completion_tokens"], eos_id=tok.eot_id)[0]
-    assert body["choices"][0]["text"] == tok.decode(want)
+    assert_serves_greedy_like_the_decoder(init_params(cfg, seed=1), cfg, tok)

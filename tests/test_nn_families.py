@@ -241,21 +241,9 @@ def test_a_family_finetunes_with_lora_and_shards_its_gated_mlp(tmp_path, capsys)
 
 def test_a_family_is_served(tmp_path):
     """`jaxgpt serve` decodes a family model: a greedy completion equals the decoder's own."""
-    import http.client
-    import json
-
-    from conftest import running_server
+    from conftest import assert_serves_greedy_like_the_decoder
     from jaxgpt.data.tokenizer import CharTokenizer
-    from jaxgpt.inference.serve import build_app
 
     tok = CharTokenizer.from_text("abcdefgh ")
     cfg = get_preset("gemma3-tiny", vocab_size=tok.vocab_size)
-    params = _params(cfg)
-    app = build_app(params, cfg, tok, model_name="g", max_tokens_limit=8, warmup=False)
-    with running_server(app) as port:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-        conn.request("POST", "/v1/completions", body=json.dumps({"prompt": "abc", "max_tokens": 6, "temperature": 0}),
-                     headers={"Content-Type": "application/json"})
-        body = json.loads(conn.getresponse().read())
-    want = generate_batch(params, cfg, [tok.encode("abc")], body["usage"]["completion_tokens"], eos_id=tok.eot_id)[0]
-    assert body["choices"][0]["text"] == tok.decode(want)
+    assert_serves_greedy_like_the_decoder(_params(cfg), cfg, tok)
