@@ -227,6 +227,7 @@ def test_an_moe_model_trains_from_the_command_line_and_logs_expert_load(tmp_path
     last = train[-1]
     assert np.asarray(last["moe_load"]).shape == (2, 4) and 0.0 <= last["moe_dropped_frac"] < 1.0
     assert 0.0 < last["moe_aux_loss"] < 4.0 and last["moe_imbalance"] >= 1.0  # top-2 of 4 at balance: aux = 2
+    assert (tmp_path / "run" / "expert_load.png").stat().st_size > 0
 
 
 def test_tiled_grouped_matmul_equals_ragged_dot_with_empty_groups():

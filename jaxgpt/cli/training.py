@@ -92,7 +92,8 @@ def add_commands(sub) -> None:
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--devices", type=int, default=None, help="local devices for data parallelism (default: all)")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--mesh", default=None, help="sharded jit instead of pmap, e.g. data=2,fsdp=2 (-1: the rest)")
+    p.add_argument("--mesh", default=None, help="sharded jit instead of pmap over axes data, fsdp, expert, "
+                   "e.g. data=2,fsdp=2 or data=2,expert=2 (-1: the rest)")
     p.add_argument("--coordinator", default=None, help="multi-process: coordinator host:port (process 0)")
     p.add_argument("--num-processes", type=int, default=None)
     p.add_argument("--process-id", type=int, default=None)

@@ -26,7 +26,8 @@ from jaxgpt.inference.generate import generate, trim_at_eos
 from jaxgpt.nn.model import GPT, count_params, init_params
 from jaxgpt.train.batches import RunData, build_data
 from jaxgpt.train.config import TrainConfig
-from jaxgpt.train.metrics import JsonlLogger, flops_per_token, measure_peak_flops, plot_losses, read_jsonl
+from jaxgpt.train.metrics import (JsonlLogger, flops_per_token, measure_peak_flops, plot_expert_load, plot_losses,
+                                  read_jsonl)
 from jaxgpt.train.optimizer import build_optimizer, lr_schedule
 from jaxgpt.train.run_dir import keep_records_up_to, run_configs, run_meta
 from jaxgpt.train.sharding import ShardedTrainer, build_mesh
@@ -340,6 +341,7 @@ def train(
         return {"status": loop.status, "run_dir": str(run_dir), "step": final_step, "process": jax.process_index()}
     records = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else []
     plot_losses(records, run_dir / "loss.png", title=f"{run_dir.name}: {cfg.data}")
+    plot_expert_load(records, run_dir / "expert_load.png", title=f"{run_dir.name}: expert load")
     train_records = [r for r in records if r.get("kind") == "train"]
     summary = {
         "status": loop.status, "run_dir": str(run_dir), "step": final_step, "train_loss": loop.last_loss,

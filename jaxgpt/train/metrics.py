@@ -112,6 +112,36 @@ def plot_losses(records: Iterable[dict], out_path: Path, title: str = "") -> Pat
     return out_path
 
 
+def plot_expert_load(records: Iterable[dict], out_path: Path, title: str = "") -> Optional[Path]:
+    """A mixture of experts' load over training: each expert's share of its layer's assignments
+    (one panel per MoE layer; 1/E is even). None when the records hold no router metrics."""
+    train = [r for r in records if r.get("kind") == "train" and "moe_load" in r]
+    if not train:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in train]
+    n_layers, n_experts = len(train[0]["moe_load"]), len(train[0]["moe_load"][0])
+    fig, axes = plt.subplots(1, n_layers, figsize=(3.2 * n_layers + 1, 3.2), squeeze=False, sharey=True)
+    for layer, ax in enumerate(axes[0]):
+        for e in range(n_experts):
+            ax.plot(steps, [r["moe_load"][layer][e] for r in train], lw=1)
+        ax.axhline(1.0 / n_experts, color="gray", ls="--", lw=0.8)
+        ax.set_title(f"MoE layer {layer}", fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("share of assignments per expert")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return Path(out_path)
+
+
 def plot_curves(rows: Iterable[dict], keys: list[str], out_path: Path, *, x_key: str = "epoch", title: str = "",
                 ylabel: str = "", xlabel: Optional[str] = None) -> Path:
     """One PNG of the curves `keys` (e.g. train/val accuracy) against `x_key`, from rows holding them."""
