@@ -56,12 +56,12 @@ def route(logits_ne: Array, bias_e: Optional[Array], *, top_k: int, router: str,
     if router == "softmax":
         probs_ne = jax.nn.softmax(logits_ne, axis=-1)
         _, experts_nk = jax.lax.top_k(logits_ne, top_k)  # the same order as the probabilities
-    else:
+        gates_nk = jnp.take_along_axis(probs_ne, experts_nk, axis=-1)
+    else:  # sigmoid scores; the bias steers the choice only, never the gates
         scores_ne = jax.nn.sigmoid(logits_ne)
         _, experts_nk = jax.lax.top_k(scores_ne + jax.lax.stop_gradient(bias_e), top_k)
+        gates_nk = jnp.take_along_axis(scores_ne, experts_nk, axis=-1)
         probs_ne = scores_ne / jnp.sum(scores_ne, axis=-1, keepdims=True)
-        logits_ne = scores_ne  # the gates are the scores themselves
-    gates_nk = jnp.take_along_axis(probs_ne if router == "softmax" else logits_ne, experts_nk, axis=-1)
     if renormalize:
         gates_nk = gates_nk / jnp.sum(gates_nk, axis=-1, keepdims=True)
     return gates_nk, experts_nk, probs_ne

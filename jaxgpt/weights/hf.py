@@ -1,7 +1,8 @@
 """Weights in and out of the Hugging Face layout (`config.json` + safetensors), for every family.
 
 `load_hf` reads the folder's `config.json` and picks the mapping by `model_type`: GPT-2
-(`jaxgpt.weights.hf_gpt2`) or Llama 3, Qwen3 and Gemma 3 text (`jaxgpt.weights.hf_families`).
+(`jaxgpt.weights.hf_gpt2`) or Llama 3, Qwen3, Gemma 3 text, Qwen3-MoE and Mixtral (`jaxgpt.weights.hf_families`,
+with `hf_moe` for the expert layers).
 Before any tensor is read, the config is compared with the tensor names and shapes in the files'
 headers. `save_hf` picks the target class from the jaxgpt config and refuses, by name, every
 setting that class cannot hold; exports are written to a temporary folder and renamed into place.
