@@ -55,7 +55,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=250)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--runs", default=str(ROOT / "runs" / "moe"))
+    parser.add_argument("--replot", action="store_true", help="redraw table and plot from docs/results/moe.json")
     args = parser.parse_args()
+    if args.replot:
+        results = json.loads((ROOT / "docs" / "results" / "moe.json").read_text())
+        write_table(results, ROOT / "docs" / "results" / "moe.md")
+        plot(results, ROOT / "docs" / "results" / "moe.png")
+        return
     seeds = [int(s) for s in args.seeds.split(",")]
     results = {"steps": args.steps, "seeds": seeds, "jax": jax.__version__, "runs": {}}
     for corpus, vocab in CORPORA.items():
@@ -105,13 +111,13 @@ def plot(results: dict, out_png: Path) -> None:
     seed = results["seeds"][0]
     fig, axes = plt.subplots(len(CORPORA), 3, figsize=(15, 4.2 * len(CORPORA)))
     for row, corpus in zip(axes, CORPORA):
-        for name in VARIANTS:
+        for i, name in enumerate(VARIANTS):  # one colour per variant in every panel
             run = results["runs"][f"{corpus}/{name}/{seed}"]
-            row[0].plot(*zip(*run["curve"]), marker=".", label=name)
-            row[1].plot(*zip(*run["time_curve"]), marker=".", label=name)
+            row[0].plot(*zip(*run["curve"]), marker=".", label=name, color=f"C{i}")
+            row[1].plot(*zip(*run["time_curve"]), marker=".", label=name, color=f"C{i}")
             if run["load"]:
                 steps, imbalance, _ = zip(*run["load"])
-                row[2].plot(steps, imbalance, marker=".", label=name)
+                row[2].plot(steps, imbalance, marker=".", label=name, color=f"C{i}")
         for ax, xlabel, ylabel in zip(row, ("step", "wall time (s, from the start)", "step"),
                                       ("validation loss", "validation loss", "max load · E (mean over layers)")):
             ax.set_xlabel(xlabel)
