@@ -12,11 +12,13 @@ import sys
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxgpt.config import get_preset  # noqa: E402
 from jaxgpt.nn.model import GPT, init_params  # noqa: E402
 from jaxgpt.train.config import TrainConfig  # noqa: E402
+from jaxgpt.train.fingerprint import fingerprint  # noqa: E402
 from jaxgpt.train.optimizer import build_optimizer  # noqa: E402
 from jaxgpt.train.sharding import ShardedTrainer, build_mesh  # noqa: E402
 from jaxgpt.train.step import ParallelTrainer, create_state  # noqa: E402
@@ -34,7 +36,7 @@ def main() -> None:
     batches = [(rng.integers(0, 64, (8, 16)).astype(np.int32), rng.integers(0, 64, (8, 16)).astype(np.int32))
                for _ in range(STEPS)]
     init = lambda: create_state(model, tx, init_params(cfg), 0)  # noqa: E731
-    params, losses, counts, placement = {}, {}, {}, {}
+    params, losses, counts, placement, same_print = {}, {}, {}, {}, {}
     for mode, micro in [("one", 1), ("expert=4", 1), ("data=2,expert=2", 1), ("one", 2), ("fsdp=2,expert=2", 2)]:
         if mode == "one":
             trainer = ParallelTrainer(model, tx, 1, micro)
@@ -47,6 +49,10 @@ def main() -> None:
             state, metrics = trainer(state, x, y)
         mode = f"{mode}:micro={micro}"  # compared with the one-device run of the same micro-batching
         params[mode] = jax.tree.map(np.asarray, trainer.get_state(state)["params"])
+        # the run fingerprint's checksums of the sharded parameters equal those of the same values on one
+        # device (the norms beside them are float sums: their last bits may differ with the layout)
+        sums = lambda p: {k: v[0] for k, v in fingerprint(p)["leaves"].items()}  # noqa: E731
+        same_print[mode] = sums(trainer.params(state)) == sums(jax.tree.map(jnp.asarray, params[mode]))
         losses[mode] = float(metrics["loss"])
         counts[mode] = np.asarray(metrics["moe_counts"]).tolist()
     diff = lambda p, q: max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(q)))  # noqa: E731
@@ -56,7 +62,8 @@ def main() -> None:
                 for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(init_params(cfg))))
     bias = base["params"]["h_0"]["mlp"]["router"]["balance_bias"].tolist()
     json.dump({"max_abs_diff": diffs, "final_loss": losses, "counts": counts, "placement": placement,
-               "param_change": moved, "balance_bias": bias}, sys.stdout)
+               "param_change": moved, "balance_bias": bias, "fingerprint_layout_independent": same_print},
+              sys.stdout)
 
 
 if __name__ == "__main__":

@@ -89,3 +89,4 @@ def test_expert_parallel_on_4_devices_matches_one_device():
     assert result["placement"]["expert=4:micro=1"] == [[1, 64, 32]] * 4
     assert result["placement"]["fsdp=2,expert=2:micro=2"] == [[2, 64, 16]] * 4
     assert any(b != 0 for b in result["balance_bias"])  # the sigmoid router's bias was balanced
+    assert all(result["fingerprint_layout_independent"].values()), result["fingerprint_layout_independent"]

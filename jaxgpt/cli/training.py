@@ -1,4 +1,4 @@
-"""`jaxgpt train`, `eval` and `plot`: pretraining runs."""
+"""`jaxgpt train`, `eval`, `plot` and `compare-runs`: pretraining runs."""
 
 from __future__ import annotations
 
@@ -82,8 +82,26 @@ def _cmd_plot(args) -> int:
     return 0
 
 
+def _cmd_compare_runs(args) -> int:
+    from jaxgpt.train.fingerprint import compare_runs
+
+    result = compare_runs(args.run_a, args.run_b)
+    if args.json:
+        print(json.dumps(result))
+    elif result["identical"]:
+        print(f"bitwise identical parameters at all {len(result['steps_compared'])} fingerprinted steps in common "
+              f"(last: step {result['last_equal_step']})")
+    else:
+        print(f"first difference at step {result['first_difference_step']} (bitwise equal up to step "
+              f"{result['last_equal_step']}); {result['params_differing']} of {result['params_total']} parameters "
+              "differ there, most first:")
+        for m in result["moved"][:10]:
+            print(f"  {m['param']}: norm {m['norm_a']:.6g} vs {m['norm_b']:.6g} (relative {m['rel_norm_diff']:.2e})")
+    return 0 if result["identical"] else 1
+
+
 def add_commands(sub) -> None:
-    """train, eval, plot."""
+    """train, eval, plot, compare-runs."""
     p = sub.add_parser("train", help="pretrain a model (no arguments: a small model on the embedded corpus)")
     p.add_argument("--preset", default=None, help="model preset (default: small)")
     p.add_argument("--data", default=None, help="named corpus, text file, or prepared directory")
@@ -116,3 +134,10 @@ def add_commands(sub) -> None:
     p.add_argument("run_dir")
     p.add_argument("--out", default=None)
     p.set_defaults(func=_cmd_plot)
+
+    p = sub.add_parser("compare-runs", help="the first step where two runs' parameters differ (exit 1), from "
+                                            "their logged fingerprints")
+    p.add_argument("run_a")
+    p.add_argument("run_b")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_compare_runs)

@@ -43,6 +43,8 @@ class TrainConfig:
     eval_every: int = 100
     eval_batches: int = 20
     ckpt_every: int = 200
+    fingerprint_every: Optional[int] = None  # log a bit-exact parameter checksum (jaxgpt.train.fingerprint)
+    # every this many steps (default: log_every; 0: never), for `jaxgpt compare-runs`
     keep_checkpoints: int = 3
     samples: int = 3  # generated samples printed at the end
     sample_tokens: int = 200
@@ -65,6 +67,11 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
                 raise ConfigError(f"TrainConfig.{name} must be a positive integer or unset, got {v!r}")
+        if self.fingerprint_every is not None and (isinstance(self.fingerprint_every, bool)
+                                                   or not isinstance(self.fingerprint_every, int)
+                                                   or self.fingerprint_every < 0):
+            raise ConfigError(f"TrainConfig.fingerprint_every must be a non-negative integer or unset, "
+                              f"got {self.fingerprint_every!r}")
         for name in ("warmup_steps", "samples", "sample_tokens", "seed"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:

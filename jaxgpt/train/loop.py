@@ -26,6 +26,7 @@ from jaxgpt.inference.generate import generate, trim_at_eos
 from jaxgpt.nn.model import GPT, count_params, init_params
 from jaxgpt.train.batches import RunData, build_data
 from jaxgpt.train.config import TrainConfig
+from jaxgpt.train.fingerprint import fingerprint
 from jaxgpt.train.metrics import (JsonlLogger, flops_per_token, measure_peak_flops, plot_expert_load, plot_losses,
                                   read_jsonl)
 from jaxgpt.train.optimizer import build_optimizer, lr_schedule
@@ -227,6 +228,9 @@ class _Loop:
         self.last_loss = loss
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             self._log_train(step, loss, metrics, bar)
+        every = cfg.log_every if cfg.fingerprint_every is None else cfg.fingerprint_every
+        if every and (done % every == 0 or done == cfg.max_steps):
+            self.logger.log({"kind": "fingerprint", "step": done, **fingerprint(self.trainer.params(self.state))})
         if done % cfg.eval_every == 0 or done == cfg.max_steps:
             self._evaluate(done, loss, bar)
         if done % cfg.ckpt_every == 0 or done == cfg.max_steps:

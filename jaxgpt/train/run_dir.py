@@ -31,7 +31,8 @@ from jaxgpt.weights.checkpoint import (
 
 # Train-config fields a resumed run may change: the training stays the same function of the step.
 RESUMABLE_CHANGES = ("max_steps", "mesh", "devices", "log_every", "eval_every", "eval_batches", "ckpt_every",
-                     "keep_checkpoints", "samples", "sample_tokens", "peak_flops", "tensorboard")
+                     "keep_checkpoints", "samples", "sample_tokens", "peak_flops", "tensorboard",
+                     "fingerprint_every")
 
 
 def run_meta(model_cfg: GPTConfig, cfg: TrainConfig, tokenizer: Tokenizer, step: int, best: float,
