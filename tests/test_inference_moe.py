@@ -9,8 +9,7 @@ from jaxgpt.config import get_preset
 from jaxgpt.inference.generate import generate, generate_batch
 from jaxgpt.nn.model import GPT, init_params
 
-PRESETS = {  # (Mixtral's cached decoding is checked against transformers in test_weights_hf_moe.py)
-    "qwen3-moe-tiny": {},
+PRESETS = {  # (Qwen3-MoE's and Mixtral's cached decoding are checked against transformers in test_weights_hf_moe.py)
     "sigmoid-shared-capacity": dict(moe_router="sigmoid", moe_shared_experts=1, moe_capacity_factor=0.5,
                                     moe_first_dense=1, n_layers=3),
 }
