@@ -68,3 +68,40 @@ def assert_serves_greedy_like_the_decoder(params, cfg, tok, prompt: str = "abc",
         body = json.loads(conn.getresponse().read())
     want = generate_batch(params, cfg, [tok.encode(prompt)], body["usage"]["completion_tokens"], eos_id=tok.eot_id)[0]
     assert body["choices"][0]["text"] == tok.decode(want)
+
+
+def random_hf_model(config_cls, model_cls, seed: int = 0, router_scale: float = 1.0, **config):
+    """A randomly initialised transformers model in eval mode, its norms moved off their initial 1
+    (or Gemma's 0) so that every weight matters; MoE routers scaled by `router_scale` (random
+    routers are near-uniform, where float rounding could flip a top-k choice between two
+    implementations)."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**config)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.2 * torch.randn_like(p))
+            elif name.endswith("gate.weight") and "proj" not in name:  # a router (Mixtral, Qwen3-MoE)
+                p.mul_(router_scale)
+    return model
+
+
+def assert_causal_and_decodes_like_uncached(params, cfg, new_tokens: int = 12) -> None:
+    """The model is causal (changing later tokens leaves earlier logits), and a ragged batch decoded
+    with the KV cache gives each row the tokens it gets decoded alone without a cache."""
+    import numpy as np
+
+    from jaxgpt.inference.generate import generate, generate_batch
+    from jaxgpt.nn.model import GPT
+
+    rng = np.random.default_rng(6)
+    ids = rng.integers(0, cfg.vocab_size, (1, 20))
+    changed = ids.copy()
+    changed[0, 11:] = rng.integers(0, cfg.vocab_size, 9)
+    a, b = GPT(cfg).apply(params, ids), GPT(cfg).apply(params, changed)
+    np.testing.assert_allclose(a[:, :11], b[:, :11], rtol=1e-6, atol=1e-6)
+    prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [11, 12, 13], [5, 9]]  # ragged: padded rows share the batch
+    for prompt, new in zip(prompts, generate_batch(params, cfg, prompts, new_tokens)):
+        assert new == generate(params, cfg, [prompt], new_tokens, use_cache=False)[0, len(prompt):].tolist()

@@ -5,9 +5,10 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import assert_causal_and_decodes_like_uncached
 from jaxgpt.config import get_preset
-from jaxgpt.inference.generate import generate, generate_batch
-from jaxgpt.nn.model import GPT, init_params
+from jaxgpt.inference.generate import generate
+from jaxgpt.nn.model import init_params
 
 PRESETS = {  # (Qwen3-MoE's and Mixtral's cached decoding are checked against transformers in test_weights_hf_moe.py)
     "sigmoid-shared-capacity": dict(moe_router="sigmoid", moe_shared_experts=1, moe_capacity_factor=0.5,
@@ -27,19 +28,11 @@ def _model(name):
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_moe_is_causal_and_decodes_the_same_cached_uncached_and_batched(name):
     cfg, params = _model(name)
-    rng = np.random.default_rng(6)
-    ids = rng.integers(0, cfg.vocab_size, (1, 20))
-    changed = ids.copy()
-    changed[0, 11:] = rng.integers(0, cfg.vocab_size, 9)
-    a, b = GPT(cfg).apply(params, ids), GPT(cfg).apply(params, changed)
-    np.testing.assert_allclose(a[:, :11], b[:, :11], rtol=1e-6, atol=1e-6)
-    prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [11, 12, 13], [5, 9]]  # ragged: padded rows share the batch
-    batched = generate_batch(params, cfg, prompts, 8)
-    for prompt, new in zip(prompts, batched):  # each row as if alone: uncached, batch of one
-        assert new == generate(params, cfg, [prompt], 8, use_cache=False)[0, len(prompt):].tolist()
+    assert_causal_and_decodes_like_uncached(params, cfg, new_tokens=8)  # rows routed on their own
+    prompt_bt = np.arange(1, 11)[None]
     seeded = dict(temperature=1.0, top_k=8, seed=3)
-    np.testing.assert_array_equal(generate(params, cfg, np.array(prompts[0])[None], 8, use_cache=True, **seeded),
-                                  generate(params, cfg, np.array(prompts[0])[None], 8, use_cache=False, **seeded))
+    np.testing.assert_array_equal(generate(params, cfg, prompt_bt, 8, use_cache=True, **seeded),
+                                  generate(params, cfg, prompt_bt, 8, use_cache=False, **seeded))
 
 
 def test_moe_model_is_served():

@@ -10,7 +10,6 @@ from hypothesis import given, settings, strategies as st
 
 from jaxgpt import reference as ref
 from jaxgpt.config import ConfigError, get_preset
-from jaxgpt.inference.generate import generate, generate_batch
 from jaxgpt.nn.layout import stack_layers, unstack_layers
 from jaxgpt.nn.mlp import MLP
 from jaxgpt.nn.model import GPT, count_params, cross_entropy, init_params, param_shapes
@@ -132,18 +131,9 @@ def test_softcap_and_scaled_rope_backward():
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_family_is_causal_and_decodes_the_same_cached_and_uncached(name):
-    cfg = get_preset(name)
-    params = _params(cfg)
-    rng = np.random.default_rng(6)
-    ids = rng.integers(0, cfg.vocab_size, (1, 20))
-    changed = ids.copy()
-    changed[0, 11:] = rng.integers(0, cfg.vocab_size, 9)
-    a, b = GPT(cfg).apply(params, ids), GPT(cfg).apply(params, changed)
-    np.testing.assert_allclose(a[:, :11], b[:, :11], rtol=1e-6, atol=1e-6)
-    prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [11, 12, 13]]  # ragged, past the local window of gemma3-tiny
-    cached = generate_batch(params, cfg, prompts, 12)
-    for prompt, new in zip(prompts, cached):
-        assert new == generate(params, cfg, [prompt], 12, use_cache=False)[0, len(prompt):].tolist()
+    from conftest import assert_causal_and_decodes_like_uncached
+
+    assert_causal_and_decodes_like_uncached(_params(get_preset(name)), get_preset(name))  # past gemma3-tiny's window
 
 
 @pytest.mark.parametrize("overrides", [dict(scan_layers=True, global_every=None, sliding_window=None),

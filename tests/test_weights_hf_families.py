@@ -10,6 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from conftest import random_hf_model  # noqa: E402
 from jaxgpt.cli.main import main  # noqa: E402
 from jaxgpt.config import get_preset  # noqa: E402
 from jaxgpt.inference.generate import generate  # noqa: E402
@@ -35,13 +36,7 @@ IDS = np.random.default_rng(0).integers(0, 96, (2, 21))
 
 def _hf_model(name: str, seed: int = 0):
     config_cls, model_cls, extra = MODELS[name]
-    torch.manual_seed(seed)
-    model = model_cls(config_cls(**COMMON, **extra)).eval()
-    with torch.no_grad():  # norms off their initial 1 (or Gemma's 0): every weight matters
-        for pname, p in model.named_parameters():
-            if "norm" in pname:
-                p.add_(0.2 * torch.randn_like(p))
-    return model
+    return random_hf_model(config_cls, model_cls, seed, **COMMON, **extra)
 
 
 def _logits(model, ids):

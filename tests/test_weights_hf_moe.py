@@ -9,6 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from conftest import random_hf_model  # noqa: E402
 from jaxgpt.config import get_preset  # noqa: E402
 from jaxgpt.inference.generate import generate  # noqa: E402
 from jaxgpt.nn.model import GPT, init_params, param_counts  # noqa: E402
@@ -30,24 +31,9 @@ MODELS = {  # name -> (config class, model class, options)
 IDS = np.random.default_rng(0).integers(0, 96, (2, 17))
 
 
-def _sharpen_routers(named_params, scale=40.0):
-    """Random routers give near-uniform logits, where float32 rounding could flip a top-k choice
-    between two implementations; scaled up, every choice has a margin."""
-    for name, p in named_params:
-        if name.endswith("gate.weight") and "proj" not in name:
-            p.mul_(scale)
-
-
 def _hf_model(name: str, seed: int = 0):
     config_cls, model_cls, extra = MODELS[name]
-    torch.manual_seed(seed)
-    model = model_cls(config_cls(**COMMON, **extra)).eval()
-    with torch.no_grad():
-        _sharpen_routers(model.named_parameters())
-        for pname, p in model.named_parameters():
-            if "norm" in pname:
-                p.add_(0.2 * torch.randn_like(p))
-    return model
+    return random_hf_model(config_cls, model_cls, seed, router_scale=40.0, **COMMON, **extra)
 
 
 def _logits(model, ids):
