@@ -226,6 +226,7 @@ def test_an_moe_model_trains_from_the_command_line_and_logs_expert_load(tmp_path
     assert len(train) == 4
     last = train[-1]
     assert np.asarray(last["moe_load"]).shape == (2, 4) and 0.0 <= last["moe_dropped_frac"] < 1.0
+    assert np.asarray(last["moe_counts"]).sum(-1).tolist() == [4 * 32 * 2] * 2  # batch · length · top-k per layer
     assert 0.0 < last["moe_aux_loss"] < 4.0 and last["moe_imbalance"] >= 1.0  # top-2 of 4 at balance: aux = 2
     assert (tmp_path / "run" / "expert_load.png").stat().st_size > 0
 

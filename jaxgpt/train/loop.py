@@ -49,8 +49,9 @@ def to_host(x) -> float:
 
 
 def moe_log(metrics: dict) -> dict:
-    """A step's router metrics as JSON values: losses, dropped share, and each MoE layer's load
-    (share of assignments per expert) with its imbalance max_e load_e · E (1: even)."""
+    """A step's router metrics as JSON values: losses, dropped share, each MoE layer's tokens per
+    expert (moe_counts) and load (their share of the layer's assignments), and the imbalance
+    max_e load_e · E averaged over layers (1: even)."""
     if "moe_counts" not in metrics:
         return {}
     counts_le = metrics["moe_counts"]
@@ -61,7 +62,7 @@ def moe_log(metrics: dict) -> dict:
     return {"moe_aux_loss": to_host(metrics["moe_aux_loss"]), "moe_z_loss": to_host(metrics["moe_z_loss"]),
             "moe_dropped_frac": to_host(metrics["moe_dropped_frac"]),
             "moe_imbalance": float(np.mean(load_le.max(-1) * load_le.shape[-1])),
-            "moe_load": np.round(load_le, 5).tolist()}
+            "moe_counts": counts_le.astype(np.int64).tolist(), "moe_load": np.round(load_le, 5).tolist()}
 
 
 def evaluate(eval_step: Callable, params, batches: list) -> float:
