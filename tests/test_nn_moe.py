@@ -245,3 +245,11 @@ def test_tiled_grouped_matmul_equals_ragged_dot_with_empty_groups():
     np.testing.assert_allclose(np.asarray(tiled(x, w)), np.asarray(ragged(x, w)), rtol=1e-5, atol=1e-5)
     for got, want in zip(jax.grad(loss(tiled), (0, 1))(x, w), jax.grad(loss(ragged), (0, 1))(x, w)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-4)
+
+
+def test_an_expert_axis_must_divide_the_experts():
+    from jaxgpt.train.sharding import MeshError, ShardedTrainer
+
+    mesh = type("Mesh", (), {"shape": {"data": 1, "fsdp": 1, "expert": 3}})()  # only its axis sizes are read first
+    with pytest.raises(MeshError, match="expert axis has 3 devices but the model has 4 experts"):
+        ShardedTrainer(GPT(get_preset("qwen3-moe-tiny")), None, mesh, 1, None)

@@ -112,6 +112,10 @@ class ShardedTrainer:
 
     def __init__(self, model: GPT, tx: optax.GradientTransformation, mesh, micro_batches: int,
                  abstract_state) -> None:
+        experts, expert_shards = model.config.moe_experts, mesh.shape.get("expert", 1)
+        if experts is not None and experts % expert_shards:
+            raise MeshError(f"the mesh's expert axis has {expert_shards} devices but the model has {experts} experts "
+                            "per MoE layer: the axis must divide them (each expert lives on one shard)")
         self.mesh = mesh
         self.micro_batches = micro_batches
         self.n_devices = mesh.size
