@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgpt.train.metrics import read_jsonl
+from jaxgpt.train.sharding import path_str
 
 _GOLDEN = np.uint32(0x9E3779B1)  # Knuth's multiplicative hash constant
 
@@ -38,24 +39,16 @@ def _leaf_fingerprint(a: jax.Array):
 _fingerprints = jax.jit(lambda tree: jax.tree.map(_leaf_fingerprint, tree))
 
 
-def _path(keys) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in keys)
-
-
 def fingerprint(params) -> dict:
     """{"checksum": hex of all leaves together, "leaves": {path: [hex checksum, norm]}}."""
-    on_host = jax.tree.map(lambda x: np.asarray(x if x.is_fully_addressable else x.addressable_data(0)),
-                           _fingerprints(params))  # replicated scalars (one copy per process)
-    per_leaf = jax.tree_util.tree_flatten_with_path(on_host)[0]
-    leaves, combined = {}, np.uint32(0)
-    pairs = {}
-    for keys, value in per_leaf:
-        path, kind = _path(keys[:-1]), keys[-1].idx  # each leaf's (checksum, norm) tuple
-        pairs.setdefault(path, [None, None])[kind] = value
-    for i, (path, (checksum, norm)) in enumerate(sorted(pairs.items())):
-        leaves[path] = [f"{int(checksum):08x}", float(norm)]
-        combined = np.uint32((int(combined) * 31 + int(checksum) + i) % 2**32)
-    return {"checksum": f"{int(combined):08x}", "leaves": leaves}
+    paths = [path_str(keys) for keys, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    pairs = jax.tree.leaves(_fingerprints(params), is_leaf=lambda x: isinstance(x, tuple))  # same leaf order
+    to_host = lambda x: np.asarray(x if x.is_fully_addressable else x.addressable_data(0))  # noqa: E731  replicated
+    leaves, combined = {}, 0
+    for i, (path, (checksum, norm)) in enumerate(sorted(zip(paths, pairs), key=lambda item: item[0])):
+        leaves[path] = [f"{int(to_host(checksum)):08x}", float(to_host(norm))]
+        combined = (combined * 31 + int(to_host(checksum)) + i) % 2**32
+    return {"checksum": f"{combined:08x}", "leaves": leaves}
 
 
 def read_fingerprints(run_dir: Path) -> dict[int, dict]:

@@ -83,7 +83,8 @@ def build_mesh(spec: str) -> jax.sharding.Mesh:
                          axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
-def _path_str(path) -> str:
+def path_str(path) -> str:
+    """A pytree key path as a/b/0 (dict keys, sequence indices, attribute names)."""
     return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
 
@@ -104,7 +105,7 @@ def spec_for(path: str, shape: tuple[int, ...], mesh) -> P:
 def tree_shardings(tree, mesh):
     """NamedShardings for every leaf of a (params or train state) pytree, by the rule table."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, leaf: NamedSharding(mesh, spec_for(_path_str(path), np.shape(leaf), mesh)), tree)
+        lambda path, leaf: NamedSharding(mesh, spec_for(path_str(path), np.shape(leaf), mesh)), tree)
 
 
 class ShardedTrainer:
