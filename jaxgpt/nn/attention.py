@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgpt.nn.attention_backends import (
-    attention_weights, cached_query_attention, naive_attention, xla_attention,
+    attention_scores, cached_query_attention, naive_attention, weights_from_scores, xla_attention,
 )
 from jaxgpt.nn.blockwise import blockwise_attention
 from jaxgpt.nn.dense import Dense
@@ -54,6 +54,22 @@ def fused_qkv(x_btd: Array, n: int, m: int, h: int, *, use_bias: bool, dtype) ->
     qkv_bte = qkv_bte.astype(dtype or qkv_bte.dtype)  # a mixed-precision Dense returns f32: attend in `dtype`
     return (qkv_bte[..., : n * h].reshape(b, t, n, h), qkv_bte[..., n * h:(n + m) * h].reshape(b, t, m, h),
             qkv_bte[..., (n + m) * h:].reshape(b, t, m, h))
+
+
+def sow_attention_insides(module: nn.Module, q_btnh: Array, k_bsmh: Array, v_bsmh: Array, *, q_scale=None,
+                          **visibility) -> None:
+    """Record what happens inside attention when "intermediates" is mutable (attention maps,
+    `jaxgpt numerics`): q, k, v as they enter the scores, in the reference's (b, heads, t, h) layout,
+    the scaled scores (b, n, t, s) and the weights ("attention_weights"). `q_scale` is a factor the
+    layer folded into q for the backends (the reference applies it to the scores instead)."""
+    if not module.is_mutable_collection("intermediates"):
+        return
+    q_unscaled = q_btnh if q_scale is None else q_btnh / jnp.asarray(q_scale, q_btnh.dtype)
+    for name, a in (("q", q_unscaled), ("k", k_bsmh), ("v", v_bsmh)):
+        module.sow("intermediates", name, a.transpose(0, 2, 1, 3))
+    scores_bnts = attention_scores(q_btnh, k_bsmh)
+    module.sow("intermediates", "scores", scores_bnts)
+    module.sow("intermediates", "attention_weights", weights_from_scores(scores_bnts, **visibility))
 
 
 def _ring_attend_and_write(ring: dict, k_btmh: Array, v_btmh: Array, pos_bt: Array, cache_index, mask_bts: Array):
@@ -141,8 +157,9 @@ class MultiHeadAttention(nn.Module):
         if self.position == "rope":
             q_btnh = apply_rope(q_btnh, pos_bt, self.rope_base, self.rope_scaling)
             k_btmh = apply_rope(k_btmh, pos_bt, self.rope_base, self.rope_scaling)
-        if self.query_scale is not None:  # the backends divide by sqrt(h): fold the wanted scale into q
-            q_btnh = q_btnh * jnp.asarray(self.query_scale * math.sqrt(h), q_btnh.dtype)
+        q_scale = None if self.query_scale is None else self.query_scale * math.sqrt(h)
+        if q_scale is not None:  # the backends divide by sqrt(h): fold the wanted scale into q
+            q_btnh = q_btnh * jnp.asarray(q_scale, q_btnh.dtype)
 
         k_pos_bs = pos_bt
         if kv_cache is not None and "col" in kv_cache:  # a local layer's ring of the last `window` tokens
@@ -166,12 +183,12 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"unknown attention backend {self.impl!r}; known: {sorted(ATTENTION_BACKENDS)}")
         slopes_n = alibi_slopes(n) if self.position == "alibi" else None
         kw = dict(q_pos_bt=pos_bt, k_pos_bs=k_pos_bs, mask_bts=mask_bts, window=self.window, slopes_n=slopes_n)
-        if self.is_mutable_collection("intermediates"):  # asked for the weights (attention maps)
-            self.sow("intermediates", "attention_weights", attention_weights(q_btnh, k_btmh, **kw))
+        sow_attention_insides(self, q_btnh, k_btmh, v_btmh, q_scale=q_scale, **kw)
         if kv_cache is not None and "col" not in kv_cache and t == 1 and self.impl == "xla":  # a decode step
             out_btnh = cached_query_attention(q_btnh, k_bmsh, v_bmsh, **kw)
         else:
             out_btnh = ATTENTION_BACKENDS[self.impl](q_btnh, k_btmh, v_btmh, **kw, dropout=dropout)
+        self.sow("intermediates", "context", out_btnh.reshape(b, t, n * h))  # when mutable (numerics)
 
         out_btd = Dense(d, use_bias=self.out_bias, dtype=self.dtype, kernel_init=nn.initializers.normal(self.out_init_std),
                         name="c_proj")(out_btnh.reshape(b, t, n * h))  # (b, t, n·h) -> (b, t, d)

@@ -65,19 +65,24 @@ def alibi_bias(q_pos_bt: Array, k_pos_bs: Array, slopes_n: Array, dtype=jnp.floa
     return -jnp.asarray(slopes_n, dtype)[None, :, None, None] * delta_bts[:, None]
 
 
-def attention_weights(q_btnh: Array, k_bsmh: Array, *, q_pos_bt: Array, k_pos_bs: Array,
-                      mask_bts: Optional[Array] = None, window: Optional[int] = None,
-                      slopes_n: Optional[Array] = None) -> Array:
-    """The softmax attention weights (b, n, t, s) — what `jaxgpt attention-map` draws."""
+def attention_scores(q_btnh: Array, k_bsmh: Array) -> Array:
+    """The scaled scores q·k / sqrt(h) (b, n, t, s), before any bias or mask."""
     b, t, n, h = q_btnh.shape
     m = k_bsmh.shape[2]
     q_btmgh = q_btnh.reshape(b, t, m, n // m, h)  # query head i = (kv head i // g, member i % g)
     scores_bmgts = jnp.einsum("btmgh,bsmh->bmgts", q_btmgh, k_bsmh) / jnp.sqrt(h).astype(q_btnh.dtype)
-    return _weights_from_scores(scores_bmgts.reshape(b, n, t, -1), q_pos_bt=q_pos_bt, k_pos_bs=k_pos_bs,
-                                mask_bts=mask_bts, window=window, slopes_n=slopes_n)
+    return scores_bmgts.reshape(b, n, t, -1)
 
 
-def _weights_from_scores(scores_bnts: Array, *, q_pos_bt: Array, k_pos_bs: Array, mask_bts: Optional[Array],
+def attention_weights(q_btnh: Array, k_bsmh: Array, *, q_pos_bt: Array, k_pos_bs: Array,
+                      mask_bts: Optional[Array] = None, window: Optional[int] = None,
+                      slopes_n: Optional[Array] = None) -> Array:
+    """The softmax attention weights (b, n, t, s) — what `jaxgpt attention-map` draws."""
+    return weights_from_scores(attention_scores(q_btnh, k_bsmh), q_pos_bt=q_pos_bt, k_pos_bs=k_pos_bs,
+                               mask_bts=mask_bts, window=window, slopes_n=slopes_n)
+
+
+def weights_from_scores(scores_bnts: Array, *, q_pos_bt: Array, k_pos_bs: Array, mask_bts: Optional[Array],
                          window: Optional[int], slopes_n: Optional[Array]) -> Array:
     """Scaled scores (b, n, t, s) -> attention weights: ALiBi bias, visibility mask, softmax."""
     if slopes_n is not None:
@@ -140,7 +145,7 @@ def cached_query_attention(q_btnh: Array, k_bmsh: Array, v_bmsh: Array, *, q_pos
     m, s = k_bmsh.shape[1], k_bmsh.shape[2]
     q_bmgh = q_btnh.reshape(b, m, n // m, h).astype(k_bmsh.dtype)  # t = 1; query head i = (kv head i // g, member i % g)
     scores_bmgs = jnp.einsum("bmgh,bmsh->bmgs", q_bmgh, k_bmsh).astype(q_btnh.dtype) / jnp.sqrt(h).astype(q_btnh.dtype)
-    weights_bnts = _weights_from_scores(scores_bmgs.reshape(b, n, 1, s), q_pos_bt=q_pos_bt, k_pos_bs=k_pos_bs,
+    weights_bnts = weights_from_scores(scores_bmgs.reshape(b, n, 1, s), q_pos_bt=q_pos_bt, k_pos_bs=k_pos_bs,
                                         mask_bts=mask_bts, window=window, slopes_n=slopes_n)
     weights_bmgs = weights_bnts.reshape(b, m, n // m, s).astype(q_btnh.dtype)  # rounded to q's dtype, as ever
     out_bmgh = jnp.einsum("bmgs,bmsh->bmgh", weights_bmgs.astype(v_bmsh.dtype), v_bmsh)

@@ -17,8 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxgpt.nn.attention import ATTENTION_BACKENDS, head_counts
-from jaxgpt.nn.attention_backends import attention_weights
+from jaxgpt.nn.attention import ATTENTION_BACKENDS, head_counts, sow_attention_insides
 from jaxgpt.nn.dense import Dense
 from jaxgpt.nn.positions import alibi_slopes, apply_rope
 
@@ -68,8 +67,8 @@ class LatentAttention(nn.Module):
             dropout = lambda w: nn.Dropout(self.drop_rate, name="attn_drop")(w, deterministic=False)  # noqa: E731
         slopes_n = alibi_slopes(n) if self.position == "alibi" else None
         kw = dict(q_pos_bt=pos_bt, k_pos_bs=k_pos_bs, mask_bts=mask_bts, window=self.window, slopes_n=slopes_n)
-        if self.is_mutable_collection("intermediates"):  # asked for the weights (attention maps)
-            self.sow("intermediates", "attention_weights", attention_weights(q_btnh, k_bsmh, **kw))
+        sow_attention_insides(self, q_btnh, k_bsmh, v_bsmh, **kw)  # when "intermediates" is mutable
         out_btnh = ATTENTION_BACKENDS[self.impl](q_btnh, k_bsmh, v_bsmh, **kw, dropout=dropout)
+        self.sow("intermediates", "context", out_btnh.reshape(b, t, n * h))
         out_btd = dense(d, "c_proj", bias=True, std=self.out_init_std)(out_btnh.reshape(b, t, d))
         return out_btd if kv_cache is None else (out_btd, kv_cache)

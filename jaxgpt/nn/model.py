@@ -60,6 +60,7 @@ class GPT(nn.Module):
         if cfg.position == "learned":  # the other schemes act inside attention (jaxgpt.positions)
             wpe = nn.Embed(cfg.context_length, cfg.emb_dim, embedding_init=emb_init, dtype=dtype, name="wpe")
             x_btd = x_btd + wpe(positions_bt)
+        self.sow("intermediates", "embed", x_btd)  # when "intermediates" is mutable (jaxgpt.numerics)
         x_btd = nn.Dropout(cfg.drop_rate)(x_btd, deterministic=deterministic)
 
         functional = cfg.scan_layers or (cfg.remat != "none" and cache is None and not self.is_initializing())

@@ -19,7 +19,7 @@ from jaxgpt.reference.attention import (  # noqa: F401
     linear_attention, llama3_inv_freq, mha, mha_backward, rope, rope_backward, simplified_self_attention,
 )
 from jaxgpt.reference.layers import (  # noqa: F401
-    ACTIVATIONS, GELU_C, embedding, embedding_backward, gelu, gelu_backward, layer_norm, layer_norm_backward, linear,
+    ACTIVATIONS, GELU_C, embedding, embedding_backward, gelu, gelu_backward, keep, layer_norm, layer_norm_backward, linear,
     linear_backward, mlp, mlp_backward, relu2, relu2_backward, rms_norm, rms_norm_backward, silu, silu_backward, softcap,
     softcap_backward, softmax, softmax_backward, to_numpy,
 )

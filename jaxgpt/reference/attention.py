@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from jaxgpt.nn.positions import alibi_slopes  # a table of constants (the slopes), shared with the model
-from jaxgpt.reference.layers import linear, linear_backward, rms_norm, softmax, softmax_backward
+from jaxgpt.reference.layers import keep, linear, linear_backward, rms_norm, softmax, softmax_backward
 
 # --- attention ------------------------------------------------------------------------------------
 
@@ -70,10 +70,10 @@ def rope_backward(dout, pos, base, scaling=None):  # dout [b, n, t, h] -> dx
     return rope(dout, pos, base, scaling, inverse=True)
 
 
-def attention_variant(q, k, v, q_pos, k_pos, window=None, slopes=None, scale=None):
+def attention_variant(q, k, v, q_pos, k_pos, window=None, slopes=None, scale=None, record=keep):
     """[b, n, t, h], [b, m, s, h] x2, [b, t], [b, s] -> [b, n, t, h]: grouped heads (query head i
     reads kv head i // (n/m)), causal by position, optional window, ALiBi slopes [n] and a score
-    scale other than 1/sqrt(h)."""
+    scale other than 1/sqrt(h). Records "scores" (scaled, before bias and mask) and "weights"."""
     n, m = q.shape[1], k.shape[1]
     k, v = np.repeat(k, n // m, axis=1), np.repeat(v, n // m, axis=1)  # [b, n, s, h]
     delta = q_pos[:, None, :, None] - k_pos[:, None, None, :]  # [b, 1, t, s]
@@ -81,9 +81,10 @@ def attention_variant(q, k, v, q_pos, k_pos, window=None, slopes=None, scale=Non
     if window is not None:
         visible &= delta < window
     scores = q @ np.swapaxes(k, -1, -2) * (1.0 / np.sqrt(q.shape[-1]) if scale is None else scale)  # [b, n, t, s]
+    scores = record("scores", scores)
     if slopes is not None:
         scores = scores - np.asarray(slopes, np.float64)[None, :, None, None] * delta
-    return softmax(np.where(visible, scores, -np.inf)) @ v
+    return record("weights", softmax(np.where(visible, scores, -np.inf))) @ v
 
 
 def _split_qkv(qkv, n, m):  # [b, t, (n + 2m) h] -> q [b, n, t, h], k, v [b, m, t, h]
@@ -92,41 +93,45 @@ def _split_qkv(qkv, n, m):  # [b, t, (n + 2m) h] -> q [b, n, t, h], k, v [b, m, 
             _split_heads(qkv[..., (n + m) * h:], m))
 
 
-def _softmax_core(q, k, v, c_proj, n_heads, position, rope_base, window, scale=None, rope_scaling=None):
-    b, t = q.shape[0], q.shape[2]  # q, k, v -> [b, t, d]
+def _softmax_core(q, k, v, c_proj, n_heads, position, rope_base, window, scale=None, rope_scaling=None, record=keep):
+    b, t = q.shape[0], q.shape[2]  # q, k, v -> [b, t, d]; records q, k, v as they enter the scores
     pos = np.broadcast_to(np.arange(t), (b, t))
     if position == "rope":
         q, k = rope(q, pos, rope_base, rope_scaling), rope(k, pos, rope_base, rope_scaling)
+    q, k, v = record("q", q), record("k", k), record("v", v)
     slopes = alibi_slopes(n_heads) if position == "alibi" else None
-    return linear(_merge_heads(attention_variant(q, k, v, pos, pos, window, slopes, scale)), **c_proj)
+    context = record("context", _merge_heads(attention_variant(q, k, v, pos, pos, window, slopes, scale, record)))
+    return linear(context, **c_proj)
 
 
 def mha(x, c_attn, c_proj, n_heads, n_kv_heads=None, position="learned", rope_base=10000.0, window=None,
-        q_norm=None, k_norm=None, norm_eps=1e-6, qk_unit_offset=False, query_scale=None, rope_scaling=None):
+        q_norm=None, k_norm=None, norm_eps=1e-6, qk_unit_offset=False, query_scale=None, rope_scaling=None,
+        record=keep):
     """[b, t, d] -> [b, t, d]. The defaults are GPT-2's attention; the keywords select the variants:
     grouped heads, positions, windows, and today's families' QK-norm (RMSNorm over each head's q
     and k before RoPE), score scale and Llama 3's RoPE scaling."""
-    q, k, v = _split_qkv(linear(x, **c_attn), n_heads, n_kv_heads or n_heads)  # from [b, t, (n + 2m) h]
+    qkv = record("c_attn", linear(x, **c_attn))  # [b, t, (n + 2m) h]
+    q, k, v = _split_qkv(qkv, n_heads, n_kv_heads or n_heads)
     if q_norm is not None:
         q = rms_norm(q, **q_norm, eps=norm_eps, unit_offset=qk_unit_offset)
         k = rms_norm(k, **k_norm, eps=norm_eps, unit_offset=qk_unit_offset)
-    return _softmax_core(q, k, v, c_proj, n_heads, position, rope_base, window, query_scale, rope_scaling)
+    return _softmax_core(q, k, v, c_proj, n_heads, position, rope_base, window, query_scale, rope_scaling, record)
 
 
 def latent_attention(x, c_q, c_kv_down, c_k_up, c_v_up, c_proj, n_heads, n_kv_heads=None, position="learned",
-                     rope_base=10000.0, window=None):
+                     rope_base=10000.0, window=None, record=keep):
     """Multi-head latent attention: k, v expanded from the latent x·W_down [b, t, r]."""
     m = n_kv_heads or n_heads
-    latent = linear(x, **c_kv_down)  # [b, t, r]
-    q = _split_heads(linear(x, **c_q), n_heads)
+    latent = record("c_kv_down", linear(x, **c_kv_down))  # [b, t, r]
+    q = _split_heads(record("c_q", linear(x, **c_q)), n_heads)
     k, v = _split_heads(linear(latent, **c_k_up), m), _split_heads(linear(latent, **c_v_up), m)
-    return _softmax_core(q, k, v, c_proj, n_heads, position, rope_base, window)
+    return _softmax_core(q, k, v, c_proj, n_heads, position, rope_base, window, record=record)
 
 
-def linear_attention(x, c_attn, c_proj, n_heads, n_kv_heads=None, **unused):
+def linear_attention(x, c_attn, c_proj, n_heads, n_kv_heads=None, record=keep, **unused):
     """Causal linear attention in its recurrent form, one token at a time (φ = elu + 1)."""
     n = n_heads
-    q, k, v = _split_qkv(linear(x, **c_attn), n, n_kv_heads or n)
+    q, k, v = _split_qkv(record("c_attn", linear(x, **c_attn)), n, n_kv_heads or n)
     k, v = np.repeat(k, n // k.shape[1], axis=1), np.repeat(v, n // v.shape[1], axis=1)  # [b, n, t, h]
     phi = lambda a: np.where(a > 0, a + 1.0, np.exp(a))  # noqa: E731  elu(a) + 1
     state = np.zeros(q.shape[:2] + (q.shape[-1], v.shape[-1]))  # [b, n, h, h]

@@ -14,6 +14,13 @@ def to_numpy(tree, dtype=np.float64):
     return np.asarray(tree, dtype=dtype)
 
 
+def keep(op, value):
+    """The default `record` of the forward functions that take one: they call `record(op, value)` on
+    each named intermediate and go on with what it returns (`jaxgpt.numerics` records them, or swaps
+    in a JAX model's own values to measure each operation on its own)."""
+    return value
+
+
 # --- elementwise and normalisation --------------------------------------------------------------
 
 def gelu(x):  # tanh approximation, as GPT-2 and the book
@@ -119,9 +126,10 @@ ACTIVATIONS = {"gelu": (gelu, gelu_backward, False), "swiglu": (silu, silu_backw
 
 # --- the position-wise MLP --------------------------------------------------------------------------
 
-def mlp(x, c_fc, c_proj, c_gate=None, kind="gelu"):  # [b, t, d] -> [b, t, d] via [b, t, f]
+def mlp(x, c_fc, c_proj, c_gate=None, kind="gelu", record=keep):  # [b, t, d] -> [b, t, d] via [b, t, f]
     act = ACTIVATIONS[kind][0]
-    hidden = act(linear(x, **c_gate)) * linear(x, **c_fc) if c_gate is not None else act(linear(x, **c_fc))
+    up = record("c_fc", linear(x, **c_fc))
+    hidden = act(record("c_gate", linear(x, **c_gate))) * up if c_gate is not None else act(up)
     return linear(hidden, **c_proj)
 
 

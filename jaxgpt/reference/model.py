@@ -9,7 +9,7 @@ from jaxgpt.nn.layout import unstack_layers
 from jaxgpt.reference.attention import ATTENTION, mha, mha_backward
 from jaxgpt.reference.moe import moe
 from jaxgpt.reference.layers import (
-    embedding, embedding_backward, layer_norm, layer_norm_backward, linear_backward, mlp,
+    embedding, embedding_backward, keep, layer_norm, layer_norm_backward, linear_backward, mlp,
     mlp_backward, rms_norm, softcap, softmax,
 )
 
@@ -23,19 +23,24 @@ def norm(x, params, eps, kind="layernorm", unit_offset=False):  # [..., d] -> [.
 
 def transformer_block(x, ln_1, attn, ln_2, mlp_params, n_heads, eps, attention="softmax", norm_kind="layernorm",
                       unit_offset=False, mlp_kind="gelu", ln_post_attn=None, ln_post_mlp=None, moe_options=None,
-                      **variant):
+                      record=keep, **variant):
     """[b, t, d] -> [b, t, d]: x + attn(norm(x)), then x + mlp(norm(x)); each branch normalised
     again when its post-norm is given (Gemma 3). With `moe_options` (top_k, router, renormalize)
-    the MLP is a mixture of experts (`jaxgpt.reference.moe`), run as evaluation does: dropless."""
-    nrm = lambda y, params: norm(y, params, eps, norm_kind, unit_offset)  # noqa: E731
-    branch = ATTENTION[attention](nrm(x, ln_1), **attn, n_heads=n_heads, **variant)
-    x = x + (branch if ln_post_attn is None else nrm(branch, ln_post_attn))
-    h = nrm(x, ln_2)
+    the MLP is a mixture of experts (`jaxgpt.reference.moe`), run as evaluation does: dropless.
+    `record(op, value)` sees the norms' outputs, each branch ("attn", "mlp") and its insides
+    ("attn.q", "mlp.c_fc", …) and the block's output ("residual"); see `jaxgpt.reference.layers.keep`."""
+    nrm = lambda name, y, params: record(name, norm(y, params, eps, norm_kind, unit_offset))  # noqa: E731
+    inside = lambda branch_name: lambda op, value: record(f"{branch_name}.{op}", value)  # noqa: E731
+    branch = record("attn", ATTENTION[attention](nrm("ln_1", x, ln_1), **attn, n_heads=n_heads,
+                                                 record=inside("attn"), **variant))
+    x = x + (branch if ln_post_attn is None else nrm("ln_post_attn", branch, ln_post_attn))
+    h = nrm("ln_2", x, ln_2)
     if moe_options is None:
-        branch = mlp(h, **mlp_params, kind=mlp_kind)
+        branch = mlp(h, **mlp_params, kind=mlp_kind, record=inside("mlp"))
     else:
         branch = moe(h.reshape(-1, h.shape[-1]), mlp_params, kind=mlp_kind, **moe_options)[0].reshape(h.shape)
-    return x + (branch if ln_post_mlp is None else nrm(branch, ln_post_mlp))
+    branch = record("mlp", branch)
+    return record("residual", x + (branch if ln_post_mlp is None else nrm("ln_post_mlp", branch, ln_post_mlp)))
 
 
 def transformer_block_backward(dout, x, ln_1, attn, ln_2, mlp_params, n_heads, eps):  # -> dx, grads
@@ -70,7 +75,10 @@ def _layer_options(config: GPTConfig, i: int) -> dict:
     return options
 
 
-def gpt_forward(params, ids, config: GPTConfig):  # {"params": …}, [b, t] -> [b, t, v]
+def gpt_forward(params, ids, config: GPTConfig, record=None):  # {"params": …}, [b, t] -> [b, t, v]
+    """The logits of the whole model. `record(layer, op, value)` (layer None outside the blocks)
+    sees every intermediate: "embed", each block's (`transformer_block`), "ln_f", "logits"."""
+    record = record or (lambda layer, op, value: value)
     params = unstack_layers(params)  # a scan_layers model's stacked blocks, one tree per block
     p = params["params"] if "params" in params else params
     ids = np.asarray(ids)
@@ -82,14 +90,16 @@ def gpt_forward(params, ids, config: GPTConfig):  # {"params": …}, [b, t] -> [
         x = x * np.sqrt(config.emb_dim)
     if config.position == "learned":
         x = x + p["wpe"]["embedding"][:t]
+    x = record(None, "embed", x)
     for i in range(config.n_layers):
         blk = p[f"h_{i}"]
         x = transformer_block(x, *_block_params(blk), config.n_heads, config.ln_eps, ln_post_attn=blk.get("ln_post_attn"),
-                              ln_post_mlp=blk.get("ln_post_mlp"), **_layer_options(config, i))
-    x = norm(x, p["ln_f"], config.ln_eps, config.norm, config.norm_unit_offset)
+                              ln_post_mlp=blk.get("ln_post_mlp"), record=lambda op, v, i=i: record(i, op, v),
+                              **_layer_options(config, i))
+    x = record(None, "ln_f", norm(x, p["ln_f"], config.ln_eps, config.norm, config.norm_unit_offset))
     head = p["wte"]["embedding"].T if config.tie_embeddings else p["lm_head"]["kernel"]  # [d, v]
     logits = x @ head  # [b, t, v]
-    return logits if config.logit_softcap is None else softcap(logits, config.logit_softcap)
+    return record(None, "logits", logits if config.logit_softcap is None else softcap(logits, config.logit_softcap))
 
 
 def cross_entropy(logits, targets, ignore_index=-100):  # [b, t, v], [b, t] -> scalar
@@ -103,7 +113,7 @@ def cross_entropy(logits, targets, ignore_index=-100):  # [b, t, v], [b, t] -> s
 def cross_entropy_backward(logits, targets, ignore_index=-100):  # -> dlogits [b, t, v]
     valid = targets != ignore_index
     dlogits = softmax(logits)
-    dlogits[..., :] -= np.eye(logits.shape[-1])[np.where(valid, targets, 0)]  # softmax - onehot
+    np.subtract.at(dlogits, (*np.indices(targets.shape), np.where(valid, targets, 0)), 1.0)  # softmax - onehot
     return dlogits * valid[..., None] / max(int(np.sum(valid)), 1)
 
 

@@ -1,0 +1,51 @@
+"""`jaxgpt numerics` (the float64 divergence finder) and `jaxgpt selfcheck` (the accelerator self-check)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from jaxgpt.cli.common import add_model_source_args, load_model
+
+
+def jsonable(tree):
+    """A report with NaN/inf floats as the strings "nan"/"inf" (strict JSON has no such numbers)."""
+    if isinstance(tree, dict):
+        return {k: jsonable(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [jsonable(v) for v in tree]
+    if isinstance(tree, float) and not math.isfinite(tree):
+        return str(tree)
+    return tree
+
+
+def _cmd_numerics(args) -> int:
+    from jaxgpt.numerics.report import format_table, plot_errors, progress_to_stderr, run_numerics, sample_batch
+
+    params, config, tokenizer = load_model(args)
+    overrides = {k: v for k, v in (("dtype", args.dtype), ("attn_impl", args.attn_impl)) if v is not None}
+    config = config.replace(**overrides, drop_rate=0.0)
+    length = args.length or min(64, config.context_length)
+    ids, targets = sample_batch(config, tokenizer, args.batch, length, seed=args.seed)
+    report = run_numerics(config, params, ids, targets, grads=args.grads, progress=progress_to_stderr)
+    if args.plot:
+        report["plot"] = str(plot_errors(report, args.plot))
+    print(json.dumps(jsonable(report)) if args.json else format_table(report))
+    if args.plot and not args.json:
+        print(f"plot: {report['plot']}")
+    return 0 if report["first_divergence"] is None else 1
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("numerics", help="find where a JAX run leaves the float64 NumPy reference, op by op")
+    add_model_source_args(p, what="check")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype of the JAX model (default: the model's)")
+    p.add_argument("--attn-impl", default=None, choices=["naive", "xla", "blockwise", "auto"])
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--length", type=int, default=None, help="tokens per row (default: min(64, context length))")
+    p.add_argument("--seed", type=int, default=0, help="a random model's initialisation and random ids")
+    p.add_argument("--grads", action="store_true", help="also every parameter's gradient")
+    p.add_argument("--plot", default="numerics.png", help="where to draw the errors ('' for no plot)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_cmd_numerics)
