@@ -51,6 +51,8 @@ class TrainConfig:
     # run
     seed: int = 0
     devices: Optional[int] = None  # local devices for pmap data parallelism (default: all)
+    deterministic_reduce: int = 0  # S > 0: gradients of S fixed shards summed in a fixed tree, so the run is
+    # bitwise the same on any device count (S a power of two; jaxgpt.train.deterministic)
     mesh: Optional[str] = None  # e.g. "data=2,fsdp=2": sharded jit over all processes' devices instead of pmap
     peak_flops: Optional[float] = None  # per-device peak FLOP/s for MFU (default: measured by a matmul probe)
     tensorboard: bool = False
@@ -72,7 +74,7 @@ class TrainConfig:
                                                    or self.fingerprint_every < 0):
             raise ConfigError(f"TrainConfig.fingerprint_every must be a non-negative integer or unset, "
                               f"got {self.fingerprint_every!r}")
-        for name in ("warmup_steps", "samples", "sample_tokens", "seed"):
+        for name in ("warmup_steps", "samples", "sample_tokens", "seed", "deterministic_reduce"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ConfigError(f"TrainConfig.{name} must be a non-negative integer, got {v!r}")

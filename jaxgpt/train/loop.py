@@ -31,7 +31,8 @@ from jaxgpt.train.metrics import (JsonlLogger, flops_per_token, measure_peak_flo
                                   read_jsonl)
 from jaxgpt.train.optimizer import build_optimizer, lr_schedule
 from jaxgpt.train.run_dir import keep_records_up_to, run_configs, run_meta
-from jaxgpt.train.sharding import ShardedTrainer, build_mesh
+from jaxgpt.train.deterministic import DeterministicTrainer
+from jaxgpt.train.sharding import MeshError, ShardedTrainer, build_mesh, parse_mesh
 from jaxgpt.train.step import ParallelTrainer, create_state
 from jaxgpt.atomic import write_json
 from jaxgpt.weights.checkpoint import Checkpointer, restore, restore_params
@@ -116,12 +117,14 @@ CPU_DATA_PARALLEL_MAX_WIDTH = 512
 
 
 def default_device_count(cfg: TrainConfig, model_cfg: Optional[GPTConfig] = None) -> int:
-    """All local devices, or the most that divide the batch evenly (with its micro-batches); on a
-    CPU, one device for models `CPU_DATA_PARALLEL_MAX_WIDTH` wide or wider."""
+    """All local devices, or the most that divide the batch evenly (with its micro-batches; with
+    deterministic_reduce, a power of two dividing the shards); on a CPU, one device for models
+    `CPU_DATA_PARALLEL_MAX_WIDTH` wide or wider."""
     n = jax.local_device_count()
     if jax.default_backend() == "cpu" and model_cfg is not None and model_cfg.emb_dim >= CPU_DATA_PARALLEL_MAX_WIDTH:
         return 1
-    while cfg.batch_size % (n * cfg.micro_batches):
+    shards = cfg.deterministic_reduce
+    while cfg.batch_size % (n * cfg.micro_batches) or (shards and (shards % n or n & (n - 1))):
         n -= 1
     return n
 
@@ -136,7 +139,10 @@ def _build_trainer(model_cfg: GPTConfig, cfg: TrainConfig):
     tx = build_optimizer(cfg)
     init_state = lambda: create_state(model, tx, init_params(model_cfg, seed=cfg.seed), cfg.seed)  # noqa: E731
     abstract = jax.eval_shape(init_state)
-    if cfg.mesh:
+    if cfg.deterministic_reduce:
+        trainer = DeterministicTrainer(model, tx, _deterministic_devices(cfg, model_cfg), cfg.deterministic_reduce)
+        abstract = trainer.abstract_state(abstract)
+    elif cfg.mesh:
         trainer = ShardedTrainer(model, tx, build_mesh(cfg.mesh), cfg.micro_batches, abstract)
         abstract = trainer.abstract_state(abstract)
         init_state = jax.jit(init_state, out_shardings=trainer.state_sharding)
@@ -144,6 +150,17 @@ def _build_trainer(model_cfg: GPTConfig, cfg: TrainConfig):
         trainer = ParallelTrainer(model, tx, cfg.devices or default_device_count(cfg, model_cfg), cfg.micro_batches)
     trainer.check_batch_size(cfg.batch_size)
     return trainer, abstract, init_state
+
+
+def _deterministic_devices(cfg: TrainConfig, model_cfg: GPTConfig) -> int:
+    """Local devices of a deterministic_reduce run: all of them under a (data-only) mesh, else as pmap's."""
+    if cfg.mesh:
+        sizes = parse_mesh(cfg.mesh)
+        if sizes["fsdp"] > 1 or sizes["expert"] > 1:
+            raise MeshError(f"train.deterministic_reduce splits the batch over devices only; mesh {cfg.mesh!r} also "
+                            "shards parameters (fsdp/expert): use a data-only mesh such as data=-1")
+        return jax.local_device_count()
+    return cfg.devices or default_device_count(cfg, model_cfg)
 
 
 def _peak_flops(model_cfg: GPTConfig, cfg: TrainConfig, n_devices: int) -> tuple[float, str]:
@@ -159,6 +176,9 @@ def _peak_flops(model_cfg: GPTConfig, cfg: TrainConfig, n_devices: int) -> tuple
 
 def _describe_layout(cfg: TrainConfig, n_devices: int) -> str:
     """How the run is spread over devices and processes, for the start-up line."""
+    if cfg.deterministic_reduce:
+        return (f"{n_devices} {jax.default_backend()} device(s) over {jax.process_count()} process(es); gradients of "
+                f"{cfg.deterministic_reduce} shards summed in a fixed tree (bitwise the same on any device count)")
     text = f"{n_devices} of {jax.local_device_count()} local {jax.default_backend()} device(s)"
     if n_devices > 1 and not cfg.mesh:
         text += " (pmap)"
@@ -315,7 +335,7 @@ def train(
     if model_cfg.vocab_size != data.tokenizer.vocab_size:
         model_cfg = model_cfg.replace(vocab_size=data.tokenizer.vocab_size)
 
-    if jax.process_count() > 1 and not cfg.mesh:  # pmap state lives per process and cannot be checkpointed
+    if jax.process_count() > 1 and not cfg.mesh and not cfg.deterministic_reduce:  # pmap state is per process
         _log(f"{jax.process_count()} processes and no --mesh: training with the sharded step over mesh data=-1")
         cfg = cfg.replace(mesh="data=-1")
     trainer, abstract, init_state = _build_trainer(model_cfg, cfg)

@@ -41,20 +41,11 @@ def create_state(model: GPT, tx: optax.GradientTransformation, params, seed: int
 def make_train_step(model: GPT, tx: optax.GradientTransformation, *, axis_name: Optional[str] = None) -> Callable:
     """The pure step (state, x_mbt, y_mbt) -> (state, metrics); `axis_name` set when run under pmap.
 
-    The loss is the cross-entropy plus, for a mixture of experts, the routers' losses
-    (`jaxgpt.nn.moe.moe_loss`); metrics["loss"] is the cross-entropy alone, as evaluation reports
+    The loss is `make_loss_and_grad`'s; metrics["loss"] is the cross-entropy alone, as evaluation reports
     it, and an MoE model adds its router metrics (`_moe_metrics`). A sigmoid router's balancing bias
     is moved after the optimizer update (`update_balance_bias`), from the whole batch's counts."""
     cfg = model.config
-
-    def loss_fn(params, x_bt, y_bt, key):
-        logits_btv, variables = model.apply(params, x_bt, deterministic=False, rngs={"dropout": key},
-                                            mutable=["moe"])
-        ce = cross_entropy(logits_btv, y_bt)
-        stats = moe_stats(variables)
-        return ce + moe_loss(stats, cfg.moe_aux_loss_coef, cfg.moe_z_loss_coef), (ce, stats)
-
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    grad_fn = make_loss_and_grad(model)
 
     def train_step(state, x_mbt, y_mbt):
         params = state["params"]
@@ -80,16 +71,39 @@ def make_train_step(model: GPT, tx: optax.GradientTransformation, *, axis_name: 
             grads = jax.lax.pmean(grads, axis_name)
             loss = jax.lax.pmean(loss, axis_name)
             stats = None if stats is None else _merge_device_stats(stats, axis_name)
-
-        updates, opt_state = tx.update(grads, state["opt_state"], params)
-        new_params = optax.apply_updates(params, updates)
-        if stats is not None and cfg.moe_bias_rate > 0:
-            new_params = update_balance_bias(new_params, stats["counts"], cfg.moe_bias_rate)
-        new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state, "rng": state["rng"]}
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-        return new_state, metrics if stats is None else {**metrics, **_moe_metrics(stats)}
+        return apply_update(tx, cfg, state, grads, loss, stats)
 
     return train_step
+
+
+def make_loss_and_grad(model: GPT) -> Callable:
+    """(params, x_bt, y_bt, dropout key) -> ((loss, (cross-entropy, MoE stats)), grads) of one batch.
+
+    The loss is the cross-entropy plus, for a mixture of experts, the routers' losses
+    (`jaxgpt.nn.moe.moe_loss`)."""
+    cfg = model.config
+
+    def loss_fn(params, x_bt, y_bt, key):
+        logits_btv, variables = model.apply(params, x_bt, deterministic=False, rngs={"dropout": key},
+                                            mutable=["moe"])
+        ce = cross_entropy(logits_btv, y_bt)
+        stats = moe_stats(variables)
+        return ce + moe_loss(stats, cfg.moe_aux_loss_coef, cfg.moe_z_loss_coef), (ce, stats)
+
+    return jax.value_and_grad(loss_fn, has_aux=True)
+
+
+def apply_update(tx: optax.GradientTransformation, cfg, state: dict, grads, loss, stats):
+    """(new state, metrics) from the batch's mean gradients: the optimizer update, then a sigmoid
+    router's balance-bias move from the whole batch's expert counts."""
+    params = state["params"]
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    if stats is not None and cfg.moe_bias_rate > 0:
+        new_params = update_balance_bias(new_params, stats["counts"], cfg.moe_bias_rate)
+    new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state, "rng": state["rng"]}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+    return new_state, metrics if stats is None else {**metrics, **_moe_metrics(stats)}
 
 
 def _merge_micro_stats(stats: Optional[dict]) -> Optional[dict]:
