@@ -36,6 +36,20 @@ def _cmd_numerics(args) -> int:
     return 0 if report["first_divergence"] is None else 1
 
 
+def _cmd_selfcheck(args) -> int:
+    from pathlib import Path
+
+    from jaxgpt.atomic import write_json
+    from jaxgpt.numerics.report import progress_to_stderr
+    from jaxgpt.numerics.selfcheck import format_selfcheck, run_selfcheck
+
+    report = jsonable(run_selfcheck(quick=args.quick, progress=progress_to_stderr))
+    if args.out:
+        write_json(Path(args.out), report)
+    print(json.dumps(report) if args.json else format_selfcheck(report))
+    return 0 if report["passed"] else 1
+
+
 def add_commands(sub) -> None:
     p = sub.add_parser("numerics", help="find where a JAX run leaves the float64 NumPy reference, op by op")
     add_model_source_args(p, what="check")
@@ -49,3 +63,9 @@ def add_commands(sub) -> None:
     p.add_argument("--plot", default="numerics.png", help="where to draw the errors ('' for no plot)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_cmd_numerics)
+
+    p = sub.add_parser("selfcheck", help="check and time this backend: reference parity, devices, training, speed")
+    p.add_argument("--quick", action="store_true", help="the short mode (small models, fewer cases)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--out", default=None, help="also write the JSON report to this file")
+    p.set_defaults(func=_cmd_selfcheck)
