@@ -11,10 +11,12 @@ float64 NumPy reference (`jaxgpt.reference`) twice:
   token ids, so a row's error is everything accumulated up to it (what a user sees in the logits).
 
 A row's relative error is its largest absolute error over the largest magnitude of the reference
-tensor. Its tolerance (`tolerance_for`) is `SAFETY · u · sqrt(K)`: u the unit roundoff of the
-compute dtype, K the operation's reduction length (the dot product's inner size, a norm's width, a
-softmax's row) — the probabilistic rounding-error bound of a K-term sum (Higham & Mary, 2019), with a
-safety factor measured to hold on healthy models (docs/numerics.md). The first row, in the order the
+tensor. Its tolerance (`tolerance_for`) is `SAFETY · (u + u_acc · sqrt(K))`: u the unit roundoff of
+the compute dtype (inputs and outputs are rounded to it), u_acc that of the accumulation (float32:
+jaxgpt's layers accumulate in float32 whatever the compute dtype; float64 under x64), K the
+operation's reduction length (the dot product's inner size, a norm's width, a softmax's row) — the
+probabilistic rounding-error bound of a K-term sum (Higham & Mary, 2019) — with a safety factor
+measured to hold on healthy models (docs/numerics.md). The first row, in the order the
 model computes them, whose error leaves its tolerance (or which is NaN/inf where the reference is
 finite) is the first divergence.
 """
@@ -36,7 +38,7 @@ from jaxgpt.reference.model import cross_entropy as ref_cross_entropy, gpt_forwa
 
 # unit roundoff u = 2^-p of each compute dtype (p: the significand's bits, the hidden one included)
 UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
-SAFETY = 8.0  # measured: healthy models stay ≥ ~4× below it in float32 and bfloat16 (docs/numerics.md)
+SAFETY = 8.0  # measured: healthy models stay ≥ 2× below it in float32 and bfloat16 (docs/numerics.md)
 # the name a JAX module records an intermediate under, where it differs from the reference's op name
 JAX_OP_NAMES = {"attn.attention_weights": "attn.weights"}
 
@@ -61,9 +63,19 @@ def reduction_length(op: str, config: GPTConfig, length: int) -> int:
     return d  # the projections from the model width: c_attn, c_q, c_kv_down, c_fc, c_gate
 
 
+def accumulation_roundoff(dtype_name: str) -> float:
+    """u of the dtype sums are accumulated in: float64 under x64, float32 otherwise (`jaxgpt.nn.dense`)."""
+    return UNIT_ROUNDOFF["float64" if dtype_name == "float64" else "float32"]
+
+
 def tolerance_for(op: str, config: GPTConfig, length: int, dtype_name: Optional[str] = None) -> float:
-    u = UNIT_ROUNDOFF[dtype_name or compute_dtype_name(config)]
-    return SAFETY * u * math.sqrt(reduction_length(op, config, length))
+    """SAFETY · (u + u_acc · (sqrt(K) + rotation)): `rotation` is the largest RoPE angle's position
+    for q and k of a RoPE model, whose angles pos · freq are rounded in float32 (an absolute error
+    that grows with the position: at position 63 the rounding alone reaches ~0.57 of sqrt(K)'s term)."""
+    dtype_name = dtype_name or compute_dtype_name(config)
+    k = reduction_length(op, config, length)
+    rotation = length if config.position == "rope" and op in ("attn.q", "attn.k") else 0
+    return SAFETY * (UNIT_ROUNDOFF[dtype_name] + accumulation_roundoff(dtype_name) * (math.sqrt(k) + rotation))
 
 
 def errors(jax_value, ref_value) -> tuple[float, float, int]:
@@ -196,8 +208,9 @@ def reference_grads(config: GPTConfig, params, ids_bt, targets_bt) -> tuple[dict
 
 def gradient_rows(config: GPTConfig, params, ids_bt, targets_bt, *, jax_params=None) -> tuple[list[dict], str]:
     """One row per parameter: the JAX gradient (the model's dtype) against the float64 one. The
-    backward is not split into operations, so these errors are end to end; K is the number of
-    tokens each weight gradient sums over, times the depth the gradient came back through."""
+    backward is not split into operations, so these errors are end to end: the tolerance is
+    `SAFETY · (u · sqrt(depth) + u_acc · sqrt(tokens · depth))`, depth the blocks the gradient came
+    back through, tokens what each weight gradient sums over."""
     from jaxgpt.train.sharding import path_str
 
     jax_params = unstack_layers(params if jax_params is None else jax_params)
@@ -205,7 +218,8 @@ def gradient_rows(config: GPTConfig, params, ids_bt, targets_bt, *, jax_params=N
     jax_grads = _jax_grads(plain, jax_params, jnp.asarray(ids_bt), jnp.asarray(targets_bt))
     ref, source = reference_grads(plain, params, ids_bt, targets_bt)
     ref_leaves = {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(ref)[0]}
-    u = UNIT_ROUNDOFF[compute_dtype_name(config)]
+    dtype_name = compute_dtype_name(config)
+    u, u_acc = UNIT_ROUNDOFF[dtype_name], accumulation_roundoff(dtype_name)
     tokens = int(np.prod(np.shape(ids_bt)))
     rows = []
     for path, g in jax.tree_util.tree_flatten_with_path(jax_grads)[0]:
@@ -214,7 +228,7 @@ def gradient_rows(config: GPTConfig, params, ids_bt, targets_bt, *, jax_params=N
         depth = config.n_layers - (layer if layer is not None else 0) + 1
         k = tokens * depth
         max_abs, rel, nonfinite = errors(g, ref_leaves[name])
-        tol = SAFETY * u * math.sqrt(k)
+        tol = SAFETY * (u * math.sqrt(depth) + u_acc * math.sqrt(k))
         rows.append({"layer": layer, "op": op, "max_abs_err": max_abs, "rel_err": rel, "tolerance": tol,
                      "ok": bool(rel <= tol), "nonfinite": nonfinite, "reduction": k})
     def backprop_order(row):  # the head and ln_f first, then the last layer down to the first, then the embeddings

@@ -57,7 +57,7 @@ def _fmt(x: Optional[float]) -> str:
 def format_table(report: dict) -> str:
     s = report["setting"]
     lines = [f"jaxgpt numerics: {s['dtype']} on {s['backend']} ({s['device']}), attention {s['attn_impl']}, "
-             f"batch {s['batch']}×{s['length']}; tolerance = {s['safety']:g}·u·sqrt(K), u = {s['unit_roundoff']:.3g}",
+             f"batch {s['batch']}×{s['length']}; tolerance = {s['safety']:g}·(u + u_acc·sqrt(K)), u = {s['unit_roundoff']:.3g}",
              f"{'layer':>5}  {'op':<28} {'max_abs_err':>11} {'rel_err':>9} {'tolerance':>9} {'ratio':>7} "
              f"{'end-to-end':>10}  ok"]
     first = report["first_divergence"]
