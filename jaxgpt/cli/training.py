@@ -105,7 +105,7 @@ def add_commands(sub) -> None:
     p = sub.add_parser("train", help="pretrain a model (no arguments: a small model on the embedded corpus)")
     p.add_argument("--preset", default=None, help="model preset (default: small)")
     p.add_argument("--data", default=None, help="named corpus, text file, or prepared directory")
-    p.add_argument("--tokenizer", choices=["char", "gpt2"], default=None)
+    p.add_argument("--tokenizer", default=None, help="char, gpt2, or a directory from `jaxgpt tokenizer train`")
     p.add_argument("--out", default=None, help="run directory (default: a new runs/train-YYYYmmdd-HHMMSS)")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--devices", type=int, default=None, help="local devices for data parallelism (default: all)")

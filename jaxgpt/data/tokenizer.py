@@ -1,5 +1,6 @@
-"""Tokenizers: GPT-2 BPE (tiktoken, built offline), a character-level tokenizer, and a model
-folder's own tokenizer.json (`HFTokenizer`, through the `tokenizers` library).
+"""Tokenizers: GPT-2 BPE (tiktoken, built offline), a byte-level BPE trained here (`BPETokenizer`,
+`jaxgpt.data.bpe`), a character-level tokenizer, and a model folder's own tokenizer.json
+(`HFTokenizer`, through the `tokenizers` library).
 
 Both satisfy the small `Tokenizer` protocol (encode, decode, vocab_size, eot_id, to_dict), and both
 serialise to a JSON-able dict so a checkpoint can carry its tokenizer (`tokenizer_from_dict`).
@@ -10,7 +11,10 @@ from __future__ import annotations
 import functools
 import hashlib
 from importlib import resources
+from pathlib import Path
 from typing import Iterable, Optional, Protocol, Sequence, runtime_checkable
+
+from jaxgpt.data.bpe import GPT2_PATTERN, parse_ranks, ranks_text, read_tokenizer_files, save_tokenizer_files
 
 ENDOFTEXT = "<|endoftext|>"
 
@@ -283,6 +287,66 @@ class IdsTokenizer:
         return {"kind": "ids", "vocab_size": self._vocab_size, "eos": self._eos}
 
 
+class BPETokenizer:
+    """A byte-level BPE trained here (`jaxgpt tokenizer train`, `jaxgpt.data.bpe`), or any
+    mergeable ranks (GPT-2's own included), encoding through tiktoken. Its dict carries the ranks,
+    so a checkpoint carries the tokenizer."""
+
+    name = "bpe"
+
+    def __init__(self, ranks: dict[bytes, int], special_tokens: Optional[dict[str, int]] = None,
+                 pattern: str = GPT2_PATTERN) -> None:
+        import tiktoken
+
+        self.ranks, self.pattern = ranks, pattern
+        self.special_tokens = dict(special_tokens if special_tokens is not None else {ENDOFTEXT: len(ranks)})
+        self._enc = tiktoken.Encoding(name="jaxgpt-bpe", pat_str=pattern, mergeable_ranks=ranks,
+                                      special_tokens=self.special_tokens)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._enc.n_vocab
+
+    @property
+    def eot_id(self) -> int:
+        return self.special_tokens.get(ENDOFTEXT, self.vocab_size - 1)
+
+    def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
+        try:
+            return self._enc.encode(text, allowed_special="all" if allow_special else set(), disallowed_special=())
+        except ValueError as e:
+            raise TokenizerError(str(e)) from None
+
+    def decode(self, ids: Iterable[int]) -> str:
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise TokenizerError(f"token ids {bad[:5]} are outside this tokenizer's {self.vocab_size} ids")
+        return self._enc.decode(ids, errors="replace")
+
+    def to_dict(self) -> dict:
+        return {"kind": "bpe", "ranks": ranks_text(self.ranks), "special_tokens": self.special_tokens,
+                "pattern": self.pattern}
+
+    @classmethod
+    def from_dict(cls, spec: dict) -> "BPETokenizer":
+        try:
+            ranks = parse_ranks(spec["ranks"], "the tokenizer spec")
+        except (KeyError, ValueError) as e:
+            raise TokenizerError(f"a damaged BPE tokenizer spec: {e}") from None
+        return cls(ranks, spec.get("special_tokens"), spec.get("pattern", GPT2_PATTERN))
+
+    def save(self, directory) -> Path:
+        return save_tokenizer_files(directory, self.ranks, self.special_tokens, self.pattern)
+
+    @classmethod
+    def load(cls, directory) -> "BPETokenizer":
+        try:
+            return cls(*read_tokenizer_files(directory))
+        except ValueError as e:
+            raise TokenizerError(str(e)) from None
+
+
 def tokenizer_from_dict(spec: dict) -> Tokenizer:
     """Rebuild a tokenizer from `Tokenizer.to_dict()` output (as stored in a checkpoint)."""
     kind = spec.get("kind")
@@ -296,15 +360,20 @@ def tokenizer_from_dict(spec: dict) -> Tokenizer:
         return HFTokenizer(spec["tokenizer_json"], spec.get("eos"), spec.get("chat_template"))
     if kind == "ids":
         return IdsTokenizer(spec["vocab_size"], spec.get("eos"))
-    raise TokenizerError(f"unknown tokenizer kind {kind!r}; expected 'gpt2', 'char' or 'hf'")
+    if kind == "bpe":
+        return BPETokenizer.from_dict(spec)
+    raise TokenizerError(f"unknown tokenizer kind {kind!r}; expected 'gpt2', 'char', 'bpe' or 'hf'")
 
 
 def get_tokenizer(name: str, corpus_text: str | None = None) -> Tokenizer:
-    """A tokenizer by name: "gpt2", or "char" (built from `corpus_text`)."""
+    """A tokenizer by name: "gpt2", "char" (built from `corpus_text`), or the directory of a
+    tokenizer trained with `jaxgpt tokenizer train`."""
     if name == "gpt2":
         return GPT2Tokenizer()
     if name == "char":
         if corpus_text is None:
             raise TokenizerError("the 'char' tokenizer is built from a corpus: pass corpus_text")
         return CharTokenizer.from_text(corpus_text)
-    raise TokenizerError(f"unknown tokenizer {name!r}; choose 'gpt2' or 'char'")
+    if Path(name).expanduser().is_dir():
+        return BPETokenizer.load(Path(name).expanduser())
+    raise TokenizerError(f"unknown tokenizer {name!r}; choose 'gpt2', 'char' or the directory of a trained tokenizer")

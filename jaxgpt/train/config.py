@@ -17,7 +17,7 @@ from jaxgpt.config import ConfigError, GPTConfig, check_finite_numbers
 class TrainConfig:
     # data
     data: str = "python-docs"  # named corpus, text file, or a `jaxgpt data prepare` directory
-    tokenizer: str = "char"  # "char" (built from the corpus) or "gpt2"
+    tokenizer: str = "char"  # "char" (built from the corpus), "gpt2", or a trained tokenizer's directory
     train_ratio: float = 0.9  # first part of the token stream trains, the rest validates
     sampling: str = "random"  # "random" windows (pure function of seed, step) or "epochs" (book-style, shuffled)
     stride: Optional[int] = None  # window stride for "epochs" sampling (default: context length)
@@ -86,8 +86,9 @@ class TrainConfig:
             raise ConfigError(f"TrainConfig.beta1/beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
         if self.eps <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise ConfigError("TrainConfig.eps must be > 0 and weight_decay, grad_clip >= 0")
-        if self.tokenizer not in ("char", "gpt2"):
-            raise ConfigError(f"TrainConfig.tokenizer must be 'char' or 'gpt2', got {self.tokenizer!r}")
+        if not isinstance(self.tokenizer, str) or not self.tokenizer:  # a directory is checked when it is read
+            raise ConfigError(f"TrainConfig.tokenizer must be 'char', 'gpt2' or the directory of a tokenizer made by "
+                              f"`jaxgpt tokenizer train`, got {self.tokenizer!r}")
         if self.sampling not in ("random", "epochs"):
             raise ConfigError(f"TrainConfig.sampling must be 'random' or 'epochs', got {self.sampling!r}")
         if self.batch_size % self.micro_batches:
