@@ -118,3 +118,23 @@ def test_command_files_checkpoint_spec_and_damage(tmp_path, trained, capsys):
         get_tokenizer(str(tmp_path / "tok"))
     with pytest.raises(TokenizerError, match="tokenizer.tiktoken is missing"):
         BPETokenizer.load(tmp_path)
+
+
+def test_train_prepare_and_generate_with_a_trained_tokenizer(tmp_path, trained):
+    from jaxgpt.data.prepare import prepare
+    from jaxgpt.inference.generate import generate_text
+    from jaxgpt.weights.checkpoint import load_for_inference
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(trained[1])
+    trained[0].save(tmp_path / "tok")
+    prepare([str(corpus)], tmp_path / "prepared", tokenizer_name=str(tmp_path / "tok"), progress=False)
+    meta = json.loads((tmp_path / "prepared" / "meta.json").read_text())
+    assert meta["tokenizer"]["kind"] == "bpe"
+    assert main(["train", "--data", str(corpus), "--tokenizer", str(tmp_path / "tok"), "--preset", "test",
+                 "--max-steps", "2", "--out", str(tmp_path / "run"), "--no-progress", "--set", "train.batch_size=2",
+                 "--set", "train.eval_every=2", "--set", "train.eval_batches=1", "--set", "train.samples=0"]) == 0
+    (tmp_path / "tok" / "tokenizer.tiktoken").unlink()  # the checkpoint carries the tokenizer itself
+    params, config, tok = load_for_inference(tmp_path / "run")
+    assert isinstance(tok, BPETokenizer) and config.vocab_size == tok.vocab_size == trained[0].vocab_size
+    assert generate_text(params, config, tok, "the quick", 5).startswith("the quick")
