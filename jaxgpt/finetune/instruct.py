@@ -250,22 +250,19 @@ def _words(text: str) -> list[str]:
     return re.findall(r"\w+", text.lower())
 
 
+@functools.lru_cache(maxsize=1)
+def _rouge_scorer():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+
+
 def rouge_l(candidate: str, reference: str) -> float:
-    """ROUGE-L F1 over lower-cased word tokens (longest common subsequence)."""
-    c, r = _words(candidate), _words(reference)
-    if not c or not r:
-        return float(c == r)
-    prev = [0] * (len(r) + 1)
-    for wc in c:
-        cur = [0]
-        for j, wr in enumerate(r):
-            cur.append(prev[j] + 1 if wc == wr else max(prev[j + 1], cur[j]))
-        prev = cur
-    lcs = prev[-1]
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(c), lcs / len(r)
-    return 2 * precision * recall / (precision + recall)
+    """ROUGE-L F1 (longest common subsequence of lower-cased words) by `rouge-score`, Google's
+    reference implementation that papers report; an empty pair scores 1, one empty side 0."""
+    if not _words(candidate) or not _words(reference):
+        return float(_words(candidate) == _words(reference))
+    return float(_rouge_scorer().score(reference, candidate)["rougeL"].fmeasure)
 
 
 def exact_match(candidate: str, reference: str) -> bool:
