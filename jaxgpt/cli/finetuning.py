@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import random
 import sys
 import time
+from pathlib import Path
 
 from jaxgpt.cli.common import add_model_source_args, data_file, load_model
 
@@ -68,6 +70,74 @@ def _cmd_finetune_instruct(args) -> int:
         print(f"val loss {results['history'][-1]['val_loss']:.4f}; test exact match {scores.get('exact_match', 0):.1%}, "
               f"ROUGE-L F1 {scores.get('rouge_l_f1', 0):.3f}; responses in {out}/test-responses.json; model in {out}/model")
     return 0
+
+
+def _cmd_finetune_dpo(args) -> int:
+    from jaxgpt.finetune.dpo import finetune_dpo, load_preferences
+
+    pairs = load_preferences(data_file(args.data))
+    pairs = random.Random(args.seed).sample(pairs, len(pairs))[: args.limit or len(pairs)]  # shuffled, then held out
+    n_val = max(1, int(round(args.val_fraction * len(pairs))))
+    params, config, tokenizer = load_model(args)
+    out = args.out or time.strftime("runs/dpo-%Y%m%d-%H%M%S")
+    results = finetune_dpo(params, config, tokenizer, (pairs[n_val:], pairs[:n_val]), finetune_config(args), out,
+                           beta=args.beta, progress=not args.no_progress, extra_meta=base_source(args))
+    if args.json:
+        print(json.dumps(results))
+    else:
+        first, last = results["history"][0], results["history"][-1]
+        print(f"held-out reward margin {first['val_reward_margin']:.3f} -> {last['val_reward_margin']:.3f}, "
+              f"reward accuracy {first['val_reward_accuracy']:.1%} -> {last['val_reward_accuracy']:.1%}; model in {out}/model")
+    return 0
+
+
+def _cmd_dpo_data(args) -> int:
+    from jaxgpt.finetune.dpo import judged_preferences, offline_preferences
+    from jaxgpt.finetune.instruct import load_instruction_data
+    from jaxgpt.atomic import write_json
+
+    entries = load_instruction_data(data_file(args.data))[: args.limit or None]
+    pairs = (offline_preferences(entries, args.seed) if args.offline else
+             judged_preferences(entries, args.url, args.model, args.seed, progress=not args.no_progress))
+    write_json(Path(args.out), pairs)
+    print(json.dumps({"pairs": len(pairs), "out": args.out}) if args.json else f"{len(pairs)} preference pairs in {args.out}")
+    return 0
+
+
+def _add_dpo_commands(ft_sub) -> None:
+    p = ft_sub.add_parser("dpo", help="preference tuning (DPO) of an instruction model on chosen/rejected pairs")
+    add_model_source_args(p, what="tune")
+    p.add_argument("--data", required=True, help="JSON list of {instruction, input, chosen, rejected}")
+    p.add_argument("--out", default=None)
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--trainable", choices=["last-block", "all", "lora"], default="all")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=5e-6)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--drop-rate", type=float, default=0.0, help="dropout while tuning")
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--lora-alpha", type=float, default=32.0)
+    p.add_argument("--lora-targets", default="qkv,attn_out,mlp,head")
+    p.add_argument("--lora-freeze-head", action="store_true")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of pairs held out for the metrics")
+    p.add_argument("--limit", type=int, default=None, help="use only this many pairs")
+    p.add_argument("--seed", type=int, default=123)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_finetune_dpo)
+
+    p = ft_sub.add_parser("dpo-data", help="preference pairs from instruction data (a judge model, or --offline)")
+    p.add_argument("--data", default="instruction-data")
+    p.add_argument("--out", required=True)
+    p.add_argument("--offline", action="store_true", help="no judge: rejected = another entry's answer")
+    p.add_argument("--url", default="http://localhost:11434", help="Ollama-compatible server of the judge")
+    p.add_argument("--model", default="llama3")
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_dpo_data)
 
 
 def _cmd_judge(args) -> int:
@@ -138,6 +208,7 @@ def _add_finetune_commands(sub) -> None:
             p.add_argument("--max-new-tokens", type=int, default=256, help="longest test response generated")
             p.add_argument("--limit", type=int, default=None, help="use only this many training examples (quick runs)")
             p.set_defaults(func=_cmd_finetune_instruct)
+    _add_dpo_commands(ft_sub)
 
 
 def add_commands(sub) -> None:

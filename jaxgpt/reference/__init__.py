@@ -28,4 +28,7 @@ from jaxgpt.reference.model import (  # noqa: F401
     transformer_block_backward,
 )
 from jaxgpt.reference.moe import moe, moe_backward  # noqa: F401
+from jaxgpt.reference.dpo import (  # noqa: F401
+    dpo_loss, dpo_loss_backward, sequence_logprob, sequence_logprob_backward,
+)
 from jaxgpt.reference.optim import adamw_init, adamw_step, decays, tree_leaves, tree_map  # noqa: F401
