@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxgpt.cli import data, finetuning, generation, numerics, training, weights
+from jaxgpt.cli import data, evaluation, finetuning, generation, numerics, training, weights
 
-COMMAND_MODULES = (generation, training, weights, data, finetuning, numerics)
+COMMAND_MODULES = (generation, training, weights, data, finetuning, numerics, evaluation)
 
 
 def build_parser() -> argparse.ArgumentParser:
