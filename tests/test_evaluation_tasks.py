@@ -125,3 +125,19 @@ def test_builtin_tasks_read_the_shared_data(shared_data_dir):
         spec = load_task(name)
         assert spec["kind"] == kind and len(spec["examples"]) >= 10, name
     assert np.mean([e["gold"] for e in load_task("sms-spam")["examples"]]) > 0.05  # both labels present
+
+
+def test_tasks_scored_during_training(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the cat sat on the mat and the dog ran far away " * 60)
+    (tmp_path / "data.jsonl").write_text(json.dumps({"text": "the cat sat on the mat"}) + "\n")
+    (tmp_path / "cloze.yaml").write_text("kind: cloze\ntext: text\ndata: data.jsonl\n")
+    assert main(["train", "--data", str(corpus), "--tokenizer", "char", "--preset", "test", "--max-steps", "3",
+                 "--out", str(tmp_path / "run"), "--no-progress", "--set", "train.batch_size=2",
+                 "--set", "train.eval_every=3", "--set", "train.eval_batches=1", "--set", "train.samples=0",
+                 "--set", f"train.eval_tasks={tmp_path / 'cloze.yaml'}", "--set", "train.eval_tasks_every=2"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    tasks = [r for r in records if r["kind"] == "tasks"]
+    assert [r["step"] for r in tasks] == [2, 3] and all(0 <= r["cloze/acc"] <= 1 and r["cloze/perplexity"] > 1
+                                                        for r in tasks)
+    assert (tmp_path / "run" / "loss.png").is_file()

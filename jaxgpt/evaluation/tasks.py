@@ -216,7 +216,7 @@ def _shakespeare_ppl() -> dict:
 
 def _instruction_gen() -> dict:
     from jaxgpt.data.corpus import corpus_path
-    from jaxgpt.finetune.instruct import RESPONSE_MARKER, book_split, format_input, load_instruction_data
+    from jaxgpt.data.instructions import RESPONSE_MARKER, book_split, format_input, load_instruction_data
 
     test = book_split(load_instruction_data(corpus_path("instruction-data")))[2]
     return {"name": "instruction-gen", "kind": "generate", "target": "output", "max_new_tokens": 64, "stop": ["\n\n"],

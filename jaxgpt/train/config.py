@@ -43,6 +43,9 @@ class TrainConfig:
     eval_every: int = 100
     eval_batches: int = 20
     ckpt_every: int = 200
+    eval_tasks: Optional[str] = None  # task names or files (`jaxgpt evaluate`), comma-separated, scored during training
+    eval_tasks_every: Optional[int] = None  # every this many steps (default: eval_every) and at the last step
+    eval_tasks_limit: Optional[int] = None  # examples per task (default: each task's own)
     fingerprint_every: Optional[int] = None  # log a bit-exact parameter checksum (jaxgpt.train.fingerprint)
     # every this many steps (default: log_every; 0: never), for `jaxgpt compare-runs`
     keep_checkpoints: int = 3
@@ -65,7 +68,7 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ConfigError(f"TrainConfig.{name} must be a positive integer, got {v!r}")
-        for name in ("stride", "context_length", "decay_steps", "devices"):
+        for name in ("stride", "context_length", "decay_steps", "devices", "eval_tasks_every", "eval_tasks_limit"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
                 raise ConfigError(f"TrainConfig.{name} must be a positive integer or unset, got {v!r}")

@@ -24,6 +24,7 @@ from jaxgpt.config import GPTConfig, resolve_dtype
 from jaxgpt.data.corpus import DataError
 from jaxgpt.inference.generate import generate, trim_at_eos
 from jaxgpt.nn.model import GPT, count_params, init_params
+from jaxgpt.evaluation.during_training import TrainingTasks
 from jaxgpt.train.batches import RunData, build_data
 from jaxgpt.train.config import TrainConfig
 from jaxgpt.train.fingerprint import fingerprint
@@ -207,6 +208,12 @@ class _Loop:
         self.steps_since_log = 0
         self.val_batches = [(x[trainer.local_eval_rows(len(x))], y[trainer.local_eval_rows(len(x))])
                             for x, y in data.val_batches]
+        self.tasks = None
+        if cfg.eval_tasks and jax.process_count() == 1:  # (scored on one process's full parameters)
+            self.tasks = TrainingTasks(cfg.eval_tasks, cfg.eval_tasks_every or cfg.eval_every, cfg.eval_tasks_limit,
+                                       model_cfg.replace(drop_rate=0.0), data.tokenizer)
+        elif cfg.eval_tasks:
+            _log("train.eval_tasks runs in single-process runs only; use `jaxgpt evaluate` on the checkpoints")
 
     def save(self, step: int, *, best: bool = False) -> None:
         meta = run_meta(self.model_cfg, self.cfg, self.data.tokenizer, step, self.best_val, self.data.fingerprint)
@@ -254,6 +261,9 @@ class _Loop:
             self.logger.log({"kind": "fingerprint", "step": done, **fingerprint(self.trainer.params(self.state))})
         if done % cfg.eval_every == 0 or done == cfg.max_steps:
             self._evaluate(done, loss, bar)
+        if self.tasks is not None and self.tasks.due(done, cfg.max_steps):
+            self.logger.log(self.tasks.run(done, self.trainer.params(self.state)))
+            self.t_last = time.perf_counter()  # evaluation time is not training throughput
         if done % cfg.ckpt_every == 0 or done == cfg.max_steps:
             self.save(done)
 

@@ -92,7 +92,17 @@ def plot_losses(records: Iterable[dict], out_path: Path, title: str = "") -> Pat
     records = list(records)
     train = [r for r in records if r.get("kind") == "train"]
     val = [r for r in records if r.get("kind") == "eval"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    tasks = [r for r in records if r.get("kind") == "tasks"]
+    fig, axes = plt.subplots(1, 3 if tasks else 2, figsize=(16.5 if tasks else 11, 4))
+    if tasks:  # train.eval_tasks: each task metric over steps
+        for key in sorted({k for r in tasks for k in r if "/" in k}):
+            points = [(r["step"], r[key]) for r in tasks if key in r]
+            axes[2].plot(*zip(*points), "o-", ms=3, label=key)
+        axes[2].set_xlabel("step")
+        axes[2].set_yscale("log")
+        axes[2].set_title("task metrics")
+        axes[2].grid(alpha=0.3)
+        axes[2].legend(fontsize=7)
     for ax, xkey, xlabel in ((axes[0], "step", "step"), (axes[1], "tokens_seen", "tokens seen")):
         if train:
             ax.plot([r[xkey] for r in train], [r["loss"] for r in train], label="train", lw=1)
