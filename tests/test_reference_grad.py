@@ -137,7 +137,7 @@ def _max_rel_err(jax_tree, np_tree):
     return max(jax.tree.leaves(errs))
 
 
-@settings(max_examples=8)
+@settings(max_examples=5)  # each example compiles a new model shape: few, and each different (derandomized)
 @given(cfg=configs, seed=st.integers(0, 1000), ignore=st.booleans())
 def test_jax_grad_matches_numpy_backward_x64(cfg, seed, ignore):
     rng = np.random.default_rng(seed)
