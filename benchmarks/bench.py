@@ -196,6 +196,50 @@ def time_calls(step, warmup: int, steps: int) -> dict:
             "peak_rss_bytes": _peak_rss_bytes()}
 
 
+def run_variant_workers(module: str, names, steps: int, root: Path) -> list[dict]:
+    """Run `python -m <module> --worker NAME --steps N` for each variant in its own process (clean
+    memory figures, no shared compilation cache); rows with their median step time, printed as they come."""
+    rows = []
+    for name in names:
+        proc = subprocess.run([sys.executable, "-m", module, "--worker", name, "--steps", str(steps)],
+                              env=dict(os.environ, PYTHONPATH=str(root)), cwd=root, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"worker {name!r} failed:\n{proc.stderr[-2000:]}")
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        row["median_step_s"] = statistics.median(row["step_s"])
+        rows.append(row)
+        print(f"{name}: {row['median_step_s'] * 1e3:.1f} ms/step, peak {row['peak_rss_bytes'] / 2**20:,.0f} MiB",
+              flush=True)
+    return rows
+
+
+def variant_bench_main(description: str, stem: str, root: Path, worker, run, markdown) -> int:
+    """The command line of a worker-per-variant benchmark: `--worker NAME` runs one variant and
+    prints its JSON; otherwise `run(steps)` builds the report, written to DIR/<stem>.json and .md."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--worker")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--quick", action="store_true", help="3 timed steps per variant")
+    parser.add_argument("--out", default=str(root / "docs" / "results"))
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.steps)))
+        return 0
+    report = run(3 if args.quick else args.steps)
+    publish(report, markdown(report), Path(args.out), stem)
+    return 0
+
+
+def publish(report: dict, text: str, out: Path, stem: str) -> None:
+    """DIR/<stem>.json and DIR/<stem>.md, and the table on stdout."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    (out / f"{stem}.md").write_text(text)
+    print(text)
+
+
 # --- the harness ----------------------------------------------------------------------------------
 
 def measure_matmul_peak(size: int = 4096, repeats: int = 5, dtype: str = "float32") -> dict:

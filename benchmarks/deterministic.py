@@ -8,12 +8,7 @@ cores of this machine). Writes docs/results/bench_deterministic.json and .md; `-
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,17 +54,9 @@ def worker(name: str, steps: int) -> dict:
 
 
 def run(steps: int) -> dict:
-    rows = []
-    for name in VARIANTS:
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.deterministic", "--worker", name, "--steps", str(steps)],
-                              env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"worker {name!r} failed:\n{proc.stderr[-2000:]}")
-        row = json.loads(proc.stdout.strip().splitlines()[-1])
-        row["median_step_s"] = statistics.median(row["step_s"])
-        rows.append(row)
-        print(f"{name}: {row['median_step_s'] * 1e3:.1f} ms/step, peak {row['peak_rss_bytes'] / 2**20:,.0f} MiB",
-              flush=True)
+    from benchmarks.bench import run_variant_workers
+
+    rows = run_variant_workers("benchmarks.deterministic", VARIANTS, steps, ROOT)
     return {"batch": BATCH, "seq_len": SEQ, "model": MODEL, "rows": rows}
 
 
@@ -86,22 +73,9 @@ def markdown(report: dict) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--worker")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--quick", action="store_true", help="3 timed steps per variant")
-    parser.add_argument("--out", default=str(ROOT / "docs" / "results"))
-    args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(worker(args.worker, args.steps)))
-        return 0
-    report = run(3 if args.quick else args.steps)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_deterministic.json").write_text(json.dumps(report, indent=2))
-    (out / "bench_deterministic.md").write_text(markdown(report))
-    print(markdown(report))
-    return 0
+    from benchmarks.bench import variant_bench_main
+
+    return variant_bench_main(__doc__.splitlines()[0], "bench_deterministic", ROOT, worker, run, markdown)
 
 
 if __name__ == "__main__":

@@ -12,12 +12,7 @@ Writes docs/results/bench_moe.json and .md; `--quick` runs fewer steps.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,18 +70,9 @@ def worker(name: str, steps: int) -> dict:
 
 
 def run(steps: int) -> dict:
-    rows = []
-    for name in VARIANTS:
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.moe", "--worker", name, "--steps", str(steps)],
-                              env=env, cwd=ROOT, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"worker {name!r} failed:\n{proc.stderr[-2000:]}")
-        row = json.loads(proc.stdout.strip().splitlines()[-1])
-        row["median_step_s"] = statistics.median(row["step_s"])
-        rows.append(row)
-        print(f"{name}: {row['median_step_s'] * 1e3:.1f} ms/step, peak {row['peak_rss_bytes'] / 2**20:,.0f} MiB",
-              flush=True)
+    from benchmarks.bench import run_variant_workers
+
+    rows = run_variant_workers("benchmarks.moe", VARIANTS, steps, ROOT)
     by_name = {r["name"]: r for r in rows}
     ep, no_a2a = by_name["MoE expert=4 (4 CPU devices)"], by_name["MoE expert=4, all-to-all as identity"]
     share = 1.0 - no_a2a["median_step_s"] / ep["median_step_s"]
@@ -108,22 +94,9 @@ def markdown(report: dict) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--worker")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--quick", action="store_true", help="3 timed steps per variant")
-    parser.add_argument("--out", default=str(ROOT / "docs" / "results"))
-    args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(worker(args.worker, args.steps)))
-        return 0
-    report = run(3 if args.quick else args.steps)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_moe.json").write_text(json.dumps(report, indent=2))
-    (out / "bench_moe.md").write_text(markdown(report))
-    print(markdown(report))
-    return 0
+    from benchmarks.bench import variant_bench_main
+
+    return variant_bench_main(__doc__.splitlines()[0], "bench_moe", ROOT, worker, run, markdown)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ docs/results/bench_tokenizer.json and .md.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -75,12 +74,10 @@ def main() -> int:
     text = corpus_path("tinyshakespeare").read_text()
     split = int(0.9 * len(text))
     rows = [measure(text[:split], text[split:], int(v), args.rounds) for v in args.vocab_sizes.split(",")]
+    from benchmarks.bench import publish
+
     report = {"train_bytes": len(text[:split].encode()), "rows": rows}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_tokenizer.json").write_text(json.dumps(report, indent=2))
-    (out / "bench_tokenizer.md").write_text(markdown(report))
-    print(markdown(report))
+    publish(report, markdown(report), Path(args.out), "bench_tokenizer")
     return 0
 
 

@@ -80,3 +80,16 @@ def plot_val_curves(curves: dict, out_png: Path, title: str, figsize=(8, 5)) -> 
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)
     plt.close(fig)
+
+
+def run_cli(*argv: str) -> dict:
+    """Run the `jaxgpt` command line as users do and return its --json output (with its wall time)."""
+    import subprocess
+    import sys
+
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "jaxgpt.cli", *argv, "--json", "--no-progress"], check=True,
+                         stdout=subprocess.PIPE, text=True).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    result["wall_s"] = round(time.perf_counter() - t0, 1)
+    return result

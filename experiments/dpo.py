@@ -18,10 +18,11 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+from _common import run_cli  # noqa: E402  (experiments/ is on the path when run as a script)
+
 parser = argparse.ArgumentParser()
 parser.add_argument("--runs", default=str(ROOT / "runs"))
 parser.add_argument("--epochs", type=int, default=1)
@@ -31,13 +32,7 @@ args = parser.parse_args()
 runs = Path(args.runs)
 
 
-def jaxgpt(*argv: str) -> dict:
-    t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "jaxgpt.cli", *argv, "--json", "--no-progress"], check=True,
-                         stdout=subprocess.PIPE, text=True).stdout
-    result = json.loads(out.strip().splitlines()[-1])
-    result["wall_s"] = round(time.perf_counter() - t0, 1)
-    return result
+jaxgpt = run_cli  # the CLI, as users run it (--json output)
 
 
 sft = runs / "exp-instruct" / "model"

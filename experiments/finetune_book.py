@@ -13,12 +13,11 @@ Everything is written to docs/results/finetune_book.json (and the accuracy plot 
 import argparse
 import json
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+from _common import run_cli  # noqa: E402  (experiments/ is on the path when run as a script)
+
 parser = argparse.ArgumentParser()
 parser.add_argument("--pretrain-steps", type=int, default=400)
 parser.add_argument("--runs", default=str(ROOT / "runs"), help="where the runs go")
@@ -28,14 +27,7 @@ runs = Path(args.runs)
 base = runs / "exp-pretrain-bpe"
 
 
-def jaxgpt(*argv: str) -> dict:
-    """Run the CLI (as users do) and return its --json output."""
-    t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "jaxgpt.cli", *argv, "--json", "--no-progress"], check=True,
-                         stdout=subprocess.PIPE, text=True).stdout
-    result = json.loads(out.strip().splitlines()[-1])
-    result["wall_s"] = round(time.perf_counter() - t0, 1)
-    return result
+jaxgpt = run_cli  # the CLI, as users run it (--json output)
 
 
 if not (base / "checkpoints").is_dir():
