@@ -196,6 +196,21 @@ def time_calls(step, warmup: int, steps: int) -> dict:
             "peak_rss_bytes": _peak_rss_bytes()}
 
 
+def time_trainer(trainer, state, vocab_size: int, batch: int, seq: int, steps: int) -> dict:
+    """`time_calls` of a trainer's step on one fixed random batch (2 warm-up steps)."""
+    import jax
+    import numpy as np
+
+    x, y = (np.random.default_rng(0).integers(0, vocab_size, (batch, seq)).astype(np.int32) for _ in range(2))
+
+    def step():
+        nonlocal state
+        state, metrics = trainer(state, x, y)
+        jax.block_until_ready(metrics["loss"])
+
+    return time_calls(step, 2, steps)
+
+
 def run_variant_workers(module: str, names, steps: int, root: Path) -> list[dict]:
     """Run `python -m <module> --worker NAME --steps N` for each variant in its own process (clean
     memory figures, no shared compilation cache); rows with their median step time, printed as they come."""

@@ -27,10 +27,8 @@ VARIANTS = {  # name -> (devices, shards; 0: the ordinary step)
 def worker(name: str, steps: int) -> dict:
     devices, shards = VARIANTS[name]
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
-    import jax
-    import numpy as np
 
-    from benchmarks.bench import time_calls
+    from benchmarks.bench import time_trainer
     from jaxgpt.config import GPTConfig
     from jaxgpt.nn.model import GPT, init_params
     from jaxgpt.train.config import TrainConfig
@@ -42,15 +40,9 @@ def worker(name: str, steps: int) -> dict:
     model, tx = GPT(cfg), build_optimizer(TrainConfig(batch_size=BATCH, max_steps=1000, warmup_steps=10))
     trainer = DeterministicTrainer(model, tx, devices, shards) if shards else ParallelTrainer(model, tx, devices, 1)
     state = trainer.put_state(create_state(model, tx, init_params(cfg), 0))
-    rng = np.random.default_rng(0)
-    batch = [rng.integers(0, cfg.vocab_size, (BATCH, SEQ)).astype(np.int32) for _ in range(2)]
+    timing = time_trainer(trainer, state, cfg.vocab_size, BATCH, SEQ, steps)
 
-    def step():
-        nonlocal state
-        state, metrics = trainer(state, *batch)
-        jax.block_until_ready(metrics["loss"])
-
-    return {"name": name, "devices": devices, "shards": shards, **time_calls(step, 2, steps)}
+    return {"name": name, "devices": devices, "shards": shards, **timing}
 
 
 def run(steps: int) -> dict:

@@ -35,9 +35,8 @@ def worker(name: str, steps: int) -> dict:
     if mesh:
         os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
     import jax
-    import numpy as np
 
-    from benchmarks.bench import time_calls
+    from benchmarks.bench import time_trainer
     from jaxgpt.config import GPTConfig
     from jaxgpt.nn import moe
     from jaxgpt.nn.model import GPT, init_params, param_counts
@@ -57,16 +56,10 @@ def worker(name: str, steps: int) -> dict:
     trainer = (ShardedTrainer(model, tx, build_mesh(mesh), 1, jax.eval_shape(init)) if mesh
                else ParallelTrainer(model, tx, 1, 1))
     state = trainer.put_state(init())
-    rng = np.random.default_rng(0)
-    batch = [rng.integers(0, cfg.vocab_size, (BATCH, SEQ)).astype(np.int32) for _ in range(2)]
-
-    def step():
-        nonlocal state
-        state, metrics = trainer(state, *batch)
-        jax.block_until_ready(metrics["loss"])
+    timing = time_trainer(trainer, state, cfg.vocab_size, BATCH, SEQ, steps)
 
     counts = param_counts(cfg)
-    return {"name": name, "params": counts["total"], "active_params": counts["active"], **time_calls(step, 2, steps)}
+    return {"name": name, "params": counts["total"], "active_params": counts["active"], **timing}
 
 
 def run(steps: int) -> dict:
