@@ -6,8 +6,9 @@ finetuned on the book's data (2 epochs, prompt masked). Then:
 - preference pairs from the instruction *training* split, offline (chosen = the reference answer,
   rejected = another entry's answer: `jaxgpt finetune dpo-data --offline`; no judge model here);
 - `jaxgpt finetune dpo` (beta 0.1, all parameters, 10 % of the pairs held out for the metrics);
-- the book's test split answered by the model before and after DPO, scored by exact match and
-  ROUGE-L (`rouge-score`).
+- the book's validation split (55 entries, never trained on; the instruction finetuning only
+  reported its loss) answered by the model before and after DPO, scored by exact match and ROUGE-L
+  (`rouge-score`).
 Written to docs/results/dpo.json and docs/results/dpo.png.
 
     JAXGPT_DATA_DIR=../shared/data python experiments/dpo.py [--epochs 1] [--lr 5e-6]
@@ -46,7 +47,7 @@ from jaxgpt.finetune.dpo import offline_preferences  # noqa: E402
 from jaxgpt.finetune.instruct import respond, score_responses  # noqa: E402
 from jaxgpt.weights.checkpoint import load_for_inference  # noqa: E402
 
-train_e, test_e, _ = book_split(load_instruction_data(corpus_path("instruction-data")))
+train_e, val_e, _ = book_split(load_instruction_data(corpus_path("instruction-data")))  # (train, val, test)
 prefs = runs / "exp-dpo-prefs.json"
 prefs.write_text(json.dumps(offline_preferences(train_e, seed=0)))
 out = runs / "exp-dpo"
@@ -58,15 +59,15 @@ r = jaxgpt("finetune", "dpo", "--out", str(out), *extra)
 scores = {}
 for name, model_dir in (("before DPO (instruction model)", sft), ("after DPO", out / "model")):
     params, config, tokenizer = load_for_inference(model_dir)
-    answers = respond(params, config, tokenizer, test_e, max_new_tokens=64, progress=False)
-    scores[name] = score_responses([{**e, "model_response": a} for e, a in zip(test_e, answers)])
+    answers = respond(params, config, tokenizer, val_e, max_new_tokens=64, progress=False)
+    scores[name] = score_responses([{**e, "model_response": a} for e, a in zip(val_e, answers)])
     scores[name]["examples"] = [{"instruction": e["instruction"], "output": e["output"], "model_response": a}
-                                for e, a in list(zip(test_e, answers))[:3]]
+                                for e, a in list(zip(val_e, answers))[:3]]
     print(name, json.dumps({k: v for k, v in scores[name].items() if k != "examples"}), flush=True)
 
 result = {"command": "jaxgpt finetune dpo " + " ".join(extra).replace(str(runs), "runs"), "pairs": r["pairs"],
           "beta": args.beta, "history": r["history"], "params": r["params"], "wall_s": r["wall_s"],
-          "test_split_scores": scores}
+          "validation_split_scores": scores}
 (ROOT / "docs" / "results" / "dpo.json").write_text(json.dumps(result, indent=2))
 shutil.copy(out / "dpo.png", ROOT / "docs" / "results" / "dpo.png")
-print(json.dumps({k: v for k, v in result.items() if k != "test_split_scores"}, indent=1))
+print(json.dumps({k: v for k, v in result.items() if k != "validation_split_scores"}, indent=1))
