@@ -38,6 +38,16 @@ def test_layouts_that_cannot_keep_the_tree_are_refused(shards, devices, micro, b
         check_shards(shards, devices, micro, batch)
 
 
+def test_a_run_with_micro_batches_is_refused_before_training():
+    """The trainer is built from the run's config: micro_batches must reach the check, not be dropped."""
+    from jaxgpt.config import get_preset
+    from jaxgpt.train.config import TrainConfig
+    from jaxgpt.train.loop import _build_trainer
+
+    with pytest.raises(ConfigError, match="micro_batches"):
+        _build_trainer(get_preset("test"), TrainConfig(batch_size=8, micro_batches=2, deterministic_reduce=4))
+
+
 def test_bitwise_equal_on_1_2_and_4_devices():
     env = dict(os.environ, PYTHONPATH=str(HERE.parent))
     out = subprocess.run([sys.executable, str(HERE / "deterministic_equivalence.py")], env=env,

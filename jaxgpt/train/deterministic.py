@@ -69,12 +69,14 @@ class DeterministicTrainer:
     """The train step as `shard_grad` per shard, a fixed-tree sum and `finish`: bitwise the same
     parameters on any number of devices and processes. The interface of `ParallelTrainer`."""
 
-    def __init__(self, model: GPT, tx: optax.GradientTransformation, n_devices: int, shards: int) -> None:
+    def __init__(self, model: GPT, tx: optax.GradientTransformation, n_devices: int, shards: int,
+                 micro_batches: int = 1) -> None:
         available = jax.local_device_count()
         if not 1 <= n_devices <= available:
             raise ValueError(f"asked for {n_devices} devices but JAX sees {available} local device(s)")
         self.devices = jax.local_devices()[:n_devices]
         self.n_devices, self.shards, self.micro_batches = n_devices * jax.process_count(), shards, 1
+        self._configured_micro_batches = micro_batches  # refused by check_batch_size unless 1
         cfg, compute_dtype = model.config, resolve_dtype(model.config)
         grad_fn = make_loss_and_grad(model)
 
@@ -98,7 +100,7 @@ class DeterministicTrainer:
         self._processes = _ProcessExchange() if jax.process_count() > 1 else None
 
     def check_batch_size(self, batch_size: int) -> None:
-        check_shards(self.shards, self.n_devices, 1, batch_size)
+        check_shards(self.shards, self.n_devices, self._configured_micro_batches, batch_size)
 
     def abstract_state(self, abstract):
         return abstract if self._processes is None else self._processes.abstract(abstract)

@@ -141,7 +141,8 @@ def _build_trainer(model_cfg: GPTConfig, cfg: TrainConfig):
     init_state = lambda: create_state(model, tx, init_params(model_cfg, seed=cfg.seed), cfg.seed)  # noqa: E731
     abstract = jax.eval_shape(init_state)
     if cfg.deterministic_reduce:
-        trainer = DeterministicTrainer(model, tx, _deterministic_devices(cfg, model_cfg), cfg.deterministic_reduce)
+        trainer = DeterministicTrainer(model, tx, _deterministic_devices(cfg, model_cfg), cfg.deterministic_reduce,
+                                       cfg.micro_batches)
         abstract = trainer.abstract_state(abstract)
     elif cfg.mesh:
         trainer = ShardedTrainer(model, tx, build_mesh(cfg.mesh), cfg.micro_batches, abstract)
