@@ -11,50 +11,20 @@ row frees the batch.
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import queue
 import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
 
 from jaxgpt.config import GPTConfig
 from jaxgpt.inference.generate import Decoder
-
-
-@dataclass
-class Job:
-    """One completion request as the batcher sees it; `events` carries its output to the client."""
-
-    prompt_ids: list
-    max_tokens: int
-    temperature: float
-    top_p: Optional[float]
-    top_k: Optional[int]
-    seed: Optional[int]
-    stop: list
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    ids: list = field(default_factory=list)
-    text: str = ""
-    finish_reason: Optional[str] = None
-
-    def group_key(self) -> tuple:
-        """Jobs decoded together must share sampling settings; a seeded sampled job runs alone
-        (its samples would otherwise depend on its row in the batch)."""
-        if self.temperature == 0:
-            return ("greedy",)
-        if self.seed is not None:
-            return ("seeded", id(self))
-        return ("sampled", self.temperature, self.top_p, self.top_k)
-
-    def send(self, event: dict) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+from jaxgpt.inference.metrics import ServingMetrics
+from jaxgpt.inference.requests import RequestQueue
 
 
 def _bucket(n: int, smallest: int = 1) -> int:
@@ -64,21 +34,22 @@ def _bucket(n: int, smallest: int = 1) -> int:
     return size
 
 
-class Batcher:
+class Batcher(RequestQueue):
     """Dynamic batching over `Decoder.generate_batch`, in one thread that owns the model."""
 
+    kind = "dynamic"
+
     def __init__(self, params, config: GPTConfig, tokenizer, *, max_batch: int = 8, batch_wait_s: float = 0.02,
-                 max_tokens_limit: int = 256) -> None:
+                 max_tokens_limit: int = 256, max_queue: int = 64, metrics: Optional[ServingMetrics] = None) -> None:
+        super().__init__(tokenizer, max_queue=max_queue, metrics=metrics)
         # the decoding copy once (GPT-2's blocks, kernels transposed on CPU), not per batch
         self.decoder = Decoder(params, config)
         self.config = self.decoder.config
-        self.tokenizer = tokenizer
         self.max_batch, self.batch_wait_s = max_batch, batch_wait_s
         self.max_tokens_limit = min(max_tokens_limit, config.context_length - 1)
-        self.queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="jaxgpt-batcher", daemon=True)
         self.batches = 0  # decode calls so far
-        self.cancelled_rows = 0  # rows stopped because their client left
+        self._set_aside: list = []  # jobs that did not fit the last batch, oldest first
 
     def shapes(self, n_jobs: int, longest_prompt: int, most_tokens: int) -> tuple[int, int, int]:
         """(batch, padded prompt length, token budget), bucketed so that few programs are compiled.
@@ -106,37 +77,64 @@ class Batcher:
                                             eos_id=self.tokenizer.eot_id, on_token=lambda t, s: np.ones(len(t), bool))
         self._thread.start()
 
-    def submit(self, job: Job) -> None:
-        self.queue.put(job)
+    def shutdown(self, drain_s: float = 10.0) -> None:
+        """Refuse new requests and answer the waiting ones (503); the running batch finishes."""
+        self.closing.set()
+        self.answer_waiting("the server is shutting down", 503)
+        for job in self._set_aside:
+            if job is not None:
+                job.fail("the server is shutting down", 503)
+        self._set_aside = [None]  # wakes the thread, which then ends
+        with contextlib.suppress(queue.Full):
+            self.queue.put_nowait(None)
+        self._thread.join(timeout=drain_s + 30)
 
-    def _collect(self) -> list:
-        first = self.queue.get()
+    def _next(self, timeout: Optional[float] = None):
+        """The next job: one set aside by an earlier batch first (in arrival order), then the queue."""
+        if self._set_aside:
+            return self._set_aside.pop(0)
+        return self.queue.get(timeout=timeout)
+
+    def _collect(self) -> Optional[list]:
+        first = self._next()
+        if first is None:  # shutdown
+            return None
         jobs, deferred = [first], []
         deadline = time.monotonic() + self.batch_wait_s
         while len(jobs) < self.max_batch:
             try:
-                job = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                job = self._next(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
+                break
+            if job is None:
+                deferred.append(job)
                 break
             same = job.group_key() == first.group_key() and self.fits(jobs + [job])
             (jobs if same else deferred).append(job)
-        for job in deferred:
-            self.queue.put(job)
+        self._set_aside = deferred + self._set_aside  # never back into the bounded queue (it may be full)
+        self.metrics.queue_length.set(self.queue.qsize() + len(self._set_aside))
         return [j for j in jobs if not j.cancelled.is_set()]
 
     def _run(self) -> None:
         while True:
             jobs = self._collect()
+            if jobs is None:
+                return
             if jobs:
+                self.metrics.running_rows.set(len(jobs))
                 try:
                     self._decode(jobs)
                 except Exception as e:  # noqa: BLE001 - report to the clients (no internals), keep serving
                     traceback.print_exception(e, file=sys.stderr)
                     for job in jobs:
-                        job.send({"error": "decoding failed (details are in the server's log)"})
+                        if job.finish_reason is None:
+                            job.fail("decoding failed (details are in the server's log)", 500)
+                self.metrics.running_rows.set(0)
 
     def _decode(self, jobs: list) -> None:
         self.batches += 1
+        for job in jobs:
+            self.metrics.prompt_tokens.inc(len(job.prompt_ids))
         b, longest, budget = self.shapes(len(jobs), max(len(j.prompt_ids) for j in jobs),
                                          max(j.max_tokens for j in jobs))
         rows = [j.prompt_ids for j in jobs] + [[self.tokenizer.eot_id]] * (b - len(jobs))  # filler rows
@@ -145,51 +143,12 @@ class Batcher:
         def on_token(tokens_b, step):
             stop = np.ones(len(tokens_b), bool)  # padding rows stop at once
             for r, job in enumerate(jobs):
-                stop[r] = self._advance(job, int(tokens_b[r]), step)
+                stop[r] = self.take_token(job, int(tokens_b[r]))
             return stop
 
         self.decoder.generate_batch(rows, budget, temperature=first.temperature, top_k=first.top_k,
-                       top_p=first.top_p, seed=first.seed if first.seed is not None else int(time.time_ns() % 2**31),
-                       eos_id=self.tokenizer.eot_id, on_token=on_token, pad_to=longest)
+                                    top_p=first.top_p, seed=first.row_seed, eos_id=self.tokenizer.eot_id,
+                                    on_token=on_token, pad_to=longest)
         for job in jobs:
-            if job.finish_reason is None:
-                job.finish_reason = "length"
-            job.send({"done": True})
-
-    def _advance(self, job: Job, token: int, step: int) -> bool:
-        """Take one token for `job`; True when the row must stop."""
-        if job.finish_reason is not None:
-            return True
-        if job.cancelled.is_set():
-            job.finish_reason = "cancelled"
-            self.cancelled_rows += 1
-            return True
-        if token == self.tokenizer.eot_id:
-            job.finish_reason = "stop"
-            return True
-        if token >= self.tokenizer.vocab_size:  # a model wider than its tokenizer (e.g. a padded vocabulary)
-            job.send({"error": f"the model produced token id {token}, which its tokenizer "
-                               f"({self.tokenizer.vocab_size} tokens) cannot decode"})
-            job.finish_reason = "error"
-            return True
-        job.ids.append(token)
-        text = self.tokenizer.decode(job.ids)
-        if text.endswith("\ufffd") and len(job.ids) < job.max_tokens:
-            return False  # the rest of a multi-byte character comes with the next token
-        new = text[len(job.text):]
-        for s in job.stop:
-            cut = text.find(s, max(0, len(job.text) - len(s)))
-            if cut != -1:
-                new = text[len(job.text):cut]
-                job.text = text[:cut]
-                job.finish_reason = "stop"
-                if new:
-                    job.send({"text": new})
-                return True
-        job.text = text
-        if new:
-            job.send({"text": new})
-        if len(job.ids) >= job.max_tokens:
-            job.finish_reason = "length"
-            return True
-        return False
+            if job.finish_reason is None:  # the budget ran out (or every row stopped) before it did
+                job.finish("length")

@@ -65,3 +65,20 @@ def check_sampling(max_new_tokens, temperature, top_k, top_p) -> None:
 def sampling_args(seed, temperature, top_k, top_p, eos_id):
     return (jax.random.key(seed), jnp.float32(temperature), jnp.int32(top_k or 0),
             jnp.float32(top_p if top_p is not None else 1.0), jnp.int32(-1 if eos_id is None else eos_id))
+
+
+def sample_rows(keys_b: Array, logits_bv: Array, temperature_b: Array, top_k_b: Array, top_p_b: Array) -> Array:
+    """One token per row, each row with its own settings and its own key (continuous batching).
+
+    The rules are `sample_next`'s, row by row: temperature 0 → argmax; top_k 0 and top_p 1 switch
+    those filters off. A row's draw depends only on its key and its logits, never on the other
+    rows, so a seeded request samples the same text whichever requests share its batch. The
+    vocabulary sort runs only when some row filters (`lax.cond` on the whole batch).
+    """
+    logits_bv = logits_bv.astype(jnp.float32)
+    scaled_bv = logits_bv / jnp.maximum(temperature_b, 1e-6)[:, None]
+    filtering = jnp.any((top_k_b > 0) | (top_p_b < 1.0))
+    scaled_bv = jax.lax.cond(filtering, lambda x: _filter_top_k_top_p(x, top_k_b[:, None], top_p_b[:, None]),
+                             lambda x: x, scaled_bv)
+    sampled_b = jax.vmap(lambda key, row_v: jax.random.categorical(key, row_v))(keys_b, scaled_bv)
+    return jnp.where(temperature_b > 0, sampled_b, jnp.argmax(logits_bv, axis=-1)).astype(jnp.int32)

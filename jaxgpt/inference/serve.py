@@ -1,8 +1,11 @@
-"""`jaxgpt serve`: an OpenAI-style completions API and a web playground over the KV-cache decoder.
+"""`jaxgpt serve`: OpenAI-style completions and chat APIs, Prometheus metrics and a web playground
+over the KV-cache decoder.
 
-Requests are decoded by a `jaxgpt.inference.batcher.Batcher` (one thread that owns the model).
-The FastAPI app validates strictly (unknown fields, ranges, prompt length, body size: 4xx with an
-OpenAI-shaped error) and streams with server-sent events.
+Requests are decoded by one thread that owns the model: `ContinuousBatcher` (default; rows join and
+leave between decoding steps) or the older dynamic `Batcher` (`--batching dynamic`). The FastAPI
+app validates strictly (unknown fields, ranges, prompt length, body size: 4xx with an OpenAI-shaped
+error), bounds the waiting queue (429 with Retry-After), times requests out (504), streams with
+server-sent events, and on shutdown answers every waiting client (503) and lets running rows finish.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the request model's annotations at
@@ -10,43 +13,32 @@ OpenAI-shaped error) and streams with server-sent events.
 import asyncio
 import contextlib
 import json
-import sys
 import time
-import traceback
 import uuid
 from importlib import resources
 from typing import Optional, Union
 
 from jaxgpt.config import GPTConfig
-from jaxgpt.inference.batcher import Batcher, Job
+from jaxgpt.inference.batcher import Batcher
+from jaxgpt.inference.chat import ROLES, ChatError, chat_prompt
+from jaxgpt.inference.continuous import ContinuousBatcher
+from jaxgpt.inference.http_plumbing import CountResponses, add_request_checks, error_response, server_error
+from jaxgpt.inference.requests import Job, QueueFull, ShuttingDown
 
-MAX_BODY_BYTES = 1 << 20  # 1 MiB
 MAX_PROMPT_CHARS = 100_000
+RETRY_AFTER_S = 1  # what a 429 asks the client to wait
+RETRY_AFTER_S = 1  # what a 429 asks the client to wait
 
 
-def _error(status: int, message: str, param: Optional[str] = None):
-    """An OpenAI-shaped error response."""
-    from fastapi.responses import JSONResponse
+def _request_models(limit: int, vocab_size: int):
+    """The pydantic models of a completion and a chat request, with bounds from the served model."""
+    from typing import Literal
 
-    return JSONResponse(status_code=status, content={
-        "error": {"message": message, "type": "invalid_request_error", "param": param, "code": None}})
-
-
-def _server_error(message: str):
-    from fastapi.responses import JSONResponse
-
-    return JSONResponse(status_code=500, content={"error": {"message": message, "type": "server_error",
-                                                            "param": None, "code": None}})
-
-
-def _request_model(limit: int, vocab_size: int):
-    """The pydantic model of a completion request, with bounds from the served model."""
     from pydantic import BaseModel, ConfigDict, Field
 
-    class CompletionRequest(BaseModel):
+    class Sampling(BaseModel):
         model_config = ConfigDict(extra="forbid")
         model: Optional[str] = None
-        prompt: str = Field(max_length=MAX_PROMPT_CHARS)
         max_tokens: int = Field(16, ge=1, le=limit)
         temperature: float = Field(1.0, ge=0.0, le=2.0)
         top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -55,75 +47,34 @@ def _request_model(limit: int, vocab_size: int):
         seed: Optional[int] = Field(None, ge=0, le=2**31 - 1)
         stream: bool = False
 
-    return CompletionRequest
+    class CompletionRequest(Sampling):
+        prompt: str = Field(max_length=MAX_PROMPT_CHARS)
+
+    class Message(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        role: Literal[ROLES]
+        content: str = Field(max_length=MAX_PROMPT_CHARS)
+
+    class ChatRequest(Sampling):
+        messages: list[Message] = Field(max_length=256)
+
+    return CompletionRequest, ChatRequest
 
 
-class BodyLimit:
-    """ASGI middleware: a request body over `limit` bytes gets a 413 while it is being read, whether
-    it announces its length or comes in chunks (it is never read past the limit)."""
-
-    def __init__(self, app, limit: int = MAX_BODY_BYTES) -> None:
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        size = headers.get(b"content-length", b"").decode("latin-1")
-        if size.isdigit() and int(size) > self.limit:
-            return await _error(413, f"request body of {size} bytes exceeds the limit of {self.limit} bytes")(
-                scope, receive, send)
-        messages, total = [], 0
-        while True:  # read the whole (bounded) body first, then replay it to the app
-            message = await receive()
-            messages.append(message)
-            if message["type"] != "http.request":
-                break
-            total += len(message.get("body", b""))
-            if total > self.limit:
-                return await _error(413, f"request body exceeds the limit of {self.limit} bytes")(scope, receive, send)
-            if not message.get("more_body", False):
-                break
-
-        async def replay():
-            return messages.pop(0) if messages else await receive()
-
-        return await self.app(scope, replay, send)
-
-
-def _add_request_checks(app) -> None:
-    """Body-size limit, validation errors as 4xx responses that say what is wrong, and no internal
-    detail in any other error (it goes to the server's log)."""
-    from fastapi import Request
-    from fastapi.exceptions import RequestValidationError
-
-    app.add_middleware(BodyLimit)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "body"
-        kind = first.get("type", "")
-        if kind == "json_invalid":
-            return _error(400, f"request body is not valid JSON: {first.get('ctx', {}).get('error', '')}".strip())
-        if kind == "extra_forbidden":
-            return _error(400, f"unknown field {where!r}", where)
-        return _error(400, f"{where}: {first.get('msg', 'invalid value')}", where)
-
-    @app.exception_handler(Exception)
-    async def internal(request: Request, exc: Exception):
-        traceback.print_exception(exc, file=sys.stderr)
-        return _server_error("internal server error (details are in the server's log)")
-
-
-def _add_info_routes(app, batcher: Batcher, config: GPTConfig, model_name: str) -> None:
-    """/health, /v1/models and the playground at /."""
-    from fastapi.responses import HTMLResponse
+def _add_info_routes(app, batcher, config: GPTConfig, model_name: str) -> None:
+    """/health, /metrics, /v1/models and the playground at /."""
+    from fastapi.responses import HTMLResponse, Response
 
     @app.get("/health")
     def health():
-        return {"status": "ok", "model": model_name, "batches_decoded": batcher.batches,
+        return {"status": "shutting down" if batcher.closing.is_set() else "ok", "model": model_name,
+                "batching": batcher.kind, "batches_decoded": batcher.batches,
                 "cancelled_rows": batcher.cancelled_rows, "queued": batcher.queue.qsize()}
+
+    @app.get("/metrics")
+    def metrics():
+        body, content_type = batcher.metrics.render()
+        return Response(content=body, media_type=content_type)
 
     @app.get("/v1/models")
     def models():
@@ -135,14 +86,28 @@ def _add_info_routes(app, batcher: Batcher, config: GPTConfig, model_name: str) 
         return (resources.files("jaxgpt.inference") / "playground.html").read_text(encoding="utf-8")
 
 
+async def _next_event(job: Job) -> dict:
+    """The job's next event, or a timeout error once its time is up (the row is then cancelled)."""
+    left = None if job.timeout_s is None else job.timeout_s - (time.monotonic() - job.submitted_at)
+    try:
+        return await asyncio.wait_for(job.events.get(), timeout=None if left is None else max(left, 0.0))
+    except asyncio.TimeoutError:
+        job.cancelled.set()
+        return {"error": f"request timed out after {job.timeout_s:g} s ({len(job.ids)} tokens generated)",
+                "status": 504}
+
+
 def _sse_events(job: Job, chunk):
-    """The server-sent events of a streamed completion; a client that leaves cancels its row."""
+    """The server-sent events of a streamed answer; a client that leaves cancels its row."""
     async def events():
         try:
+            first = chunk(None, None)  # the opening chunk (chat: the assistant role), or None
+            if first is not None:
+                yield f"data: {json.dumps(first)}\n\n"
             while True:
-                event = await job.events.get()
+                event = await _next_event(job)
                 if "error" in event:
-                    yield f"data: {json.dumps({'error': {'message': event['error']}})}\n\n"
+                    yield f"data: {json.dumps({'error': {'message': event['error'], 'code': event['status']}})}\n\n"
                     return
                 if event.get("done"):
                     yield f"data: {json.dumps(chunk('', job.finish_reason))}\n\n"
@@ -155,73 +120,152 @@ def _sse_events(job: Job, chunk):
     return events()
 
 
-def build_app(params, config: GPTConfig, tokenizer, *, model_name: str = "jaxgpt", max_batch: int = 8,
-              batch_wait_s: float = 0.02, max_tokens_limit: int = 256, warmup: bool = True):
-    """The FastAPI app (the batcher thread starts with it)."""
-    from fastapi import FastAPI, Request
-    from fastapi.responses import StreamingResponse
+class _Answering:
+    """Turns a checked request into a job, queues it, and answers it (JSON or a stream)."""
 
-    batcher = Batcher(params, config, tokenizer, max_batch=max_batch, batch_wait_s=batch_wait_s,
-                      max_tokens_limit=max_tokens_limit)
-    CompletionRequest = _request_model(batcher.max_tokens_limit, config.vocab_size)
+    def __init__(self, batcher, config: GPTConfig, tokenizer, model_name: str, timeout_s: Optional[float]) -> None:
+        self.batcher, self.config, self.tokenizer = batcher, config, tokenizer
+        self.model_name, self.timeout_s = model_name, timeout_s
+
+    def job(self, req, prompt: str, extra_stops: list, param: str):
+        """(job, None) or (None, the 4xx response saying what is wrong)."""
+        if req.model not in (None, self.model_name):
+            return None, error_response(404, f"model {req.model!r} is not served here; GET /v1/models lists "
+                                f"{self.model_name!r}", "model")
+        try:
+            prompt_ids = self.tokenizer.encode(prompt) or [self.tokenizer.eot_id]
+        except Exception as e:  # noqa: BLE001 - a character outside a char vocabulary, a special token, ...
+            return None, error_response(400, f"{param} cannot be encoded by this model's tokenizer: "
+                                f"{str(e).splitlines()[0][:200]}", param)
+        if max(prompt_ids) >= self.config.vocab_size:
+            return None, error_response(400, f"{param} encodes to token id {max(prompt_ids)}, outside the model's "
+                                f"vocabulary of {self.config.vocab_size}", param)
+        room = self.config.context_length - len(prompt_ids)
+        if room < 1:
+            return None, error_response(400, f"{param} is {len(prompt_ids)} tokens; the context window is "
+                                f"{self.config.context_length}", param)
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            return None, error_response(400, "stop takes at most 4 non-empty strings", "stop")
+        return Job(prompt_ids, min(req.max_tokens, room), req.temperature, None if req.top_p >= 1.0 else req.top_p,
+                   req.top_k, req.seed, stops + extra_stops, asyncio.get_running_loop(), asyncio.Queue(),
+                   timeout_s=self.timeout_s), None
+
+    async def answer(self, job: Job, stream: bool, chunk, body):
+        """Queue `job`; stream `chunk(text, finish)` events, or answer `body(text, finish, usage)`."""
+        from fastapi.responses import StreamingResponse
+
+        try:
+            self.batcher.submit(job)
+        except QueueFull as e:
+            return error_response(429, f"the server is busy ({e}); retry in {RETRY_AFTER_S} s",
+                          headers={"Retry-After": str(RETRY_AFTER_S)})
+        except ShuttingDown as e:
+            return error_response(503, str(e))
+        if stream:
+            return StreamingResponse(_sse_events(job, chunk), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        while True:
+            event = await _next_event(job)
+            if "error" in event:
+                return server_error(event["error"]) if event["status"] == 500 else error_response(event["status"],
+                                                                                           event["error"])
+            if event.get("done"):
+                break
+        n_prompt = len(job.prompt_ids)
+        return body(job.text, job.finish_reason, {"prompt_tokens": n_prompt, "completion_tokens": len(job.ids),
+                                                  "total_tokens": n_prompt + len(job.ids)})
+
+
+def _add_completion_routes(app, answering: _Answering, limit: int, vocab_size: int) -> None:
+    """POST /v1/completions and POST /v1/chat/completions."""
+    CompletionRequest, ChatRequest = _request_models(limit, vocab_size)
+    name = answering.model_name
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        job, refusal = answering.job(req, req.prompt, [], "prompt")
+        if refusal is not None:
+            return refusal
+        cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+
+        def chunk(text, finish):
+            if text is None:
+                return None
+            return {"id": cid, "object": "text_completion", "created": created, "model": name,
+                    "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
+
+        def body(text, finish, usage):
+            return {**chunk(text, finish), "usage": usage}
+
+        return await answering.answer(job, req.stream, chunk, body)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatRequest):
+        messages = [m.model_dump() for m in req.messages]
+        try:
+            prompt, stops = chat_prompt(answering.tokenizer, messages)
+        except ChatError as e:
+            return error_response(400, str(e), "messages")
+        job, refusal = answering.job(req, prompt, stops, "messages")
+        if refusal is not None:
+            return refusal
+        cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        head = {"id": cid, "created": created, "model": name}
+
+        def chunk(text, finish):
+            delta = {"role": "assistant", "content": ""} if text is None else ({"content": text} if text else {})
+            return {**head, "object": "chat.completion.chunk",
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+        def body(text, finish, usage):
+            return {**head, "object": "chat.completion", "usage": usage,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                 "logprobs": None, "finish_reason": finish}]}
+
+        return await answering.answer(job, req.stream, chunk, body)
+
+
+def make_batcher(params, config: GPTConfig, tokenizer, *, batching: str = "continuous", max_batch: int = 8,
+                 batch_wait_s: float = 0.02, max_tokens_limit: int = 256, max_queue: int = 64,
+                 prefill_chunk: int = 64):
+    """The scheduler that owns the model: "continuous" (slots = `max_batch`) or "dynamic"."""
+    if batching == "continuous":
+        return ContinuousBatcher(params, config, tokenizer, slots=max_batch, prefill_chunk=prefill_chunk,
+                                 max_tokens_limit=max_tokens_limit, max_queue=max_queue)
+    if batching == "dynamic":
+        return Batcher(params, config, tokenizer, max_batch=max_batch, batch_wait_s=batch_wait_s,
+                       max_tokens_limit=max_tokens_limit, max_queue=max_queue)
+    raise ValueError(f"batching must be 'continuous' or 'dynamic', got {batching!r}")
+
+
+def build_app(params, config: GPTConfig, tokenizer, *, model_name: str = "jaxgpt", warmup: bool = True,
+              request_timeout_s: Optional[float] = 300.0, drain_s: float = 10.0, **batching):
+    """The FastAPI app; its scheduler thread starts (after compiling) and stops (draining) with it.
+    `batching`: the keyword arguments of `make_batcher`."""
+    from fastapi import FastAPI
+
+    batcher = make_batcher(params, config, tokenizer, **batching)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         batcher.start(warmup=warmup)  # compiles the decoder before the first request is accepted
         yield
+        await asyncio.get_running_loop().run_in_executor(None, batcher.shutdown, drain_s)
 
     app = FastAPI(title="jaxgpt", version="0.1.0", lifespan=lifespan)
-    _add_request_checks(app)
+    add_request_checks(app)
+    app.add_middleware(CountResponses, metrics=batcher.metrics)
     _add_info_routes(app, batcher, config, model_name)
-
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, request: Request):
-        if req.model not in (None, model_name):
-            return _error(404, f"model {req.model!r} is not served here; GET /v1/models lists {model_name!r}", "model")
-        try:
-            prompt_ids = tokenizer.encode(req.prompt) or [tokenizer.eot_id]
-        except Exception as e:  # noqa: BLE001 - a character outside a char vocabulary, a special token, ...
-            return _error(400, f"prompt cannot be encoded by this model's tokenizer: {str(e).splitlines()[0][:200]}",
-                          "prompt")
-        if max(prompt_ids) >= config.vocab_size:
-            return _error(400, f"prompt encodes to token id {max(prompt_ids)}, outside the model's vocabulary of "
-                          f"{config.vocab_size}", "prompt")
-        room = config.context_length - len(prompt_ids)
-        if room < 1:
-            return _error(400, f"prompt is {len(prompt_ids)} tokens; the context window is {config.context_length}", "prompt")
-        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            return _error(400, "stop takes at most 4 non-empty strings", "stop")
-        loop = asyncio.get_running_loop()
-        job = Job(prompt_ids, min(req.max_tokens, room), req.temperature, None if req.top_p >= 1.0 else req.top_p,
-                  req.top_k, req.seed, stops, loop, asyncio.Queue())
-        batcher.submit(job)
-        cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-
-        def chunk(text: str, finish: Optional[str]) -> dict:
-            return {"id": cid, "object": "text_completion", "created": created, "model": model_name,
-                    "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
-
-        if req.stream:
-            return StreamingResponse(_sse_events(job, chunk), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-        while True:
-            event = await job.events.get()
-            if "error" in event:
-                return _server_error(event["error"])
-            if event.get("done"):
-                break
-        body = chunk(job.text, job.finish_reason)
-        body["usage"] = {"prompt_tokens": len(prompt_ids), "completion_tokens": len(job.ids),
-                         "total_tokens": len(prompt_ids) + len(job.ids)}
-        return body
-
+    answering = _Answering(batcher, config, tokenizer, model_name, request_timeout_s)
+    _add_completion_routes(app, answering, batcher.max_tokens_limit, config.vocab_size)
     app.state.batcher = batcher
     return app
 
 
-def check_serving_options(port: int, max_batch: int, batch_wait_s: float, max_tokens_limit: int) -> None:
+def check_serving_options(port: int, max_batch: int, batch_wait_s: float, max_tokens_limit: int,
+                          max_queue: int = 64, request_timeout_s: Optional[float] = 300.0,
+                          prefill_chunk: int = 64, batching: str = "continuous") -> None:
     """Refuse at start-up what would serve something else than announced."""
     if not 1 <= port <= 65535:
         raise ValueError(f"--port must be in 1..65535, got {port}")
@@ -231,13 +275,21 @@ def check_serving_options(port: int, max_batch: int, batch_wait_s: float, max_to
         raise ValueError(f"--batch-wait-ms must be in [0, 10000], got {batch_wait_s * 1000:g}")
     if max_tokens_limit < 1:
         raise ValueError(f"--max-tokens-limit must be at least 1, got {max_tokens_limit}")
+    if max_queue < 1:
+        raise ValueError(f"--max-queue must be at least 1, got {max_queue}")
+    if request_timeout_s is not None and request_timeout_s <= 0:
+        raise ValueError(f"--request-timeout-s must be positive, got {request_timeout_s:g}")
+    if prefill_chunk < 1 or prefill_chunk & (prefill_chunk - 1):
+        raise ValueError(f"--prefill-chunk must be a power of two, got {prefill_chunk}")
+    if batching not in ("continuous", "dynamic"):
+        raise ValueError(f"--batching must be 'continuous' or 'dynamic', got {batching!r}")
 
 
 def serve(params, config: GPTConfig, tokenizer, *, host: str = "127.0.0.1", port: int = 8000,
-          model_name: str = "jaxgpt", **batching) -> None:
+          model_name: str = "jaxgpt", request_timeout_s: Optional[float] = 300.0, drain_s: float = 10.0,
+          **batching) -> None:
     import uvicorn
 
-    check_serving_options(port, batching.get("max_batch", 8), batching.get("batch_wait_s", 0.02),
-                          batching.get("max_tokens_limit", 256))
-    app = build_app(params, config, tokenizer, model_name=model_name, **batching)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    app = build_app(params, config, tokenizer, model_name=model_name, request_timeout_s=request_timeout_s,
+                    drain_s=drain_s, **batching)
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=drain_s + 5)

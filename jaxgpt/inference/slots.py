@@ -1,0 +1,132 @@
+"""The compiled half of continuous batching: a KV cache of fixed decoding slots, chunked prefill
+into one slot, and one decoding step for all slots.
+
+Each slot owns one row of the cache, as long as the context (every layer kind: full softmax
+keys/values, a local layer's ring, a latent cache, a linear-attention state), laid out (slots, 1,
+…) so that one slot is exactly the batch-1 cache the model reads. A slot's row is written from
+column 0: its tokens sit at columns 0, 1, … with positions equal to columns, so no padding and no
+per-row offsets. The decoding step runs the model on every slot at once with `jax.vmap` over the
+slots (each slot writes its token at its own column); rows never mix, so a row's logits do not
+depend on what the other slots hold.
+
+Prefill writes a prompt in exact chunks whose lengths are powers of two up to `prefill_chunk`
+(a 37-token prompt with chunk 16: 16 + 16 + 4 + 1), so padding never reaches a ring or a
+recurrent state, and the compiled prefill shapes are log2(prefill_chunk) + 1, all compiled at
+start-up with the step.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgpt.config import GPTConfig
+from jaxgpt.inference.kv_cache import init_cache
+from jaxgpt.inference.sampling import sample_rows
+from jaxgpt.nn.model import GPT
+
+Array = jax.Array
+
+
+def chunk_lengths(n_tokens: int, prefill_chunk: int) -> list[int]:
+    """The exact prefill chunks of an `n_tokens` prompt: full chunks, then the remainder's binary digits."""
+    full, rest = divmod(n_tokens, prefill_chunk)
+    return [prefill_chunk] * full + [1 << b for b in reversed(range(rest.bit_length())) if rest >> b & 1]
+
+
+def _row(cache_s, slot):
+    return jax.tree.map(lambda c: jax.lax.dynamic_index_in_dim(c, slot, 0, keepdims=False), cache_s)
+
+
+def _put_row(cache_s, row, slot):
+    return jax.tree.map(lambda c, r: jax.lax.dynamic_update_index_in_dim(c, r.astype(c.dtype), slot, 0), cache_s, row)
+
+
+def _prefill(params, cache_s, slot, tokens_1c, start, *, config: GPTConfig):
+    """Write a chunk of a prompt at columns start … start+c-1 of `slot`; the logits of its last token.
+    At start 0 the slot's row is emptied first (a new request: a ring's columns and a linear
+    state must not keep the previous occupant's)."""
+    length, c = config.context_length, tokens_1c.shape[1]
+    empty = init_cache(config, 1, length)
+    row = jax.tree.map(lambda old, new: jnp.where(start == 0, new.astype(old.dtype), old), _row(cache_s, slot), empty)
+    cols_c = start + jnp.arange(c)
+    mask_1cs = jnp.arange(length)[None, None, :] <= cols_c[None, :, None]
+    logits_1cv, row = GPT(config).apply(params, tokens_1c, positions_bt=cols_c[None], cache=row, cache_index=start,
+                                        mask_bts=mask_1cs)
+    return _put_row(cache_s, row, slot), logits_1cv[0, -1]
+
+
+def _step(params, cache_s, tokens_s, cols_s, seeds_s, counts_s, temperature_s, top_k_s, top_p_s, *, config: GPTConfig):
+    """Every slot writes its last token at its column and samples its next one (per-row settings;
+    row r's key is fold_in(key(seed_r), count_r): its own, whatever the other rows are)."""
+    model, length = GPT(config), config.context_length
+
+    def one(row, token, col):
+        mask_11s = (jnp.arange(length) <= col)[None, None, :]
+        logits_11v, row = model.apply(params, token[None, None], positions_bt=col[None, None], cache=row,
+                                      cache_index=col, mask_bts=mask_11s)
+        return logits_11v[0, 0], row
+
+    logits_sv, cache_s = jax.vmap(one)(cache_s, tokens_s, cols_s)
+    return cache_s, sample_rows(row_keys(seeds_s, counts_s), logits_sv, temperature_s, top_k_s, top_p_s)
+
+
+def row_keys(seeds_b: Array, counts_b: Array) -> Array:
+    """Row r's sampling key for its token number counts_b[r]: fold_in(key(seed), count)."""
+    return jax.vmap(lambda seed, n: jax.random.fold_in(jax.random.key(seed), n))(seeds_b, counts_b)
+
+
+@jax.jit
+def _first_token(logits_v, seed, temperature, top_k, top_p):
+    one = lambda x, dtype: jnp.asarray(x, dtype)[None]  # noqa: E731
+    keys = row_keys(one(seed, jnp.uint32), one(0, jnp.uint32))
+    return sample_rows(keys, logits_v[None], one(temperature, jnp.float32), one(top_k, jnp.int32),
+                       one(top_p, jnp.float32))[0]
+
+
+class SlotDecoder:
+    """`slots` rows of KV cache and the compiled prefill and step over them (one thread uses it)."""
+
+    def __init__(self, params, config: GPTConfig, slots: int, prefill_chunk: int) -> None:
+        if slots < 1:
+            raise ValueError(f"slots must be at least 1, got {slots}")
+        if prefill_chunk < 1 or prefill_chunk & (prefill_chunk - 1):
+            raise ValueError(f"prefill_chunk must be a power of two, got {prefill_chunk}")
+        self.params, self.config, self.slots = params, config, slots
+        self.prefill_chunk = min(prefill_chunk, 1 << (config.context_length.bit_length() - 1))
+        row = init_cache(config, 1, config.context_length)
+        self.cache = jax.tree.map(lambda x: jnp.repeat(x[None], slots, axis=0), row)
+        self._prefill = jax.jit(partial(_prefill, config=config), donate_argnums=(1,))
+        self._step = jax.jit(partial(_step, config=config), donate_argnums=(1,))
+
+    def compile_all(self) -> None:
+        """Run every prefill shape and the step once (on slot 0), so no request waits for a compile."""
+        size = 1
+        while size <= self.prefill_chunk:
+            self.cache, logits_v = self._prefill(self.params, self.cache, 0, jnp.zeros((1, size), jnp.int32), 0)
+            size *= 2
+        _first_token(logits_v, 0, 1.0, 0, 1.0).block_until_ready()
+        zeros = np.zeros(self.slots, np.int32)
+        self.step(zeros, zeros, zeros.astype(np.uint32), zeros.astype(np.uint32), np.ones(self.slots, np.float32),
+                  zeros, np.ones(self.slots, np.float32))
+
+    def prefill(self, slot: int, tokens: list, start: int) -> Array:
+        """Write `tokens` (a power-of-two length ≤ prefill_chunk) at columns start… of `slot`; the
+        last token's logits (V,)."""
+        self.cache, logits_v = self._prefill(self.params, self.cache, np.int32(slot),
+                                             jnp.asarray([tokens], jnp.int32), np.int32(start))
+        return logits_v
+
+    @staticmethod
+    def first_token(logits_v: Array, seed: int, temperature: float, top_k: int, top_p: float) -> int:
+        """A new row's first token (its key: fold_in(key(seed), 0))."""
+        return int(_first_token(logits_v, np.uint32(seed), np.float32(temperature), np.int32(top_k), np.float32(top_p)))
+
+    def step(self, tokens_s, cols_s, seeds_s, counts_s, temperature_s, top_k_s, top_p_s) -> np.ndarray:
+        """One decoding step for every slot (free slots compute too; their output is ignored)."""
+        self.cache, next_s = self._step(self.params, self.cache, tokens_s, cols_s, seeds_s, counts_s,
+                                        temperature_s, top_k_s, top_p_s)
+        return np.asarray(next_s)
