@@ -38,7 +38,12 @@ def running_server(app, start_timeout_s: float = 120):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    if hasattr(app.state, "batcher"):  # `jaxgpt serve`'s app: its draining server, reachable by the test
+        from jaxgpt.inference.serve import make_server
+
+        server = app.state.server = make_server(app, "127.0.0.1", port, drain_s=2.0, log_level="warning")
+    else:
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + start_timeout_s
@@ -49,7 +54,7 @@ def running_server(app, start_timeout_s: float = 120):
         yield port
     finally:
         server.should_exit = True
-        thread.join(timeout=10)
+        thread.join(timeout=30)
 
 
 def assert_serves_greedy_like_the_decoder(params, cfg, tok, prompt: str = "abc", max_tokens: int = 6) -> None:

@@ -125,13 +125,18 @@ def _generate_ids(decoder, prompt_ids: list[int], tokenizer, args) -> int:
 def _cmd_serve(args) -> int:
     from jaxgpt.inference.serve import check_serving_options, serve
 
-    check_serving_options(args.port, args.max_batch, args.batch_wait_ms / 1000, args.max_tokens_limit)  # before loading
+    timeout_s = args.request_timeout_s or None  # 0: no timeout
+    check_serving_options(args.port, args.max_batch, args.batch_wait_ms / 1000, args.max_tokens_limit,  # before loading
+                          max_queue=args.max_queue, request_timeout_s=timeout_s, prefill_chunk=args.prefill_chunk,
+                          batching=args.batching, drain_s=args.drain_s)
     args.seed = 0
     params, config, tokenizer = load_model(args)
     name = args.model_name or (args.hf or args.checkpoint or f"random-{args.preset}").rstrip("/").split("/")[-1]
     print(f"[jaxgpt] serving {name!r} on http://{args.host}:{args.port} (compiling the decoder first)", file=sys.stderr)
     serve(params, config, tokenizer, host=args.host, port=args.port, model_name=name, max_batch=args.max_batch,
-          batch_wait_s=args.batch_wait_ms / 1000, max_tokens_limit=args.max_tokens_limit)
+          batch_wait_s=args.batch_wait_ms / 1000, max_tokens_limit=args.max_tokens_limit, batching=args.batching,
+          max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, request_timeout_s=timeout_s,
+          drain_s=args.drain_s)
     return 0
 
 
@@ -177,9 +182,20 @@ def add_commands(sub) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-name", default=None)
-    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together at most")
-    p.add_argument("--batch-wait-ms", type=float, default=20.0, help="how long the first request waits for company")
+    p.add_argument("--batching", choices=("continuous", "dynamic"), default="continuous",
+                   help="continuous: rows join and leave between decoding steps; dynamic: the older whole-batch "
+                        "scheduler (kept for comparison)")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together at most (continuous: slots)")
+    p.add_argument("--prefill-chunk", type=int, default=64,
+                   help="continuous: prompt tokens prefilled per turn at most (a power of two)")
+    p.add_argument("--batch-wait-ms", type=float, default=20.0,
+                   help="dynamic: how long the first request waits for company")
     p.add_argument("--max-tokens-limit", type=int, default=256)
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests at most; more get 429 + Retry-After")
+    p.add_argument("--request-timeout-s", type=float, default=300.0,
+                   help="a request still unanswered after this long gets 504 (0: never)")
+    p.add_argument("--drain-s", type=float, default=10.0,
+                   help="on shutdown, how long running requests may take to finish")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("attention-map", help="heat maps of a model's attention weights for a prompt")

@@ -77,7 +77,7 @@ class Batcher(RequestQueue):
                                             eos_id=self.tokenizer.eot_id, on_token=lambda t, s: np.ones(len(t), bool))
         self._thread.start()
 
-    def shutdown(self, drain_s: float = 10.0) -> None:
+    def begin_shutdown(self, drain_s: float = 10.0) -> None:
         """Refuse new requests and answer the waiting ones (503); the running batch finishes."""
         self.closing.set()
         self.answer_waiting("the server is shutting down", 503)
@@ -87,6 +87,12 @@ class Batcher(RequestQueue):
         self._set_aside = [None]  # wakes the thread, which then ends
         with contextlib.suppress(queue.Full):
             self.queue.put_nowait(None)
+
+    def shutdown(self, drain_s: float = 10.0) -> None:
+        """`begin_shutdown`, then wait for the model thread to end."""
+        self.begin_shutdown(drain_s)
+        if self._thread.is_alive():
+            self._thread.join(timeout=drain_s + 30)
         self._thread.join(timeout=drain_s + 30)
 
     def _next(self, timeout: Optional[float] = None):

@@ -77,12 +77,19 @@ class ContinuousBatcher(RequestQueue):
             self.engine.compile_all()
         self._thread.start()
 
-    def shutdown(self, drain_s: float = 10.0) -> None:
-        """Refuse new requests, answer the waiting ones (503), give running rows `drain_s` to finish."""
-        self.drain_deadline = time.monotonic() + drain_s
-        self.closing.set()
+    def begin_shutdown(self, drain_s: float = 10.0) -> None:
+        """Refuse new requests, answer the waiting ones (503), give running rows `drain_s` to finish
+        (then they are ended with a 503 error); returns at once."""
+        if not self.closing.is_set():
+            self.drain_deadline = time.monotonic() + drain_s
+            self.closing.set()
         self.answer_waiting("the server is shutting down", 503)
-        self._thread.join(timeout=drain_s + 30)
+
+    def shutdown(self, drain_s: float = 10.0) -> None:
+        """`begin_shutdown`, then wait for the model thread to end."""
+        self.begin_shutdown(drain_s)
+        if self._thread.is_alive():
+            self._thread.join(timeout=drain_s + 30)
 
     def _run(self) -> None:
         while True:

@@ -265,7 +265,7 @@ def build_app(params, config: GPTConfig, tokenizer, *, model_name: str = "jaxgpt
 
 def check_serving_options(port: int, max_batch: int, batch_wait_s: float, max_tokens_limit: int,
                           max_queue: int = 64, request_timeout_s: Optional[float] = 300.0,
-                          prefill_chunk: int = 64, batching: str = "continuous") -> None:
+                          prefill_chunk: int = 64, batching: str = "continuous", drain_s: float = 10.0) -> None:
     """Refuse at start-up what would serve something else than announced."""
     if not 1 <= port <= 65535:
         raise ValueError(f"--port must be in 1..65535, got {port}")
@@ -281,15 +281,30 @@ def check_serving_options(port: int, max_batch: int, batch_wait_s: float, max_to
         raise ValueError(f"--request-timeout-s must be positive, got {request_timeout_s:g}")
     if prefill_chunk < 1 or prefill_chunk & (prefill_chunk - 1):
         raise ValueError(f"--prefill-chunk must be a power of two, got {prefill_chunk}")
+    if drain_s < 0:
+        raise ValueError(f"--drain-s must be >= 0, got {drain_s:g}")
     if batching not in ("continuous", "dynamic"):
         raise ValueError(f"--batching must be 'continuous' or 'dynamic', got {batching!r}")
+
+
+def make_server(app, host: str, port: int, drain_s: float = 10.0, log_level: str = "info"):
+    """A uvicorn server for `app` that, on shutdown (Ctrl-C, SIGTERM, `should_exit`), first tells the
+    scheduler (waiting clients get 503 at once, running rows get `drain_s` to finish), and only then
+    waits for the open connections, which the scheduler is ending."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            app.state.batcher.begin_shutdown(drain_s)
+            await super().shutdown(sockets)
+
+    return DrainingServer(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                         timeout_graceful_shutdown=int(drain_s) + 5))
 
 
 def serve(params, config: GPTConfig, tokenizer, *, host: str = "127.0.0.1", port: int = 8000,
           model_name: str = "jaxgpt", request_timeout_s: Optional[float] = 300.0, drain_s: float = 10.0,
           **batching) -> None:
-    import uvicorn
-
     app = build_app(params, config, tokenizer, model_name=model_name, request_timeout_s=request_timeout_s,
                     drain_s=drain_s, **batching)
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=drain_s + 5)
+    make_server(app, host, port, drain_s).run()

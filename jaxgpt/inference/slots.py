@@ -79,6 +79,12 @@ def row_keys(seeds_b: Array, counts_b: Array) -> Array:
     return jax.vmap(lambda seed, n: jax.random.fold_in(jax.random.key(seed), n))(seeds_b, counts_b)
 
 
+# compiled once per (config, shapes) for every SlotDecoder of the process; the cache is donated
+# (updated in place)
+_prefill_jit = jax.jit(_prefill, static_argnames=("config",), donate_argnums=(1,))
+_step_jit = jax.jit(_step, static_argnames=("config",), donate_argnums=(1,))
+
+
 @jax.jit
 def _first_token(logits_v, seed, temperature, top_k, top_p):
     one = lambda x, dtype: jnp.asarray(x, dtype)[None]  # noqa: E731
@@ -99,8 +105,8 @@ class SlotDecoder:
         self.prefill_chunk = min(prefill_chunk, 1 << (config.context_length.bit_length() - 1))
         row = init_cache(config, 1, config.context_length)
         self.cache = jax.tree.map(lambda x: jnp.repeat(x[None], slots, axis=0), row)
-        self._prefill = jax.jit(partial(_prefill, config=config), donate_argnums=(1,))
-        self._step = jax.jit(partial(_step, config=config), donate_argnums=(1,))
+        self._prefill = partial(_prefill_jit, config=config)
+        self._step = partial(_step_jit, config=config)
 
     def compile_all(self) -> None:
         """Run every prefill shape and the step once (on slot 0), so no request waits for a compile."""
