@@ -177,6 +177,24 @@ def test_playground_in_headless_chromium(port, tmp_path):
         completion = driver.find_element(By.ID, "completion").get_attribute("textContent")
         assert completion == greedy_reference("Hello there", 6)
         assert driver.find_element(By.ID, "go").is_enabled()
+
+        # chat mode: two turns, the second sent with the first turn's history
+        from selenium.webdriver.support.ui import Select
+
+        Select(driver.find_element(By.ID, "mode")).select_by_value("chat")
+        messages = []
+        for turn, text in enumerate(["Hello", "And then?"]):
+            prompt.clear()
+            prompt.send_keys(text)
+            driver.find_element(By.ID, "go").click()
+            WebDriverWait(driver, 60).until(
+                lambda d: d.find_element(By.ID, "status").text.startswith("done") and not prompt.get_attribute("value"))
+            messages.append({"role": "user", "content": text})
+            reply = driver.find_element(By.ID, "reply").get_attribute("textContent")
+            assert reply == greedy_chat_reference(messages, 6), turn
+            messages.append({"role": "assistant", "content": reply})
+        shown = [e.get_attribute("textContent") for e in driver.find_elements(By.CSS_SELECTOR, "#chat-log .message")]
+        assert shown == [m["content"] for m in messages]
     finally:
         driver.quit()
 
@@ -192,3 +210,91 @@ def test_the_budget_is_the_context_minus_the_real_prompt(port, prompt_tokens, as
     assert usage["prompt_tokens"] == prompt_tokens
     assert usage["completion_tokens"] == asked or choice["finish_reason"] == "stop", body
     assert choice["text"] == greedy_reference(prompt, asked)
+
+
+# --- chat and metrics ---------------------------------------------------------------------------
+
+from jaxgpt.inference.chat import PLAIN_TEMPLATE_STOP, chat_prompt, plain_prompt  # noqa: E402
+from jaxgpt.data.instructions import RESPONSE_MARKER, format_input  # noqa: E402
+
+
+def greedy_chat_reference(messages, n):
+    text = greedy_reference(plain_prompt(messages), n)
+    return text.split(PLAIN_TEMPLATE_STOP)[0]
+
+
+def test_plain_chat_template_is_the_finetuning_prompt():
+    """One user message gives exactly the book's instruction prompt; a system message replaces the
+    preamble; assistant turns sit after their response marker; a template tokenizer renders its own."""
+    assert plain_prompt([{"role": "user", "content": "Name a colour."}]) == \
+        format_input({"instruction": "Name a colour.", "input": ""}) + RESPONSE_MARKER
+    two = plain_prompt([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                        {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}])
+    assert two == "Be brief.\n\n### Instruction:\nHi\n\n### Response:\nHello.\n\n### Instruction:\nBye\n\n### Response:\n"
+
+    class Templated:
+        chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
+
+        def apply_chat_template(self, messages, add_generation_prompt=True):
+            return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+
+    assert chat_prompt(Templated(), [{"role": "user", "content": "x"}]) == ("<user>x<assistant>", [])
+
+
+def test_chat_completion_json_and_stream_agree_with_the_decoder(port):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}]
+    status, text = request(port, "POST", "/v1/chat/completions", {"messages": messages, "max_tokens": 8,
+                                                                    "temperature": 0})
+    assert status == 200, text
+    body = json.loads(text)
+    choice = body["choices"][0]
+    assert body["object"] == "chat.completion" and choice["message"]["role"] == "assistant"
+    assert choice["message"]["content"] == greedy_chat_reference(messages, 8)
+    status, stream = request(port, "POST", "/v1/chat/completions", {"messages": messages, "max_tokens": 8,
+                                                                      "temperature": 0, "stream": True})
+    events = [line[6:] for line in stream.split("\n\n") if line.startswith("data: ")]
+    assert status == 200 and events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == choice["message"]["content"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == choice["finish_reason"]
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"messages": []}, "at least one message"),
+    ({"messages": [{"role": "assistant", "content": "hi"}]}, "must be the user's"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"},
+                   {"role": "user", "content": "c"}]}, "system message may only come first"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role"),
+    ({"messages": [{"role": "user", "content": "hi", "name": "x"}]}, "unknown field 'messages.0.name'"),
+    ({"messages": [{"role": "user", "content": "word " * 80}]}, "context window is 64"),
+])
+def test_bad_chat_requests_get_400(port, body, message):
+    got, text = request(port, "POST", "/v1/chat/completions", body)
+    assert got == 400 and message in json.loads(text)["error"]["message"], text
+
+
+def test_metrics_endpoint_counts_in_prometheus_format(port):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape():
+        status, text = request(port, "GET", "/metrics")
+        assert status == 200
+        return {s.name + json.dumps(s.labels, sort_keys=True): s.value
+                for f in text_string_to_metric_families(text) for s in f.samples}
+
+    before = scrape()
+    complete(port, prompt="count me", max_tokens=5, temperature=0)
+    request(port, "POST", "/v1/completions", {"prompt": "hi", "max_tokens": 0})  # a 400
+    after = scrape()
+    ok, bad = 'jaxgpt_requests_total{"status": "200"}', 'jaxgpt_requests_total{"status": "400"}'
+    assert after[ok] == before.get(ok, 0) + 1 and after[bad] == before.get(bad, 0) + 1
+    assert after["jaxgpt_generated_tokens_total{}"] - before["jaxgpt_generated_tokens_total{}"] == 5
+    assert after["jaxgpt_time_to_first_token_seconds_count{}"] == before["jaxgpt_time_to_first_token_seconds_count{}"] + 1
+    assert after["jaxgpt_time_per_output_token_seconds_count{}"] - \
+        before["jaxgpt_time_per_output_token_seconds_count{}"] == 4
+    for name in ("jaxgpt_queue_length{}", "jaxgpt_running_rows{}", "jaxgpt_generated_tokens_per_second{}"):
+        assert name in after
+    assert after["jaxgpt_generated_tokens_per_second{}"] > 0
