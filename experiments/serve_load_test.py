@@ -1,135 +1,236 @@
-"""Load test for `jaxgpt serve`: N concurrent clients for T seconds against a loopback server.
+"""Load test of `jaxgpt serve`: open-loop Poisson arrivals, continuous batching against the dynamic
+batcher, same model, same machine, one invocation.
 
-Each client sends completions back to back (greedy by default) until the time is up; the run is
-bounded by --seconds and --max-requests. Reports requests/s, completion tokens/s and latency
-percentiles (and time to first token for streaming), as JSON.
+For each arrival rate, one seeded schedule of requests (Poisson arrival times; a mix of prompt
+lengths, completion lengths and sampling settings: greedy, temperature + top-p, temperature +
+top-k, seeded) is played against each scheduler in turn; a request is sent at its arrival time
+whatever the server is doing (open loop), streamed, and timed: latency, time to first token,
+completion tokens. Then the staggered case: a 5-token request sent while a 200-token one decodes.
+Writes JSON (every request's timings and the summaries), a table and a plot.
 
-    # in one terminal (a random gpt2-small-shaped model, or --checkpoint / --hf):
-    jaxgpt serve --preset small --port 8000
-    # in another:
-    python experiments/serve_load_test.py --url http://127.0.0.1:8000 --clients 8 --seconds 30
-    # or let the script start its own server in-process:
-    python experiments/serve_load_test.py --self-serve --preset small --clients 8 --seconds 30
+    python experiments/serve_load_test.py                       # the committed run (about 6 minutes)
+    python experiments/serve_load_test.py --rates 1,4 --seconds 10 --out /tmp/load   # a quick look
 """
+
+from __future__ import annotations
 
 import argparse
 import http.client
 import json
-import statistics
+import socket
+import sys
 import threading
 import time
-import urllib.parse
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
-parser = argparse.ArgumentParser()
-parser.add_argument("--url", default="http://127.0.0.1:8000")
-parser.add_argument("--clients", type=int, default=8)
-parser.add_argument("--seconds", type=float, default=30)
-parser.add_argument("--max-requests", type=int, default=10_000)
-parser.add_argument("--max-tokens", type=int, default=32)
-parser.add_argument("--temperature", type=float, default=0.0)
-parser.add_argument("--stream", action="store_true")
-parser.add_argument("--self-serve", action="store_true", help="start a server in this process first")
-parser.add_argument("--preset", default="small")
-parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "serve_load_test.json"))
-args = parser.parse_args()
+sys.path.insert(0, str(ROOT))
 
-url = urllib.parse.urlparse(args.url)
-host, port = url.hostname, url.port or 80
-if host not in ("127.0.0.1", "localhost", "::1"):
-    raise SystemExit("this load test only targets loopback addresses")
+SAMPLING_MIX = [  # (share, settings)
+    (0.4, {"temperature": 0.0}),
+    (0.3, {"temperature": 0.8, "top_p": 0.95}),
+    (0.2, {"temperature": 1.0, "top_k": 40}),
+    (0.1, {"temperature": 0.7, "seed": 7}),
+]
+WORDS = "the of and to in a is that for it as was with be by on not he this are or his from at which".split()
 
-if args.self_serve:
-    import socket
 
-    import uvicorn
+def make_schedule(rate: float, seconds: float, seed: int) -> list[dict]:
+    """Poisson arrivals at `rate` per second for `seconds`, each with its prompt, length and sampling."""
+    rng = np.random.default_rng(seed)
+    t, schedule = 0.0, []
+    while True:
+        t += rng.exponential(1.0 / rate)
+        if t > seconds:
+            return schedule
+        prompt_words = int(rng.choice([4, 16, 48, 96], p=[0.3, 0.3, 0.25, 0.15]))
+        max_tokens = int(rng.choice([8, 32, 64, 128], p=[0.3, 0.35, 0.25, 0.1]))
+        share = rng.random()
+        for p, settings in SAMPLING_MIX:
+            share -= p
+            if share <= 0:
+                break
+        prompt = " ".join(rng.choice(WORDS, prompt_words))
+        schedule.append({"at": t, "body": {"prompt": prompt, "max_tokens": max_tokens, **settings}})
+
+
+def stream_request(port: int, body: dict, path: str = "/v1/completions") -> dict:
+    """Send one streamed request; its status, latency, time to first token and completion tokens."""
+    t0 = time.perf_counter()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    try:
+        conn.request("POST", path, body=json.dumps({**body, "stream": True}), headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            return {"status": resp.status, "latency_s": time.perf_counter() - t0, "error": resp.read().decode()[:200]}
+        ttft, usage = None, None
+        for line in resp:
+            line = line.decode().strip()
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                return {"status": event["error"].get("code", 500), "latency_s": time.perf_counter() - t0,
+                        "error": event["error"]["message"]}
+            if ttft is None and event["choices"][0]["text"]:
+                ttft = time.perf_counter() - t0
+            usage = event.get("usage", usage)
+        return {"status": 200, "latency_s": time.perf_counter() - t0, "ttft_s": ttft,
+                "tokens": usage["completion_tokens"] if usage else 0}
+    finally:
+        conn.close()
+
+
+def play(port: int, schedule: list[dict]) -> tuple[list[dict], float]:
+    """Send every request at its arrival time (open loop); (results in schedule order, makespan)."""
+    results: list = [None] * len(schedule)
+
+    def send(i):
+        results[i] = {"at": schedule[i]["at"], **stream_request(port, schedule[i]["body"])}
+        results[i]["done_at"] = time.perf_counter() - start
+
+    threads = []
+    start = time.perf_counter()
+    for i, item in enumerate(schedule):
+        time.sleep(max(0.0, item["at"] - (time.perf_counter() - start)))
+        threads.append(threading.Thread(target=send, args=(i,)))
+        threads[-1].start()
+    for t in threads:
+        t.join()
+    return results, time.perf_counter() - start
+
+
+def summarise(results: list[dict], makespan: float) -> dict:
+    ok = [r for r in results if r["status"] == 200]
+    lat = [r["latency_s"] for r in ok]
+    ttft = [r["ttft_s"] for r in ok if r.get("ttft_s") is not None]
+    q = lambda xs, p: float(np.percentile(xs, p)) if xs else None  # noqa: E731
+    return {"requests": len(results), "ok": len(ok), "errors": len(results) - len(ok),
+            "throughput_tokens_per_s": sum(r["tokens"] for r in ok) / makespan,
+            "requests_per_s": len(ok) / makespan, "makespan_s": makespan,
+            "latency_p50_s": q(lat, 50), "latency_p99_s": q(lat, 99), "ttft_p50_s": q(ttft, 50), "ttft_p99_s": q(ttft, 99)}
+
+
+def staggered(port: int) -> dict:
+    """A 5-token request sent 0.3 s into a 200-token one: both latencies."""
+    out = {}
+    long = threading.Thread(target=lambda: out.update(long=stream_request(port, {
+        "prompt": "Once upon a time", "max_tokens": 200, "temperature": 0})))
+    long.start()
+    time.sleep(0.3)
+    out["short"] = stream_request(port, {"prompt": "Hi", "max_tokens": 5, "temperature": 0})
+    long.join()
+    return {"long_s": out["long"]["latency_s"], "short_s": out["short"]["latency_s"],
+            "short_over_long": out["short"]["latency_s"] / out["long"]["latency_s"]}
+
+
+class Server:
+    """`jaxgpt serve`'s app on a free loopback port, in this process."""
+
+    def __init__(self, params, config, tokenizer, batching: str, slots: int) -> None:
+        from jaxgpt.inference.serve import build_app, make_server
+
+        self.app = build_app(params, config, tokenizer, model_name="load-test", batching=batching, max_batch=slots,
+                             max_tokens_limit=200, max_queue=1024, request_timeout_s=None)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.server = make_server(self.app, "127.0.0.1", self.port, drain_s=1.0, log_level="warning")
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.05)
+        stream_request(self.port, {"prompt": "warm up", "max_tokens": 4, "temperature": 0})
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=60)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for batching, rows in report["runs"].items():
+        rates = [r["rate"] for r in rows]
+        axes[0].plot(rates, [r["throughput_tokens_per_s"] for r in rows], "o-", label=batching)
+        axes[1].plot(rates, [r["latency_p50_s"] for r in rows], "o-", label=f"{batching} p50")
+        axes[1].plot(rates, [r["latency_p99_s"] for r in rows], "x--", label=f"{batching} p99")
+        axes[2].plot(rates, [r["ttft_p50_s"] for r in rows], "o-", label=f"{batching} p50")
+    for ax, title in zip(axes, ("completion tokens/s served", "latency (s)", "time to first token (s)")):
+        ax.set_xlabel("arrival rate (requests/s, Poisson)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[1].set_yscale("log")
+    axes[2].set_yscale("log")
+    fig.suptitle(report["model"])
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def table(report: dict) -> str:
+    lines = ["| rate (req/s) | batching | requests | errors | tokens/s | latency p50 / p99 (s) | TTFT p50 / p99 (s) |",
+             "|---|---|---|---|---|---|---|"]
+    for batching, rows in report["runs"].items():
+        for r in rows:
+            lines.append(f"| {r['rate']:g} | {batching} | {r['requests']} | {r['errors']} | "
+                         f"{r['throughput_tokens_per_s']:.0f} | {r['latency_p50_s']:.2f} / {r['latency_p99_s']:.2f} | "
+                         f"{r['ttft_p50_s']:.3f} / {r['ttft_p99_s']:.3f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--context", type=int, default=256)
+    parser.add_argument("--slots", type=int, default=8)
+    parser.add_argument("--rates", default="1,2,4,8", help="arrival rates, requests per second")
+    parser.add_argument("--seconds", type=float, default=30.0, help="arrivals per rate span this long")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "serve_load_test"))
+    args = parser.parse_args()
+
+    from tqdm import tqdm
 
     from jaxgpt.config import get_preset
-    from jaxgpt.nn.model import init_params
-    from jaxgpt.inference.serve import build_app
     from jaxgpt.data.tokenizer import GPT2Tokenizer
+    from jaxgpt.nn.model import init_params
 
     tok = GPT2Tokenizer()
-    cfg = get_preset(args.preset, vocab_size=tok.vocab_size)
-    app = build_app(init_params(cfg), cfg, tok, model_name=f"random-{args.preset}", max_batch=8)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.1)
-
-latencies, first_token, tokens, errors = [], [], [], []
-lock = threading.Lock()
-deadline = time.monotonic() + args.seconds
-sent = [0]
-
-
-def client(k: int) -> None:
-    conn = http.client.HTTPConnection(host, port, timeout=120)
-    i = 0
-    while time.monotonic() < deadline:
-        with lock:
-            if sent[0] >= args.max_requests:
-                return
-            sent[0] += 1
-        body = {"prompt": f"Client {k} request {i}: once upon a time", "max_tokens": args.max_tokens,
-                "temperature": args.temperature, "stream": args.stream}
-        i += 1
-        t0 = time.perf_counter()
-        try:
-            conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
-            resp = conn.getresponse()
-            if args.stream:
-                ttft, n = None, 0
-                for line in resp:
-                    line = line.decode().strip()
-                    if line.startswith("data: {"):
-                        if ttft is None:
-                            ttft = time.perf_counter() - t0
-                        n += 1 if json.loads(line[6:])["choices"][0]["text"] else 0
-                used = n
-            else:
-                payload = json.loads(resp.read())
-                if resp.status != 200:
-                    raise RuntimeError(payload)
-                used, ttft = payload["usage"]["completion_tokens"], None
-            with lock:
-                latencies.append(time.perf_counter() - t0)
-                tokens.append(used)
-                if ttft is not None:
-                    first_token.append(ttft)
-        except Exception as e:  # noqa: BLE001 - counted and reported
-            with lock:
-                errors.append(repr(e))
-            conn.close()
-            conn = http.client.HTTPConnection(host, port, timeout=120)
+    cfg = get_preset(args.preset, vocab_size=tok.vocab_size, context_length=args.context)
+    params = init_params(cfg, seed=0)
+    rates = [float(r) for r in args.rates.split(",")]
+    report = {"model": f"random {args.preset} preset, GPT-2 vocabulary, context {args.context}, {args.slots} slots/rows",
+              "rates": rates, "seconds": args.seconds, "sampling_mix": SAMPLING_MIX, "runs": {}, "requests": {},
+              "staggered": {}}
+    with tqdm(total=len(rates) * 2, desc="load test", unit="run") as bar:
+        for batching in ("continuous", "dynamic"):
+            with Server(params, cfg, tok, batching, args.slots) as server:
+                report["staggered"][batching] = staggered(server.port)
+                report["runs"][batching], report["requests"][batching] = [], {}
+                for rate in rates:
+                    results, makespan = play(server.port, make_schedule(rate, args.seconds, args.seed))
+                    report["runs"][batching].append({"rate": rate, **summarise(results, makespan)})
+                    report["requests"][batching][str(rate)] = results
+                    bar.set_postfix(batching=batching, rate=rate, p50=f"{report['runs'][batching][-1]['latency_p50_s']:.2f}s")
+                    bar.update()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    plot(report, out.with_suffix(".png"))
+    print(table(report))
+    print(json.dumps({"staggered": report["staggered"]}, indent=1))
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
 
 
-t_start = time.monotonic()
-threads = [threading.Thread(target=client, args=(k,)) for k in range(args.clients)]
-for t in threads:
-    t.start()
-for t in threads:
-    t.join()
-elapsed = time.monotonic() - t_start
-
-
-def pct(values, q):
-    return statistics.quantiles(values, n=100)[q - 1] if len(values) >= 2 else (values[0] if values else None)
-
-
-result = {
-    "clients": args.clients, "seconds": elapsed, "requests": len(latencies), "errors": len(errors),
-    "requests_per_s": len(latencies) / elapsed, "completion_tokens_per_s": sum(tokens) / elapsed,
-    "latency_s": {"p50": pct(latencies, 50), "p90": pct(latencies, 90), "p99": pct(latencies, 99)},
-    "time_to_first_token_s": {"p50": pct(first_token, 50), "p90": pct(first_token, 90)} if first_token else None,
-    "max_tokens": args.max_tokens, "temperature": args.temperature, "stream": args.stream,
-    "server": "self-serve random " + args.preset if args.self_serve else args.url,
-    "first_errors": errors[:3],
-}
-Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-Path(args.out).write_text(json.dumps(result, indent=2))
-print(json.dumps(result, indent=2))
+if __name__ == "__main__":
+    main()

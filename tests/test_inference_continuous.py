@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from jaxgpt.config import get_preset
 from jaxgpt.inference.generate import Decoder
-from jaxgpt.inference.sampling import sample_next, sample_rows
+from jaxgpt.inference.sampling import _filter_top_k_top_p, sample_rows
 from jaxgpt.inference.slots import SlotDecoder, chunk_lengths
 from jaxgpt.nn.model import init_params
 
@@ -30,19 +30,54 @@ def test_prefill_chunks_are_exact_powers_of_two(n, chunk_log2):
     assert chunks == sorted(chunks, reverse=True)
 
 
-def test_sample_rows_draws_each_row_as_sample_next_does():
-    """Row r with settings (t, k, p) and key k_r draws what `sample_next` draws for that row alone."""
-    logits_bv = jax.random.normal(jax.random.key(0), (5, 40)) * 3
-    temperature = jnp.array([0.0, 1.0, 0.7, 1.3, 1.0], jnp.float32)
-    top_k = jnp.array([0, 0, 5, 0, 3], jnp.int32)
-    top_p = jnp.array([1.0, 1.0, 1.0, 0.8, 0.9], jnp.float32)
-    one_row = jax.jit(sample_next)
+FILTER = jax.jit(_filter_top_k_top_p)
+SETTINGS = [(0.0, 0, 1.0), (1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8), (1.0, 3, 0.9)]  # (temperature, k, p)
+
+
+def test_sampling_follows_the_numpy_reference_distribution():
+    """Five rows with their own settings, 20,000 draws each: the frequencies are the reference's
+    probabilities within 0.015, and no draw falls outside the kept set."""
+    from jaxgpt.reference.sampling import distribution
+
+    logits_bv = jax.random.normal(jax.random.key(0), (5, 12)) * 1.5
+    t_b, k_b, p_b = (jnp.array(c, dt) for c, dt in zip(zip(*SETTINGS), (jnp.float32, jnp.int32, jnp.float32)))
+    draw = jax.jit(jax.vmap(lambda key: sample_rows(jax.random.split(key, 5), logits_bv, t_b, k_b, p_b)))
+    draws_nb = np.asarray(draw(jax.random.split(jax.random.key(1), 20_000)))
+    for r, (t, k, p) in enumerate(SETTINGS):
+        want_v = distribution(np.asarray(logits_bv[r]), t, k, p)
+        freq_v = np.bincount(draws_nb[:, r], minlength=12) / len(draws_nb)
+        assert np.abs(freq_v - want_v).max() < 0.015, (r, freq_v.round(3), want_v.round(3))
+        assert freq_v[want_v == 0].sum() == 0
+
+
+@settings(derandomize=True, deadline=None, max_examples=40)
+@given(seed=st.integers(0, 10_000), k=st.integers(0, 12), p=st.floats(0.05, 1.0), ties=st.booleans())
+def test_filter_keeps_exactly_the_reference_set(seed, k, p, ties):
+    """The bisection thresholds keep the tokens the sorting reference keeps (ties included);
+    a p within 1e-5 of a cumulative mass is skipped (float32 and float64 sums may round apart)."""
+    from jaxgpt.reference.sampling import kept
+
+    logits = np.asarray(jax.random.normal(jax.random.key(seed), (16,)), np.float32) * 2
+    if ties:
+        logits = np.round(logits)  # many equal logits
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    if min(abs(probs[logits > x].sum() - p) for x in logits) < 1e-5:  # the masses above each value
+        return
+    got = np.asarray(FILTER(jnp.asarray(logits)[None], jnp.int32(k), jnp.float32(p)))[0] > -np.inf
+    np.testing.assert_array_equal(got, kept(logits, 1.0, k, p))
+
+
+def test_a_row_draws_the_same_token_whatever_shares_its_batch():
+    logits_bv = jax.random.normal(jax.random.key(2), (5, 50)) * 2
+    t_b, k_b, p_b = (jnp.array(c, dt) for c, dt in zip(zip(*SETTINGS), (jnp.float32, jnp.int32, jnp.float32)))
+    rows = jax.jit(sample_rows)
     for trial in range(3):
         keys = jax.random.split(jax.random.key(trial), 5)
-        got = jax.jit(sample_rows)(keys, logits_bv, temperature, top_k, top_p)
+        together = rows(keys, logits_bv, t_b, k_b, p_b)
         for r in range(5):
-            want = one_row(keys[r], logits_bv[r:r + 1], temperature[r], top_k[r], top_p[r])[0]
-            assert int(got[r]) == int(want), (trial, r)
+            alone = rows(keys[r:r + 1], logits_bv[r:r + 1], t_b[r:r + 1], k_b[r:r + 1], p_b[r:r + 1])
+            assert int(alone[0]) == int(together[r])
 
 
 @pytest.mark.parametrize("overrides", [
@@ -138,7 +173,7 @@ def test_a_short_request_does_not_wait_for_a_long_one(batching, paced):
         time.sleep(0.15)  # the long request is decoding
         _timed(port, results, "short", {"prompt": "Hi", "max_tokens": 5, "temperature": 0})
         long_thread.join()
-    (s_long, a_long, t_long, end_long), (s_short, a_short, t_short, end_short) = results["long"], results["short"]
+    (s_long, a_long, t_long, end_long), (s_short, _, t_short, end_short) = results["long"], results["short"]
     assert s_long == s_short == 200 and a_long["usage"]["completion_tokens"] == 200
     if batching == "continuous":
         assert t_short < t_long / 4, (t_short, t_long)

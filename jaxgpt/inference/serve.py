@@ -97,6 +97,11 @@ async def _next_event(job: Job) -> dict:
                 "status": 504}
 
 
+def _usage(job: Job) -> dict:
+    n_prompt = len(job.prompt_ids)
+    return {"prompt_tokens": n_prompt, "completion_tokens": len(job.ids), "total_tokens": n_prompt + len(job.ids)}
+
+
 def _sse_events(job: Job, chunk):
     """The server-sent events of a streamed answer; a client that leaves cancels its row."""
     async def events():
@@ -109,8 +114,8 @@ def _sse_events(job: Job, chunk):
                 if "error" in event:
                     yield f"data: {json.dumps({'error': {'message': event['error'], 'code': event['status']}})}\n\n"
                     return
-                if event.get("done"):
-                    yield f"data: {json.dumps(chunk('', job.finish_reason))}\n\n"
+                if event.get("done"):  # the last chunk carries the usage too (jaxgpt's addition)
+                    yield f"data: {json.dumps({**chunk('', job.finish_reason), 'usage': _usage(job)})}\n\n"
                     yield "data: [DONE]\n\n"
                     return
                 yield f"data: {json.dumps(chunk(event['text'], None))}\n\n"
@@ -172,9 +177,7 @@ class _Answering:
                                                                                            event["error"])
             if event.get("done"):
                 break
-        n_prompt = len(job.prompt_ids)
-        return body(job.text, job.finish_reason, {"prompt_tokens": n_prompt, "completion_tokens": len(job.ids),
-                                                  "total_tokens": n_prompt + len(job.ids)})
+        return body(job.text, job.finish_reason, _usage(job))
 
 
 def _add_completion_routes(app, answering: _Answering, limit: int, vocab_size: int) -> None:

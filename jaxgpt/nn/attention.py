@@ -72,6 +72,22 @@ def sow_attention_insides(module: nn.Module, q_btnh: Array, k_bsmh: Array, v_bsm
     module.sow("intermediates", "attention_weights", weights_from_scores(scores_bnts, **visibility))
 
 
+def write_at(cache: Array, new: Array, index, axis: int) -> Array:
+    """`new` written into `cache` from `index` along `axis` (batch is axis 0): one index for every
+    row, or a (b,) vector of indices, one per row (continuous batching: each slot at its own column)."""
+    new = new.astype(cache.dtype)
+    if jnp.ndim(index) == 0:
+        return jax.lax.dynamic_update_slice_in_dim(cache, new, index, axis)
+    return jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n, i, axis - 1))(cache, new, index)
+
+
+def slice_at(x: Array, index, size: int, axis: int) -> Array:
+    """x[..., index:index+size, ...] along `axis` (batch is axis 0), `index` shared or per row (b,)."""
+    if jnp.ndim(index) == 0:
+        return jax.lax.dynamic_slice_in_dim(x, index, size, axis)
+    return jax.vmap(lambda r, i: jax.lax.dynamic_slice_in_dim(r, i, size, axis - 1))(x, index)
+
+
 def _ring_attend_and_write(ring: dict, k_btmh: Array, v_btmh: Array, pos_bt: Array, cache_index, mask_bts: Array):
     """Keys/values a local layer attends to when its cache is a ring of W slots, and the new ring.
 
@@ -85,19 +101,19 @@ def _ring_attend_and_write(ring: dict, k_btmh: Array, v_btmh: Array, pos_bt: Arr
     col_bw = ring["col"]
     ring_visible_btw = jnp.take_along_axis(mask_bts, jnp.broadcast_to(jnp.maximum(col_bw, 0)[:, None], (b, t, w)), axis=2)
     ring_visible_btw = ring_visible_btw & (col_bw >= 0)[:, None, :]
-    chunk_visible_btt = jax.lax.dynamic_slice_in_dim(mask_bts, cache_index, t, axis=2)
+    chunk_visible_btt = slice_at(mask_bts, cache_index, t, axis=2)
     k_bsmh = jnp.concatenate([ring["k"].astype(k_btmh.dtype), k_btmh], axis=1)
     v_bsmh = jnp.concatenate([ring["v"].astype(v_btmh.dtype), v_btmh], axis=1)
     k_pos_bs = jnp.concatenate([ring["pos"], pos_bt], axis=1)
     visible_bts = jnp.concatenate([ring_visible_btw, chunk_visible_btt], axis=2)
 
     keep = min(t, w)  # static
-    cols_k = cache_index + t - keep + jnp.arange(keep)
-    slots_k = cols_k % w
-    ring = {"k": ring["k"].at[:, slots_k].set(k_btmh[:, t - keep:].astype(ring["k"].dtype)),
-            "v": ring["v"].at[:, slots_k].set(v_btmh[:, t - keep:].astype(ring["v"].dtype)),
-            "pos": ring["pos"].at[:, slots_k].set(pos_bt[:, t - keep:]),
-            "col": ring["col"].at[:, slots_k].set(jnp.broadcast_to(cols_k, (b, keep)).astype(jnp.int32))}
+    cols_bk = jnp.reshape(cache_index, (-1, 1)) + t - keep + jnp.arange(keep)  # one row, or one per row
+    slots_bk = jnp.broadcast_to(cols_bk % w, (b, keep))
+    rows_b1 = jnp.arange(b)[:, None]
+    put = lambda old, new: old.at[rows_b1, slots_bk].set(new.astype(old.dtype))  # noqa: E731
+    ring = {"k": put(ring["k"], k_btmh[:, t - keep:]), "v": put(ring["v"], v_btmh[:, t - keep:]),
+            "pos": put(ring["pos"], pos_bt[:, t - keep:]), "col": put(ring["col"], jnp.broadcast_to(cols_bk, (b, keep)))}
     return k_bsmh, v_bsmh, k_pos_bs, visible_bts, ring
 
 
@@ -166,8 +182,7 @@ class MultiHeadAttention(nn.Module):
             k_btmh, v_btmh, k_pos_bs, mask_bts, kv_cache = _ring_attend_and_write(
                 kv_cache, k_btmh, v_btmh, pos_bt, cache_index, mask_bts)
         elif kv_cache is not None:  # heads-major (b, m, S, h): the new tokens' keys/values go in at cache_index
-            write = lambda cache, new, axis: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
-                cache, new.astype(cache.dtype), cache_index, axis)
+            write = lambda cache, new, axis: write_at(cache, new, cache_index, axis)  # noqa: E731
             kv_cache = {"k": write(kv_cache["k"], k_btmh.transpose(0, 2, 1, 3), 2),
                         "v": write(kv_cache["v"], v_btmh.transpose(0, 2, 1, 3), 2),
                         "pos": write(kv_cache["pos"], pos_bt, 1)}

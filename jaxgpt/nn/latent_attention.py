@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxgpt.nn.attention import ATTENTION_BACKENDS, head_counts, sow_attention_insides
+from jaxgpt.nn.attention import ATTENTION_BACKENDS, head_counts, sow_attention_insides, write_at
 from jaxgpt.nn.dense import Dense
 from jaxgpt.nn.positions import alibi_slopes, apply_rope
 
@@ -53,7 +53,7 @@ class LatentAttention(nn.Module):
 
         k_pos_bs = pos_bt
         if kv_cache is not None:
-            write = lambda cache, new: jax.lax.dynamic_update_slice_in_dim(cache, new.astype(cache.dtype), cache_index, 1)  # noqa: E731
+            write = lambda cache, new: write_at(cache, new, cache_index, 1)  # noqa: E731
             kv_cache = {"latent": write(kv_cache["latent"], latent_btr), "pos": write(kv_cache["pos"], pos_bt)}
             latent_btr, k_pos_bs = kv_cache["latent"].astype(x_btd.dtype), kv_cache["pos"]
         s = latent_btr.shape[1]

@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxgpt.nn.attention import fused_qkv, head_counts
+from jaxgpt.nn.attention import fused_qkv, head_counts, slice_at
 from jaxgpt.nn.dense import Dense
 
 Array = jax.Array
@@ -72,7 +72,7 @@ class LinearAttention(nn.Module):
                 self.sow("intermediates", "attention_weights", a_bnts / jnp.sum(a_bnts, -1, keepdims=True))
         else:
             # tokens of this chunk that are real (a padding token does not even see itself)
-            real_bt = jnp.diagonal(jax.lax.dynamic_slice_in_dim(mask_bts, cache_index, t, axis=2), axis1=1, axis2=2)
+            real_bt = jnp.diagonal(slice_at(mask_bts, cache_index, t, axis=2), axis1=1, axis2=2)
             visible_btt = jnp.tril(jnp.ones((t, t), bool))[None] & real_bt[:, None, :]
             phi_q_btmgh = feature_map(q_btnh).reshape(b, t, m, n // m, h)
             # what the earlier tokens contribute, from the state; then the chunk itself, in parallel
