@@ -257,3 +257,22 @@ def test_a_converted_model_is_saved_without_optimizer_state_and_trains_on(corpus
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     summary = train(None, _cfg(corpus, max_steps=3, decay_steps=3), tmp_path / "run", resume=True, progress=False)
     assert summary["status"] == "completed" and summary["step"] == 3
+
+
+def test_muon_with_warmup_stable_decay_resumes_bit_identically(corpus, tmp_path, capsys):
+    """Muon's state (momentum, Newton–Schulz coefficients) and AdamW's, partitioned by name,
+    survive a checkpoint: interrupted at step 3 and resumed equals straight through."""
+    cfg = _cfg(corpus, optimizer="muon", schedule="wsd", muon_lr=0.02)
+    straight = train(MODEL, cfg, tmp_path / "straight", progress=False)
+    assert straight["status"] == "completed"
+    assert "parameter groups: muon: 8 tensors" in capsys.readouterr().err
+
+    def interrupt(step):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    assert train(MODEL, cfg, tmp_path / "resumed", progress=False, step_callback=interrupt)["step"] == 3
+    assert train(None, None, tmp_path / "resumed", resume=True, progress=False)["step"] == 8
+    _assert_identical(tmp_path / "straight", tmp_path / "resumed")
+    records = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert all("muon_lr" in r for r in records if r["kind"] == "train")

@@ -26,7 +26,15 @@ class TrainConfig:
     micro_batches: int = 1  # gradient accumulation: micro-batches per optimizer step
     context_length: Optional[int] = None  # training window (default: the model's context length)
     max_steps: int = 600
-    # optimizer: AdamW with linear warmup and cosine decay to min_lr
+    # optimizer: AdamW (or Muon on the hidden matrices + AdamW on the rest) with linear warmup, then cosine
+    # decay to min_lr or warmup-stable-decay (docs/training.md)
+    optimizer: str = "adamw"  # "adamw" or "muon"
+    schedule: str = "cosine"  # "cosine" or "wsd" (warmup, constant, then linear decay to min_lr)
+    decay_fraction: float = 0.2  # wsd: the share of the steps after warmup spent decaying
+    muon_lr: float = 0.02  # Muon's peak learning rate (its schedule has the shape of lr's)
+    muon_momentum: float = 0.95
+    muon_ns_steps: int = 5  # Newton-Schulz iterations
+    muon_weight_decay: float = 0.0  # decoupled, times the Muon learning rate
     lr: float = 1e-3
     min_lr: float = 1e-4
     warmup_steps: int = 50
@@ -98,6 +106,17 @@ class TrainConfig:
             raise ConfigError(
                 f"TrainConfig.batch_size ({self.batch_size}) must be divisible by micro_batches ({self.micro_batches})"
             )
+        if self.optimizer not in ("adamw", "muon"):
+            raise ConfigError(f"TrainConfig.optimizer must be 'adamw' or 'muon', got {self.optimizer!r}")
+        if self.schedule not in ("cosine", "wsd"):
+            raise ConfigError(f"TrainConfig.schedule must be 'cosine' or 'wsd', got {self.schedule!r}")
+        if not 0.0 <= self.decay_fraction <= 1.0:
+            raise ConfigError(f"TrainConfig.decay_fraction must be in [0, 1], got {self.decay_fraction}")
+        if self.muon_lr <= 0 or not 0.0 <= self.muon_momentum < 1.0 or self.muon_weight_decay < 0:
+            raise ConfigError(f"TrainConfig needs muon_lr > 0, 0 <= muon_momentum < 1 and muon_weight_decay >= 0, got "
+                              f"{self.muon_lr}, {self.muon_momentum}, {self.muon_weight_decay}")
+        if isinstance(self.muon_ns_steps, bool) or not isinstance(self.muon_ns_steps, int) or self.muon_ns_steps < 1:
+            raise ConfigError(f"TrainConfig.muon_ns_steps must be a positive integer, got {self.muon_ns_steps!r}")
         if self.peak_flops is not None and self.peak_flops <= 0:
             raise ConfigError(f"TrainConfig.peak_flops must be positive, got {self.peak_flops}")
 

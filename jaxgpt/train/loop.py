@@ -30,7 +30,7 @@ from jaxgpt.train.config import TrainConfig
 from jaxgpt.train.fingerprint import fingerprint
 from jaxgpt.train.metrics import (JsonlLogger, flops_per_token, measure_peak_flops, plot_expert_load, plot_losses,
                                   read_jsonl)
-from jaxgpt.train.optimizer import build_optimizer, lr_schedule
+from jaxgpt.train.optimizer import build_optimizer, describe_groups, lr_schedule
 from jaxgpt.train.run_dir import keep_records_up_to, run_configs, run_meta
 from jaxgpt.train.deterministic import DeterministicTrainer
 from jaxgpt.train.sharding import MeshError, ShardedTrainer, build_mesh, parse_mesh
@@ -203,6 +203,7 @@ class _Loop:
                        if self.is_main else _NullLogger())
         self.ckpt = Checkpointer(run_dir, cfg.keep_checkpoints)
         self.schedule = lr_schedule(cfg)
+        self.muon_schedule = lr_schedule(cfg, cfg.muon_lr) if cfg.optimizer == "muon" else None
         self.tokens_per_step, self.flops_tok, self.peak = cfg.batch_size * seq_len, flops_tok, peak
         self.status, self.last_loss, self.val_loss = "completed", float("nan"), None
         self.t_start = self.t_last = time.perf_counter()
@@ -286,6 +287,7 @@ class _Loop:
         self.logger.log({
             "kind": "train", "step": done, "tokens_seen": done * self.tokens_per_step, "loss": loss,
             "lr": float(self.schedule(step)), "grad_norm": to_host(metrics["grad_norm"]),
+            **({"muon_lr": float(self.muon_schedule(step))} if self.muon_schedule is not None else {}),
             "tokens_per_s": tok_s, "mfu": tok_s * self.flops_tok / self.peak, "time_s": now - self.t_start,
             **moe_log(metrics),
         })
@@ -368,6 +370,8 @@ def train(
     _log(f"model {n_params:,} params, vocab {model_cfg.vocab_size}, context {seq_len}; "
          f"{data.n_train_tokens:,} train / {data.n_val_tokens:,} val tokens; {_describe_layout(cfg, trainer.n_devices)}; "
          f"steps {start_step}->{cfg.max_steps}; peak {peak / 1e9:.0f} GFLOP/s ({peak_source})")
+    _log(f"optimizer {cfg.optimizer}, schedule {cfg.schedule}"
+         + (f"; parameter groups: {describe_groups(abstract['params'])}" if cfg.optimizer == "muon" else ""))
 
     loop = _Loop(run_dir, model_cfg, cfg, data, trainer, state, seq_len, flops_tok, peak, best_val)
     loop.run(start_step, progress, step_callback)

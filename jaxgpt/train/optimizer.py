@@ -1,19 +1,54 @@
-"""The optimizer: AdamW with a decay mask, warmup + cosine schedule, global-norm clipping."""
+"""The optimizers: AdamW with a decay mask, or Muon on the hidden matrices with AdamW on the rest;
+warmup + cosine or warmup-stable-decay schedules; global-norm clipping.
+
+Muon (Jordan et al. 2024, modded-nanogpt) replaces each hidden weight matrix's update by the
+orthogonalised (Newton–Schulz) Nesterov momentum of its gradient, scaled by sqrt(max(1, out/in));
+embeddings, the output head, the MoE router, norms and biases stay on AdamW. Which parameter goes
+where is decided by name (`param_groups`) and printed at the start of a run. The Muon step is
+Optax's `optax.contrib.scale_by_muon` (checked against `jaxgpt.reference.optim.muon_step`); a matrix
+with leading axes (scanned layers (L, in, out), experts (E, in, out)) is orthogonalised per matrix.
+Under FSDP the Newton–Schulz products run on the sharded matrix inside the compiled step, and XLA
+inserts the gathers they need (tested against one device).
+"""
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
+from optax.contrib import MuonDimensionNumbers, scale_by_muon
 
 from jaxgpt.train.config import TrainConfig
 
+# parameters that never go to Muon, whatever their shape: the vocabulary-sized matrices (Muon's
+# authors keep embeddings and the head on AdamW) and the MoE router (a gate, not a hidden map)
+ADAMW_ONLY = ("wte", "wpe", "lm_head", "router")
 
-def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
-    """Linear warmup from 0 to `lr` over `warmup_steps`, then cosine to `min_lr` at `decay_steps`."""
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps,
-        decay_steps=max(cfg.total_decay_steps, cfg.warmup_steps + 1), end_value=cfg.min_lr,
-    )
+
+def lr_schedule(cfg: TrainConfig, peak: float | None = None) -> optax.Schedule:
+    """Linear warmup from 0 to `peak` (default `lr`) over `warmup_steps`, then
+
+    - "cosine": cosine to `min_lr` at `decay_steps` (min_lr after it);
+    - "wsd" (warmup-stable-decay, trapezoidal): `peak` until the last `decay_fraction` of the steps
+      after warmup, then linear to `min_lr` at `decay_steps` (min_lr after it).
+
+    With another `peak` (Muon's), `min_lr` scales with it: the schedule's shape is the same.
+    """
+    peak = cfg.lr if peak is None else peak
+    end = cfg.min_lr * peak / cfg.lr
+    total = max(cfg.total_decay_steps, cfg.warmup_steps + 1)
+    if cfg.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=peak, warmup_steps=cfg.warmup_steps,
+                                                  decay_steps=total, end_value=end)
+    decay = round(cfg.decay_fraction * (total - cfg.warmup_steps))
+    stable = total - cfg.warmup_steps - decay
+    pieces = [optax.linear_schedule(0.0, peak, cfg.warmup_steps), optax.constant_schedule(peak),
+              optax.linear_schedule(peak, end, max(decay, 1))]
+    return optax.join_schedules(pieces, [cfg.warmup_steps, cfg.warmup_steps + stable])
+
+
+def _names(path) -> list[str]:
+    return [getattr(k, "key", str(k)) for k in path]
 
 
 def decay_mask(params, decay_embeddings: bool = False):
@@ -22,12 +57,37 @@ def decay_mask(params, decay_embeddings: bool = False):
     `decay_embeddings`."""
 
     def wants_decay(path, leaf) -> bool:
-        names = [getattr(k, "key", str(k)) for k in path]
+        names = _names(path)
         if "embedding" in names:
             return decay_embeddings
         return names[-1] in ("kernel", "lora_A", "lora_B")
 
     return jax.tree_util.tree_map_with_path(wants_decay, params)
+
+
+def param_groups(params):
+    """"muon" for the hidden weight matrices (a `kernel` of rank ≥ 2 outside `ADAMW_ONLY`), "adamw"
+    for everything else; a tree like `params`."""
+
+    def group(path, leaf) -> str:
+        names = _names(path)
+        hidden = names[-1] == "kernel" and jnp.ndim(leaf) >= 2 and not set(names) & set(ADAMW_ONLY)
+        return "muon" if hidden else "adamw"
+
+    return jax.tree_util.tree_map_with_path(group, params)
+
+
+def describe_groups(params) -> str:
+    """One line per group: how many tensors and parameters, and a few of their names."""
+    counts: dict[str, list] = {}
+    labels = param_groups(params)
+    for (path, leaf), label in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(labels)):
+        counts.setdefault(label, []).append(("/".join(_names(path)[1:]), leaf.size))
+    lines = []
+    for label, items in sorted(counts.items(), reverse=True):
+        names = ", ".join(n for n, _ in items[:3]) + (", …" if len(items) > 3 else "")
+        lines.append(f"{label}: {len(items)} tensors, {sum(s for _, s in items):,} parameters ({names})")
+    return "; ".join(lines)
 
 
 def adamw(learning_rate, *, weight_decay: float, grad_clip: float = 0.0, decay_embeddings: bool = False,
@@ -39,7 +99,44 @@ def adamw(learning_rate, *, weight_decay: float, grad_clip: float = 0.0, decay_e
     return optax.chain(optax.clip_by_global_norm(grad_clip), opt) if grad_clip > 0 else opt
 
 
+def _matrix_dims(updates):
+    """Muon's view of each of its tensors: the last two axes are (in, out), any leading ones are a
+    batch of matrices (scanned layers, experts). Masked-out leaves stay masked."""
+    return jax.tree.map(lambda x: MuonDimensionNumbers(reduction_axis=x.ndim - 2, output_axis=x.ndim - 1), updates)
+
+
+def scale_by_width() -> optax.GradientTransformation:
+    """Each (…, in, out) update times sqrt(max(1, out / in)) (Muon's width scaling; Optax keeps its
+    own `scale_by_shape` private)."""
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda u: u * jnp.sqrt(jnp.maximum(1.0, u.shape[-1] / u.shape[-2])).astype(u.dtype),
+                            updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def muon(cfg: TrainConfig) -> optax.GradientTransformation:
+    """clip_by_global_norm → Muon on `param_groups`' "muon" tensors (momentum `muon_momentum`, Nesterov,
+    `muon_ns_steps` Newton–Schulz steps, width scaling, decay `muon_weight_decay`, the schedule at
+    `muon_lr`) and AdamW on the rest (the run's betas, decay mask and schedule at `lr`)."""
+    muon_tx = optax.chain(
+        scale_by_muon(ns_steps=cfg.muon_ns_steps, beta=cfg.muon_momentum, nesterov=True,
+                      weight_dimension_numbers=_matrix_dims),
+        scale_by_width(),
+        optax.add_decayed_weights(cfg.muon_weight_decay),
+        optax.scale_by_learning_rate(lr_schedule(cfg, cfg.muon_lr)),
+    )
+    adam_tx = optax.adamw(lr_schedule(cfg), b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                          mask=lambda params: decay_mask(params, cfg.decay_embeddings))
+    tx = optax.partition({"muon": muon_tx, "adamw": adam_tx}, param_groups)
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx) if cfg.grad_clip > 0 else tx
+
+
 def build_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    """Pretraining's optimizer: `adamw` on the warmup + cosine schedule, with the run's betas and clipping."""
+    """Pretraining's optimizer, as `cfg.optimizer` says: `adamw` or `muon`, on `lr_schedule`."""
+    if cfg.optimizer == "muon":
+        return muon(cfg)
     return adamw(lr_schedule(cfg), weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
                  decay_embeddings=cfg.decay_embeddings, b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps)
