@@ -1,7 +1,9 @@
 """Run as a script with 4 simulated CPU devices (XLA_FLAGS set before jax is imported).
 
 Trains the same model from the same batches with several (devices, micro_batches) layouts and
-prints the largest parameter difference to the 1-device, 1-micro-batch run as JSON.
+prints the largest parameter difference to the 1-device, 1-micro-batch run as JSON. With the
+argument `muon`, the optimizer is Muon + AdamW (warmup-stable-decay) over fewer layouts: data
+parallel with accumulation, and FSDP, where Newton–Schulz runs on sharded matrices.
 """
 
 import json
@@ -24,7 +26,9 @@ from jaxgpt.train.step import ParallelTrainer, create_state  # noqa: E402
 def main() -> None:
     assert jax.local_device_count() == 4, jax.devices()
     cfg = get_preset("test")
-    tc = TrainConfig(batch_size=8, warmup_steps=2, max_steps=6, lr=3e-3)
+    optimizer = sys.argv[1] if len(sys.argv) > 1 else "adamw"
+    tc = TrainConfig(batch_size=8, warmup_steps=2, max_steps=6, lr=3e-3, optimizer=optimizer,
+                     schedule="wsd" if optimizer == "muon" else "cosine")
     model, tx = GPT(cfg), build_optimizer(tc)
     rng = np.random.default_rng(0)
     batches = [(rng.integers(0, 64, (8, 16)).astype(np.int32), rng.integers(0, 64, (8, 16)).astype(np.int32))
@@ -33,6 +37,8 @@ def main() -> None:
     init = lambda: create_state(model, tx, init_params(cfg), 0)  # noqa: E731
     layouts = [("pmap", 1, 1), ("pmap", 4, 1), ("pmap", 2, 2), ("pmap", 1, 4),
                ("data=4", 4, 1), ("fsdp=4", 4, 1), ("data=2,fsdp=2", 4, 2)]
+    if optimizer == "muon":
+        layouts = [("pmap", 1, 1), ("pmap", 2, 2), ("fsdp=4", 4, 1), ("data=2,fsdp=2", 4, 2)]
     for mode, devices, micro in layouts:
         if mode == "pmap":
             trainer = ParallelTrainer(model, tx, devices, micro)
@@ -43,8 +49,9 @@ def main() -> None:
             kernel = state["params"]["params"]["h_0"]["attn"]["c_attn"]["kernel"]
             assert kernel.addressable_shards[0].data.shape == (32, 96 // 4), kernel.sharding
             mu = jax.tree.leaves(state["opt_state"])
-            assert sum(1 for leaf in mu if len(leaf.sharding.device_set) == 4
-                       and not leaf.sharding.is_fully_replicated) >= 2 * 4 * cfg.n_layers
+            sharded = sum(1 for leaf in mu if len(leaf.sharding.device_set) == 4 and not leaf.sharding.is_fully_replicated)
+            # Adam: two moments per hidden matrix; Muon: one momentum per hidden matrix
+            assert sharded >= (1 if optimizer == "muon" else 2) * 4 * cfg.n_layers, sharded
         for x, y in batches:
             state, metrics = trainer(state, x, y)
         key = f"{mode}:{devices}x{micro}"

@@ -6,12 +6,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 HERE = Path(__file__).parent
 
 
-def test_pmap_4_devices_and_accumulation_match_single_device():
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_pmap_4_devices_and_accumulation_match_single_device(optimizer):
+    """AdamW over every layout; Muon + AdamW over data parallelism with accumulation and FSDP (its
+    Newton–Schulz products on sharded matrices)."""
     env = dict(os.environ, PYTHONPATH=str(HERE.parent))
-    out = subprocess.run([sys.executable, str(HERE / "parallel_equivalence.py")], env=env,
+    out = subprocess.run([sys.executable, str(HERE / "parallel_equivalence.py"), optimizer], env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout)
