@@ -94,12 +94,20 @@ class PmapWithOptions:
     def __init__(self, pmapped, options: dict) -> None:
         self.pmapped, self.options, self._compiled = pmapped, options, {}
 
-    def __call__(self, *args):
+    def compiled(self, *args):
+        """The executable for these arguments (compiled on first use)."""
         leaves, treedef = jax.tree.flatten(args)
         key = (treedef, tuple((jnp.shape(a), jnp.result_type(a)) for a in leaves))
         if key not in self._compiled:
             self._compiled[key] = self.pmapped.lower(*args).compile(compiler_options=self.options)
-        return self._compiled[key](*args)
+        return self._compiled[key]
+
+    def lower(self, *args):  # `.lower(...).compile()` as on a jitted function: the cached executable
+        executable = self.compiled(*args)
+        return type("Lowered", (), {"compile": staticmethod(lambda: executable)})()
+
+    def __call__(self, *args):
+        return self.compiled(*args)(*args)
 
 
 def pmap(fun: Callable, *, compute_dtype, **pmap_kwargs):

@@ -118,6 +118,10 @@ class DeterministicTrainer:
     def params(self, state):
         return state["params"]
 
+    def step_flops(self, state, x_local, y_local) -> None:
+        """Several executables make one step here: MFU uses the 6·N formula."""
+        return None
+
     def local_rows(self, batch_size: int) -> np.ndarray:
         """This process's contiguous block of whole shards."""
         per_process = batch_size // jax.process_count()

@@ -205,6 +205,7 @@ class _Loop:
         self.schedule = lr_schedule(cfg)
         self.muon_schedule = lr_schedule(cfg, cfg.muon_lr) if cfg.optimizer == "muon" else None
         self.tokens_per_step, self.flops_tok, self.peak = cfg.batch_size * seq_len, flops_tok, peak
+        self.flops_tok_compiled: Optional[float] = None  # after the first step (`_count_step_flops`)
         self.status, self.last_loss, self.val_loss = "completed", float("nan"), None
         self.t_start = self.t_last = time.perf_counter()
         self.steps_since_log = 0
@@ -233,6 +234,8 @@ class _Loop:
                 for step in range(start_step, cfg.max_steps):
                     x_bt, y_bt = self.data.train_source.batch(step, rows=train_rows)
                     self.state, metrics = self.trainer(self.state, x_bt, y_bt)
+                    if step == start_step:
+                        self._count_step_flops(x_bt, y_bt)
                     done = step + 1
                     self._after_step(step, to_host(metrics["loss"]), metrics, bar)
                     if step_callback is not None:
@@ -247,6 +250,19 @@ class _Loop:
             bar.close()
             self.ckpt.close()
             self.logger.close()
+
+    def _count_step_flops(self, x_bt, y_bt) -> None:
+        """FLOPs per token from the compiled step's cost analysis (the executable the first step
+        compiled: nothing is compiled again), beside the 6·N + attention formula; MFU uses it."""
+        flops = self.trainer.step_flops(self.state, x_bt, y_bt)
+        if flops is None:
+            _log(f"FLOPs per token: {self.flops_tok:.4g} by the 6·N + 12·L·T·d formula (no cost analysis for this "
+                 "step: a loop over micro-batches or scanned layers, whose body XLA's cost analysis counts once, or a "
+                 "deterministic reduce)")
+            return
+        self.flops_tok_compiled = flops / self.tokens_per_step
+        _log(f"FLOPs per token: {self.flops_tok_compiled:.4g} in the compiled step (XLA cost analysis; MFU uses "
+             f"it), {self.flops_tok:.4g} by the 6·N + 12·L·T·d formula ({self.flops_tok_compiled / self.flops_tok:.3f}x)")
 
     def _after_step(self, step: int, loss: float, metrics: dict, bar) -> None:
         """Check the loss, then log, evaluate and save on their schedules."""
@@ -288,7 +304,8 @@ class _Loop:
             "kind": "train", "step": done, "tokens_seen": done * self.tokens_per_step, "loss": loss,
             "lr": float(self.schedule(step)), "grad_norm": to_host(metrics["grad_norm"]),
             **({"muon_lr": float(self.muon_schedule(step))} if self.muon_schedule is not None else {}),
-            "tokens_per_s": tok_s, "mfu": tok_s * self.flops_tok / self.peak, "time_s": now - self.t_start,
+            "tokens_per_s": tok_s, "mfu": tok_s * (self.flops_tok_compiled or self.flops_tok) / self.peak,
+            "mfu_6n": tok_s * self.flops_tok / self.peak, "time_s": now - self.t_start,
             **moe_log(metrics),
         })
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
@@ -389,6 +406,7 @@ def train(
         "wall_s": time.perf_counter() - loop.t_start, "n_params": n_params, "devices": trainer.n_devices,
         "tokens_per_s": train_records[-1]["tokens_per_s"] if train_records else None,
         "peak_flops": peak, "peak_flops_source": peak_source,
+        "flops_per_token": loop.flops_tok_compiled, "flops_per_token_6n": flops_tok,
     }
     if loop.status == "completed" and cfg.samples > 0 and jax.process_count() == 1:
         summary["samples"] = _samples(trainer.params(loop.state), model_cfg, cfg, data)

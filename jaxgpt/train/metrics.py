@@ -63,6 +63,20 @@ def flops_per_token(config: GPTConfig, seq_len: int, n_params: int) -> float:
     return 6.0 * n + 12.0 * config.n_layers * seq_len * config.emb_dim
 
 
+def compiled_flops(jitted, *args) -> Optional[float]:
+    """FLOPs of one call of `jitted(*args)` by XLA's cost analysis of the compiled program (the one
+    already compiled for these arguments: no new compilation after the first call), or None where
+    the backend gives none. For a per-device program (pmap, SPMD) this is one device's share."""
+    try:
+        analysis = jitted.lower(*args).compile().cost_analysis()
+    except Exception:  # noqa: BLE001 - a backend without cost analysis: the caller falls back to the formula
+        return None
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else None
+    flops = (analysis or {}).get("flops")
+    return float(flops) if flops and flops > 0 else None
+
+
 def measure_peak_flops(size: int = 2048, repeats: int = 5, device=None, dtype=jnp.float32) -> float:
     """FLOP/s of a (size × size) matmul on one device: the best of `repeats` timed runs.
 

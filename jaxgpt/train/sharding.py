@@ -26,6 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxgpt import xla_tuning
 from jaxgpt.config import resolve_dtype
 from jaxgpt.nn.model import GPT
+from jaxgpt.train.metrics import compiled_flops
 from jaxgpt.train.step import make_eval_step, make_train_step
 
 MESH_AXES = ("data", "fsdp", "expert")
@@ -119,6 +120,7 @@ class ShardedTrainer:
                             "per MoE layer: the axis must divide them (each expert lives on one shard)")
         self.mesh = mesh
         self.micro_batches = micro_batches
+        self.scan_layers = model.config.scan_layers
         self.n_devices = mesh.size
         self.state_sharding = tree_shardings(abstract_state, mesh)
         self.batch_sharding = NamedSharding(mesh, P(None, BATCH_AXES, None))  # (M, B/M, T)
@@ -167,13 +169,25 @@ class ShardedTrainer:
     def _global(self, local: np.ndarray, sharding, global_shape) -> jax.Array:
         return jax.make_array_from_process_local_data(sharding, local, global_shape)
 
-    def __call__(self, state, x_local: np.ndarray, y_local: np.ndarray):
-        """One step from this process's rows (`local_rows` order); returns (state, metrics)."""
+    def _global_batch(self, x_local: np.ndarray, y_local: np.ndarray):
         rows, t = x_local.shape
         shape = (self.micro_batches, rows * jax.process_count() // self.micro_batches, t)
         local_shape = (self.micro_batches, rows // self.micro_batches, t)
-        x = self._global(x_local.reshape(local_shape), self.batch_sharding, shape)
-        y = self._global(y_local.reshape(local_shape), self.batch_sharding, shape)
+        return (self._global(x_local.reshape(local_shape), self.batch_sharding, shape),
+                self._global(y_local.reshape(local_shape), self.batch_sharding, shape))
+
+    def step_flops(self, state, x_local: np.ndarray, y_local: np.ndarray) -> Optional[float]:
+        """FLOPs of one step, from the compiled SPMD program's cost analysis (one device's share ×
+        the devices)."""
+        if self.micro_batches > 1 or self.scan_layers:  # a loop (over micro-batches, over layers): XLA's cost
+            return None  # analysis counts its body once
+        with jax.set_mesh(self.mesh):
+            flops = compiled_flops(self.step, state, *self._global_batch(x_local, y_local))
+        return None if flops is None else flops * self.n_devices
+
+    def __call__(self, state, x_local: np.ndarray, y_local: np.ndarray):
+        """One step from this process's rows (`local_rows` order); returns (state, metrics)."""
+        x, y = self._global_batch(x_local, y_local)
         with jax.set_mesh(self.mesh):  # the mesh an MoE layer splits its experts over (jaxgpt.nn.moe)
             return self.step(state, x, y)
 

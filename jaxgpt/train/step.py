@@ -24,6 +24,7 @@ from jaxgpt import xla_tuning
 from jaxgpt.config import resolve_dtype
 from jaxgpt.nn.model import GPT, cross_entropy
 from jaxgpt.nn.moe import moe_loss, moe_stats, update_balance_bias
+from jaxgpt.train.metrics import compiled_flops
 
 Array = jax.Array
 PMAP_AXIS = "batch"
@@ -150,6 +151,7 @@ class ParallelTrainer:
             raise ValueError(f"asked for {n_devices} devices but JAX sees {available} local device(s)")
         self.n_devices = n_devices
         self.micro_batches = micro_batches
+        self.scan_layers = model.config.scan_layers
         self.devices = jax.local_devices()[:n_devices]
         compute_dtype = resolve_dtype(model.config)  # picks the XLA options (jaxgpt.xla_tuning)
         if n_devices == 1:
@@ -202,6 +204,13 @@ class ParallelTrainer:
             return x_bt.reshape(self.micro_batches, b // self.micro_batches, t)  # (M, B/M, T)
         rows = b // (self.n_devices * self.micro_batches)
         return x_bt.reshape(self.n_devices, self.micro_batches, rows, t)  # (D, M, B/(D·M), T)
+
+    def step_flops(self, state, x_bt: np.ndarray, y_bt: np.ndarray) -> Optional[float]:
+        """FLOPs of one step on this batch shape, from the compiled step's cost analysis (all devices)."""
+        if self.micro_batches > 1 or self.scan_layers:  # a loop (over micro-batches, over layers): XLA's cost
+            return None  # analysis counts its body once
+        flops = compiled_flops(self.step, state, self.split_batch(x_bt), self.split_batch(y_bt))
+        return None if flops is None else flops * self.n_devices
 
     def __call__(self, state, x_bt: np.ndarray, y_bt: np.ndarray):
         state, metrics = self.step(state, self.split_batch(x_bt), self.split_batch(y_bt))
