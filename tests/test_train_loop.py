@@ -276,3 +276,18 @@ def test_muon_with_warmup_stable_decay_resumes_bit_identically(corpus, tmp_path,
     _assert_identical(tmp_path / "straight", tmp_path / "resumed")
     records = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert all("muon_lr" in r for r in records if r["kind"] == "train")
+
+
+def test_mfu_counts_the_compiled_steps_flops(corpus, tmp_path):
+    """FLOPs per token come from XLA's cost analysis of the compiled step (close to, and a little
+    above, the 6·N + attention formula: it also counts softmax, norms, the loss and the update);
+    MFU uses them and `mfu_6n` keeps the formula's figure. With micro-batches (a loop whose body the
+    cost analysis counts once) the formula is used."""
+    summary = train(MODEL, _cfg(corpus, micro_batches=1, max_steps=2, log_every=1), tmp_path / "one", progress=False)
+    ratio = summary["flops_per_token"] / summary["flops_per_token_6n"]
+    assert 1.0 < ratio < 1.5, ratio
+    records = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    for r in (r for r in records if r["kind"] == "train"):
+        np.testing.assert_allclose(r["mfu"] / r["mfu_6n"], ratio, rtol=1e-9)
+    accumulated = train(MODEL, _cfg(corpus, max_steps=2), tmp_path / "two", progress=False)
+    assert accumulated["flops_per_token"] is None and accumulated["flops_per_token_6n"] > 0
