@@ -40,6 +40,16 @@ def test_train_cli_gives_one_cpu_device_per_core_unless_told_otherwise():
     assert out.stdout.strip() == "1", out.stderr[-2000:]
 
 
+def test_building_the_cli_does_not_start_jax():
+    """`jaxgpt train` sets one CPU device per core before JAX starts; a command module that imports
+    JAX while the parser is built (it happened: the task list of `jaxgpt evaluate`) silently leaves
+    the main job on one device."""
+    code = "import sys; from jaxgpt.cli.main import build_parser; build_parser(); print('jax' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(HERE.parent)),
+                         capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]
+
+
 def test_default_device_count_divides_the_batch(monkeypatch):
     import jax
 

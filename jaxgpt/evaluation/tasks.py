@@ -22,12 +22,14 @@ import re
 import string
 import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 
 from jaxgpt.data.corpus import DataError
-from jaxgpt.evaluation.scoring import Scorer
+
+if TYPE_CHECKING:  # the scorer imports JAX; the CLI lists this module's task names before JAX may start
+    from jaxgpt.evaluation.scoring import Scorer
 
 KINDS = ("multiple_choice", "cloze", "perplexity", "generate")
 GENERATE_METRICS = ("exact_match", "rouge", "bleu", "chrf")
@@ -171,6 +173,8 @@ RUNNERS: dict[str, Callable] = {"multiple_choice": run_multiple_choice, "cloze":
 def evaluate_tasks(params, config, tokenizer, specs: list[dict], batch_size: int = 8,
                    progress: Optional[Callable[[str], None]] = None) -> dict:
     """{"tasks": {name: {"kind", "n", metrics…}}} for the model on each task."""
+    from jaxgpt.evaluation.scoring import Scorer
+
     scorer = Scorer(params, config, tokenizer, batch_size)
     say = progress or (lambda msg: None)
     out = {}
