@@ -139,3 +139,16 @@ def test_optimizer_settings_are_validated():
         TrainConfig(muon_momentum=1.0)
     with pytest.raises(ConfigError, match="muon_ns_steps"):
         TrainConfig(muon_ns_steps=0)
+
+
+def test_recipes_name_a_preset_and_its_train_settings():
+    from jaxgpt.cli.main import build_parser
+    from jaxgpt.train.recipes import RECIPES, recipe_configs
+
+    model, train_cfg = recipe_configs("default")
+    assert model == get_preset("small") and train_cfg.optimizer == "muon"
+    assert recipe_configs("gpt2-classic")[1] == TrainConfig()  # the library's defaults stay the classic recipe
+    with pytest.raises(ConfigError, match="unknown recipe 'fast'; known: default, gpt2-classic"):
+        recipe_configs("fast")
+    assert set(RECIPES) >= {"default", "gpt2-classic"}
+    assert build_parser().parse_args(["train"]).recipe == "default"

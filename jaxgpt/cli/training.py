@@ -16,9 +16,11 @@ def _cmd_train(args) -> int:
     from jaxgpt.config import get_preset
     from jaxgpt.train.config import TrainConfig, apply_overrides
     from jaxgpt.train.loop import TrainingDiverged, train
+    from jaxgpt.train.recipes import recipe_configs
 
-    model_cfg = get_preset(args.preset or "small")
-    train_cfg = TrainConfig()
+    model_cfg, train_cfg = recipe_configs(args.recipe)
+    if args.preset is not None:
+        model_cfg = get_preset(args.preset)
     if args.resume:  # start from the run's own configs; --preset, flags and --set change them from there
         from jaxgpt.config import GPTConfig
         from jaxgpt.weights.checkpoint import locate, read_meta
@@ -103,7 +105,10 @@ def _cmd_compare_runs(args) -> int:
 def add_commands(sub) -> None:
     """train, eval, plot, compare-runs."""
     p = sub.add_parser("train", help="pretrain a model (no arguments: a small model on the embedded corpus)")
-    p.add_argument("--preset", default=None, help="model preset (default: small)")
+    p.add_argument("--recipe", default="default",
+                   help="model preset + train settings to start from: default (small + Muon) or gpt2-classic "
+                        "(small + AdamW, the book's recipe); --preset, flags and --set change it")
+    p.add_argument("--preset", default=None, help="model preset (default: the recipe's, small)")
     p.add_argument("--data", default=None, help="named corpus, text file, or prepared directory")
     p.add_argument("--tokenizer", default=None, help="char, gpt2, or a directory from `jaxgpt tokenizer train`")
     p.add_argument("--out", default=None, help="run directory (default: a new runs/train-YYYYmmdd-HHMMSS)")
