@@ -51,7 +51,7 @@ def _cmd_train(args) -> int:
               f"best val loss {summary['best_val_loss']}, {summary['wall_s']:.0f} s; run in {summary['run_dir']}")
         for i, sample in enumerate(summary.get("samples", [])):
             print(f"\n--- sample {i + 1} ---\n{sample}")
-    return 0 if summary["status"] == "completed" else 130
+    return 0 if summary["status"] in ("completed", "target reached") else 130
 
 
 def _cmd_eval(args) -> int:

@@ -65,6 +65,7 @@ class TrainConfig:
     deterministic_reduce: int = 0  # S > 0: gradients of S fixed shards summed in a fixed tree, so the run is
     # bitwise the same on any device count (S a power of two; jaxgpt.train.deterministic)
     mesh: Optional[str] = None  # e.g. "data=2,fsdp=2": sharded jit over all processes' devices instead of pmap
+    target_val_loss: Optional[float] = None  # stop (saving a checkpoint) at the first evaluation at or below it
     peak_flops: Optional[float] = None  # per-device peak FLOP/s for MFU (default: measured by a matmul probe)
     tensorboard: bool = False
 
@@ -117,6 +118,8 @@ class TrainConfig:
                               f"{self.muon_lr}, {self.muon_momentum}, {self.muon_weight_decay}")
         if isinstance(self.muon_ns_steps, bool) or not isinstance(self.muon_ns_steps, int) or self.muon_ns_steps < 1:
             raise ConfigError(f"TrainConfig.muon_ns_steps must be a positive integer, got {self.muon_ns_steps!r}")
+        if self.target_val_loss is not None and self.target_val_loss <= 0:
+            raise ConfigError(f"TrainConfig.target_val_loss must be positive, got {self.target_val_loss}")
         if self.peak_flops is not None and self.peak_flops <= 0:
             raise ConfigError(f"TrainConfig.peak_flops must be positive, got {self.peak_flops}")
 

@@ -207,6 +207,7 @@ class _Loop:
         self.tokens_per_step, self.flops_tok, self.peak = cfg.batch_size * seq_len, flops_tok, peak
         self.flops_tok_compiled: Optional[float] = None  # after the first step (`_count_step_flops`)
         self.status, self.last_loss, self.val_loss = "completed", float("nan"), None
+        self.target_reached_s: Optional[float] = None  # train.target_val_loss: when the evaluation reached it
         self.t_start = self.t_last = time.perf_counter()
         self.steps_since_log = 0
         self.val_batches = [(x[trainer.local_eval_rows(len(x))], y[trainer.local_eval_rows(len(x))])
@@ -240,6 +241,9 @@ class _Loop:
                     self._after_step(step, to_host(metrics["loss"]), metrics, bar)
                     if step_callback is not None:
                         step_callback(done)
+                    if self.status == "target reached":
+                        self.save(done)
+                        break
                     if stop.received is not None:
                         self.save(done)
                         self.status = "interrupted"
@@ -326,6 +330,10 @@ class _Loop:
                       file=sys.stderr)
         if improved:
             self.save(done, best=True)
+        if self.cfg.target_val_loss is not None and self.val_loss <= self.cfg.target_val_loss:
+            self.status, self.target_reached_s = "target reached", time.perf_counter() - self.t_start
+            self.logger.log({"kind": "target", "step": done, "val_loss": self.val_loss,
+                             "target_val_loss": self.cfg.target_val_loss, "time_s": self.target_reached_s})
         self.t_last = time.perf_counter()  # evaluation time is not training throughput
 
 
@@ -407,8 +415,9 @@ def train(
         "tokens_per_s": train_records[-1]["tokens_per_s"] if train_records else None,
         "peak_flops": peak, "peak_flops_source": peak_source,
         "flops_per_token": loop.flops_tok_compiled, "flops_per_token_6n": flops_tok,
+        "target_reached_s": loop.target_reached_s,
     }
-    if loop.status == "completed" and cfg.samples > 0 and jax.process_count() == 1:
+    if loop.status in ("completed", "target reached") and cfg.samples > 0 and jax.process_count() == 1:
         summary["samples"] = _samples(trainer.params(loop.state), model_cfg, cfg, data)
     write_json(run_dir / "summary.json", summary)
     return summary
