@@ -31,6 +31,9 @@ def real_word_fraction(samples: list[str], vocabulary: set[str]) -> float:
 
 
 def run(name: str, extra: list[str], out: Path) -> dict:
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run each time
     cmd = [sys.executable, "-m", "jaxgpt.cli", "train", "--out", str(out), "--json", "--no-progress", *extra]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)

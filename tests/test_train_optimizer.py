@@ -146,7 +146,7 @@ def test_recipes_name_a_preset_and_its_train_settings():
     from jaxgpt.train.recipes import RECIPES, recipe_configs
 
     model, train_cfg = recipe_configs("default")
-    assert model == get_preset("small") and train_cfg.optimizer == "muon"
+    assert model == get_preset("small") and train_cfg.optimizer == "muon" and train_cfg.max_steps == 400
     assert recipe_configs("gpt2-classic")[1] == TrainConfig()  # the library's defaults stay the classic recipe
     with pytest.raises(ConfigError, match="unknown recipe .fast.; known: default, gpt2-classic, speedrun"):
         recipe_configs("fast")
