@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from jaxgpt.config import GPTConfig, resolve_dtype
+from jaxgpt.config import GPTConfig
 from jaxgpt.data.corpus import DataError
 from jaxgpt.inference.generate import generate, trim_at_eos
 from jaxgpt.nn.model import GPT, count_params, init_params
@@ -28,7 +27,8 @@ from jaxgpt.evaluation.during_training import TrainingTasks
 from jaxgpt.train.batches import RunData, build_data
 from jaxgpt.train.config import TrainConfig
 from jaxgpt.train.fingerprint import fingerprint
-from jaxgpt.train.metrics import (JsonlLogger, flops_per_token, measure_peak_flops, plot_expert_load, plot_losses,
+from jaxgpt.train.run_layout import describe_layout, peak_flops
+from jaxgpt.train.metrics import (JsonlLogger, flops_per_token, plot_expert_load, plot_losses,
                                   read_jsonl)
 from jaxgpt.train.optimizer import build_optimizer, describe_groups, lr_schedule
 from jaxgpt.train.run_dir import keep_records_up_to, run_configs, run_meta
@@ -163,32 +163,6 @@ def _deterministic_devices(cfg: TrainConfig, model_cfg: GPTConfig) -> int:
                             "shards parameters (fsdp/expert): use a data-only mesh such as data=-1")
         return jax.local_device_count()
     return cfg.devices or default_device_count(cfg, model_cfg)
-
-
-def _peak_flops(model_cfg: GPTConfig, cfg: TrainConfig, n_devices: int) -> tuple[float, str]:
-    """(peak FLOP/s of the devices training, where that figure comes from), for MFU."""
-    if cfg.peak_flops:
-        return cfg.peak_flops * n_devices, "given"
-    compute_dtype = resolve_dtype(model_cfg)
-    per_device = measure_peak_flops(dtype=compute_dtype)
-    # simulated CPU devices share the host's cores: the probe already measures all of them
-    peak = per_device * (1 if jax.default_backend() == "cpu" else n_devices)
-    return peak, f"matmul probe ({jnp.dtype(compute_dtype).name} 2048x2048)"
-
-
-def _describe_layout(cfg: TrainConfig, n_devices: int) -> str:
-    """How the run is spread over devices and processes, for the start-up line."""
-    if cfg.deterministic_reduce:
-        return (f"{n_devices} {jax.default_backend()} device(s) over {jax.process_count()} process(es); gradients of "
-                f"{cfg.deterministic_reduce} shards summed in a fixed tree (bitwise the same on any device count)")
-    text = f"{n_devices} of {jax.local_device_count()} local {jax.default_backend()} device(s)"
-    if n_devices > 1 and not cfg.mesh:
-        text += " (pmap)"
-    if n_devices == 1 and jax.local_device_count() > 1 and not cfg.devices and not cfg.mesh:
-        text += " (a wide model on CPU trains fastest on one device; train.devices overrides)"
-    if cfg.mesh:
-        text += f" in mesh {cfg.mesh} over {jax.process_count()} process(es)"
-    return text
 
 
 class _Loop:
@@ -391,9 +365,9 @@ def train(
 
     n_params = count_params(abstract["params"])
     flops_tok = flops_per_token(model_cfg, seq_len, n_params)
-    peak, peak_source = _peak_flops(model_cfg, cfg, trainer.n_devices)
+    peak, peak_source = peak_flops(model_cfg, cfg, trainer.n_devices)
     _log(f"model {n_params:,} params, vocab {model_cfg.vocab_size}, context {seq_len}; "
-         f"{data.n_train_tokens:,} train / {data.n_val_tokens:,} val tokens; {_describe_layout(cfg, trainer.n_devices)}; "
+         f"{data.n_train_tokens:,} train / {data.n_val_tokens:,} val tokens; {describe_layout(cfg, trainer.n_devices)}; "
          f"steps {start_step}->{cfg.max_steps}; peak {peak / 1e9:.0f} GFLOP/s ({peak_source})")
     _log(f"optimizer {cfg.optimizer}, schedule {cfg.schedule}"
          + (f"; parameter groups: {describe_groups(abstract['params'])}" if cfg.optimizer == "muon" else ""))
