@@ -40,12 +40,11 @@ def run(name: str, extra: list[str], out: Path) -> dict:
     wall = time.perf_counter() - t0
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    evals = [(r["time_s"] if "time_s" in r else None, r["step"], r["val_loss"]) for r in records if r["kind"] == "eval"]
     times = {r["step"]: r["time_s"] for r in records if r["kind"] == "train"}
     return {"name": name, "command": "jaxgpt train " + " ".join(extra), "wall_s": round(wall, 1),
             "val_loss": summary["val_loss"], "train_loss": summary["train_loss"], "steps": summary["step"],
             "tokens_per_s": summary["tokens_per_s"], "samples": summary.get("samples", []),
-            "curve": [(times.get(step), step, loss) for _, step, loss in evals]}
+            "curve": [(times.get(r["step"]), r["step"], r["val_loss"]) for r in records if r["kind"] == "eval"]}
 
 
 def main() -> None:

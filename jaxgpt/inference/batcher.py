@@ -87,12 +87,6 @@ class Batcher(RequestQueue):
         self._set_aside = [None]  # wakes the thread, which then ends
         with contextlib.suppress(queue.Full):
             self.queue.put_nowait(None)
-
-    def shutdown(self, drain_s: float = 10.0) -> None:
-        """`begin_shutdown`, then wait for the model thread to end."""
-        self.begin_shutdown(drain_s)
-        if self._thread.is_alive():
-            self._thread.join(timeout=drain_s + 30)
         self._thread.join(timeout=drain_s + 30)
 
     def _next(self, timeout: Optional[float] = None):

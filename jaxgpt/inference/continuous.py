@@ -85,12 +85,6 @@ class ContinuousBatcher(RequestQueue):
             self.closing.set()
         self.answer_waiting("the server is shutting down", 503)
 
-    def shutdown(self, drain_s: float = 10.0) -> None:
-        """`begin_shutdown`, then wait for the model thread to end."""
-        self.begin_shutdown(drain_s)
-        if self._thread.is_alive():
-            self._thread.join(timeout=drain_s + 30)
-
     def _run(self) -> None:
         while True:
             try:

@@ -107,6 +107,15 @@ class RequestQueue:
             raise QueueFull(f"{self.max_queue} requests are already waiting") from None
         self.metrics.queue_length.set(self.queue.qsize())
 
+    def begin_shutdown(self, drain_s: float = 10.0) -> None:  # the scheduler's own: what draining means
+        raise NotImplementedError
+
+    def shutdown(self, drain_s: float = 10.0) -> None:
+        """`begin_shutdown`, then wait for the model thread (`self._thread`) to end."""
+        self.begin_shutdown(drain_s)
+        if self._thread.is_alive():
+            self._thread.join(timeout=drain_s + 30)
+
     def answer_waiting(self, message: str, status: int) -> None:
         """Answer every job still in the queue with an error (shutdown)."""
         while True:
