@@ -87,7 +87,6 @@ class Batcher(RequestQueue):
         self._set_aside = [None]  # wakes the thread, which then ends
         with contextlib.suppress(queue.Full):
             self.queue.put_nowait(None)
-        self._thread.join(timeout=drain_s + 30)
 
     def _next(self, timeout: Optional[float] = None):
         """The next job: one set aside by an earlier batch first (in arrival order), then the queue."""
