@@ -6,9 +6,10 @@ softmax keys/values, a local layer's ring, a latent cache, a linear-attention st
 is written from column 0: its tokens sit at columns 0, 1, … with positions equal to columns, so no
 padding. The decoding step runs the model once on a (slots, 1) batch with a per-row `cache_index`
 (each slot writes its token at its own column, `nn.attention.write_at`); rows never mix, so a
-row's logits do not depend on what the other slots hold. (Running the model under `jax.vmap` over
-the slots instead gave the same tokens at 4× the step time on CPU: 17 against 4 ms for 8 slots of
-the `small` preset, the batched matmuls against shared weights compiling badly.)
+row's logits do not depend on what the other slots hold. (A first version ran the model under
+`jax.vmap` over the slots; it gave the same tokens, and its slow step, 17 ms for 8 slots of the
+`small` preset, turned out to come from sampling, not from vmap: see `sampling.sample_rows`.
+One batched call was kept as the plainer program.)
 
 Prefill writes a prompt in exact chunks whose lengths are powers of two up to `prefill_chunk`
 (a 37-token prompt with chunk 16: 16 + 16 + 4 + 1), so padding never reaches a ring or a
