@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxgpt.cli import data, evaluation, finetuning, generation, numerics, training, weights
+from jaxgpt.cli import arena, data, evaluation, finetuning, generation, numerics, training, weights
 
-COMMAND_MODULES = (generation, training, weights, data, finetuning, numerics, evaluation)
+COMMAND_MODULES = (generation, training, weights, data, finetuning, numerics, evaluation, arena)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +29,8 @@ def main(argv=None) -> int:
     if getattr(args, "before_jax", None) is not None:
         args.before_jax()
 
+    from jaxgpt.arena.sweep import SweepError
+    from jaxgpt.arena.tasks import TaskError
     from jaxgpt.config import ConfigError
     from jaxgpt.data.corpus import DataError
     from jaxgpt.data.tokenizer import TokenizerError
@@ -48,7 +50,7 @@ def main(argv=None) -> int:
     except FloatingPointError as e:  # a NaN/inf loss
         print(f"jaxgpt {args.command}: error: {e}", file=sys.stderr)
         return 3
-    except (ConfigError, DataError, TokenizerError, CheckpointError, WeightsError, MeshError, ValueError, OSError) as e:
+    except (ConfigError, DataError, SweepError, TaskError, TokenizerError, CheckpointError, WeightsError, MeshError, ValueError, OSError) as e:
         print(f"jaxgpt {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,128 @@
+"""Running a sweep: each (variant, seed, task) in its own directory, skipped once finished.
+
+`DIR/runs/VARIANT/seed-S/TASK/` holds `spec.json` (what the run is: the model config, the budget,
+the task's options) and, once done, `result.json` (written atomically: a run stopped half-way has
+none and runs again). A finished run whose spec differs from what the sweep now asks for is
+refused, by name: results of two different sweeps never mix in one report.
+
+Runs go to `jobs` worker processes (spawned, each with its own JAX); the main process shows one
+progress bar over the whole sweep.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Callable, Optional
+
+from jaxgpt.arena.sweep import Sweep, SweepError
+from jaxgpt.arena.tasks import make_task
+from jaxgpt.atomic import write_json
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "x"
+
+
+def run_dir(out: Path, variant: str, seed: int, task: str) -> Path:
+    return Path(out) / "runs" / slug(variant) / f"seed-{seed}" / slug(task)
+
+
+def run_spec(sweep: Sweep, variant: str, seed: int, task: str) -> dict:
+    """All that decides a run's result: a rerun reuses a finished run only if this is unchanged."""
+    reference = task if task != "cost" else next(iter(sweep.tasks))
+    vocab = make_task(reference, **sweep.tasks[reference]).vocab_size
+    return {"variant": variant, "seed": seed, "task": task, "task_options": sweep.tasks.get(task, {}),
+            "model": sweep.model_config(variant, vocab).to_dict(), "train": sweep.train,
+            "lengths": list(sweep.lengths)}
+
+
+def finished_result(directory: Path, spec: dict) -> Optional[dict]:
+    """The stored result of a finished run, None if it has not finished; a changed spec is an error."""
+    path = directory / "result.json"
+    if not path.exists():
+        return None
+    try:
+        result = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SweepError(f"{path} is corrupt ({e}); delete it to run that run again") from None
+    if result.get("spec") != spec:
+        raise SweepError(f"{directory} was run with different settings than this sweep now asks for "
+                         f"(variant {spec['variant']!r}, seed {spec['seed']}, task {spec['task']!r}); "
+                         "use another --out folder, or delete that run's folder to rerun it")
+    return result
+
+
+def execute_run(sweep: Sweep, variant: str, seed: int, task_name: str, directory: Path) -> dict:
+    """Train and evaluate one run (or measure the variant's cost) and store its result."""
+    from jaxgpt.arena.cost import measure_cost
+    from jaxgpt.arena.trainer import evaluate_lengths, train_task
+    from jaxgpt.config import GPTConfig
+
+    spec = run_spec(sweep, variant, seed, task_name)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_json(directory / "spec.json", spec)
+    config = GPTConfig.from_dict(spec["model"])
+    t0 = time.perf_counter()
+    row = {"variant": variant, "seed": seed, "task": task_name}
+    try:
+        if task_name == "cost":
+            row["metrics"] = measure_cost(config, sweep.train, seed)
+        else:
+            task = make_task(task_name, **sweep.tasks[task_name])
+            params, curve, stats = train_task(task, config, sweep.train, seed)
+            metrics = evaluate_lengths(task, config, params, sweep.train["length"], sweep.lengths,
+                                       sweep.train["eval_examples"])
+            row.update(metric=task.metric, curve=curve, metrics={**metrics, **stats,
+                                                                 "final_train_loss": curve[-1]["train_loss"]})
+    except Exception as e:  # noqa: BLE001 - a failed run is recorded by name, the sweep goes on
+        row["error"] = f"{type(e).__name__}: {e}"
+    row["wall_s"] = time.perf_counter() - t0
+    if "error" not in row:
+        write_json(directory / "result.json", {**row, "spec": spec})
+    return row
+
+
+def _worker_init(threads: int) -> None:
+    if threads == 1:  # several workers share the cores: one thread each
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
+                                   "intra_op_parallelism_threads=1").strip()
+
+
+def _run_in_worker(sweep: Sweep, variant: str, seed: int, task: str, directory: str) -> dict:
+    return execute_run(sweep, variant, seed, task, Path(directory))
+
+
+def run_sweep(sweep: Sweep, out: Path, *, jobs: int = 1, progress: Optional[Callable] = None) -> list[dict]:
+    """Every run of the sweep, finished ones read back; returns their rows (failed runs with "error")."""
+    out = Path(out)
+    todo, rows = [], []
+    for variant, seed, task in sweep.runs():
+        directory = run_dir(out, variant, seed, task)
+        done = finished_result(directory, run_spec(sweep, variant, seed, task))
+        if done is not None:
+            rows.append({k: v for k, v in done.items() if k != "spec"})
+        else:
+            todo.append((variant, seed, task, directory))
+    total = len(rows) + len(todo)
+    if progress is not None:
+        progress(len(rows), total, None)
+    if jobs <= 1:
+        for variant, seed, task, directory in todo:
+            rows.append(execute_run(sweep, variant, seed, task, directory))
+            if progress is not None:
+                progress(len(rows), total, rows[-1])
+        return rows
+    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_worker_init,
+                             initargs=(1,)) as pool:
+        futures = [pool.submit(_run_in_worker, sweep, v, s, t, str(d)) for v, s, t, d in todo]
+        for future in as_completed(futures):
+            rows.append(future.result())
+            if progress is not None:
+                progress(len(rows), total, rows[-1])
+    return rows
