@@ -17,7 +17,8 @@ pairs = [2, 4, 8]
 [variants.mha]              # a named variant: GPTConfig overrides
 [variants.gqa]
 n_kv_heads = 2
-[smoke]                     # what --smoke changes (defaults: SMOKE_DEFAULTS)
+[smoke]                     # what --smoke changes: variants (a count or names), tasks, seeds,
+                            # lengths, and [smoke.train] / [smoke.model] tables (defaults: SMOKE_DEFAULTS)
 ```
 
 Every variant trains on the same batches (a pure function of task, seed and step) for the same
@@ -27,7 +28,6 @@ number of tokens; the parameter init depends on the seed only.
 from __future__ import annotations
 
 import dataclasses
-import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,6 +115,11 @@ def parse_sweep(raw: dict, *, smoke: bool = False) -> Sweep:
         names = list(variants)[:keep] if isinstance(keep, int) else keep
         baseline = raw.get("baseline", next(iter(variants)))
         variants = {k: variants[k] for k in dict.fromkeys([baseline, *names]) if k in variants}
+        if "tasks" in changes:
+            missing = [t for t in changes["tasks"] if t not in tasks]
+            if missing:
+                raise SweepError(f"sweep: [smoke] tasks {missing} are not tasks of the sweep {list(tasks)}")
+            tasks = {t: tasks[t] for t in changes["tasks"]}
     baseline = raw.get("baseline", next(iter(variants)))
     if baseline not in variants:
         raise SweepError(f"sweep: baseline {baseline!r} is not one of the variants {list(variants)}")
@@ -163,6 +168,3 @@ def load_sweep(path: str | Path, *, smoke: bool = False) -> Sweep:
     return sweep
 
 
-def sweep_digest(sweep: Sweep) -> str:
-    """A stable text of the sweep, stored in the output folder: a rerun with a changed sweep is refused."""
-    return json.dumps(sweep.to_dict(), sort_keys=True)
