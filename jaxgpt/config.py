@@ -63,6 +63,9 @@ class GPTConfig:
     rope_base: float = 10000.0  # RoPE wavelength base
     sliding_window: Optional[int] = None  # local attention over this many positions (None: global)
     global_every: Optional[int] = None  # with sliding_window: every k-th layer stays global (6 = 5 local : 1 global)
+    attn_gate: bool = False  # softmax: a sigmoid gate from the layer input on each head's output (Qiu et al. 2025)
+    attn_sink: bool = False  # softmax: a learned logit per head joins every softmax, with no value (gpt-oss)
+    differential: bool = False  # softmax: differential attention, softmax(q1k1) - λ·softmax(q2k2) (Ye et al. 2024)
     # block options of today's open models (docs/families.md); the defaults are GPT-2's
     norm: str = "layernorm"  # "layernorm" (scale and bias) or "rmsnorm" (scale only), one of NORMS
     norm_unit_offset: bool = False  # RMSNorm multiplies by (1 + scale), scale initialised to 0 (Gemma)
@@ -164,7 +167,8 @@ class GPTConfig:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
                 raise ConfigError(f"GPTConfig.{name} must be a positive integer or unset, got {v!r}")
-        for name in ("post_norms", "mlp_bias", "attn_out_bias", "qk_norm", "emb_scale", "norm_unit_offset"):
+        for name in ("post_norms", "mlp_bias", "attn_out_bias", "qk_norm", "emb_scale", "norm_unit_offset", "attn_gate",
+                     "attn_sink", "differential"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"GPTConfig.{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("query_scale", "rope_local_base", "rope_scaling", "logit_softcap"):
@@ -179,8 +183,15 @@ class GPTConfig:
         uses_rope = self.rope_scaling is not None or self.rope_local_base is not None
         if uses_rope and self.position != "rope":
             raise ConfigError("GPTConfig.rope_scaling and rope_local_base need position 'rope'")
-        if self.attention != "softmax" and (self.qk_norm or self.head_size is not None or self.query_scale is not None):
-            raise ConfigError("GPTConfig.qk_norm, head_size and query_scale apply to softmax attention only")
+        if self.attention != "softmax" and (self.qk_norm or self.head_size is not None or self.query_scale is not None
+                                            or self.attn_gate or self.attn_sink or self.differential):
+            raise ConfigError("GPTConfig.qk_norm, head_size, query_scale, attn_gate, attn_sink and differential apply "
+                              "to softmax attention only")
+        if self.differential and self.query_scale is not None:
+            raise ConfigError("GPTConfig.differential sets its own score scale (1/sqrt(head_dim / 2)): unset query_scale")
+        if self.differential and self.head_dim % 2:
+            raise ConfigError(f"GPTConfig.differential splits each head's q and k in two halves: it needs an even "
+                              f"head dimension, got {self.head_dim}")
 
     def _check_moe_options(self) -> None:
         if self.moe_experts is None:

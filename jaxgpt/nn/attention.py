@@ -24,6 +24,7 @@ from jaxgpt.nn.attention_backends import (
 )
 from jaxgpt.nn.blockwise import blockwise_attention
 from jaxgpt.nn.dense import Dense
+from jaxgpt.nn.differential import DifferentialCore, halves_as_heads
 from jaxgpt.nn.norms import RMSNorm
 from jaxgpt.nn.positions import alibi_slopes, apply_rope
 
@@ -146,6 +147,10 @@ class MultiHeadAttention(nn.Module):
     norm_unit_offset: bool = False  # the qk-norms multiply by (1 + scale) (Gemma)
     query_scale: Optional[float] = None  # multiplies q·k (default 1/sqrt(h))
     rope_scaling: Optional[tuple] = None  # Llama 3's (factor, low, high, original context)
+    # the arena's variants (docs/attention_variants.md)
+    gate: bool = False  # out ⊙ sigmoid(x W_gate) per head before c_proj (Qiu et al. 2025, "c_gate")
+    sink: bool = False  # a learned logit per head ("sinks") in every softmax, with no value
+    differential: bool = False  # two softmax maps from q/k halves, subtracted (jaxgpt.nn.differential)
 
     @staticmethod
     def empty_cache(config, batch: int, length: int, dtype, window: Optional[int] = None) -> dict:
@@ -171,8 +176,10 @@ class MultiHeadAttention(nn.Module):
             norm = lambda name: RMSNorm(self.norm_eps, self.norm_unit_offset, self.dtype, name=name)  # noqa: E731
             q_btnh, k_btmh = norm("q_norm")(q_btnh), norm("k_norm")(k_btmh)
         if self.position == "rope":
-            q_btnh = apply_rope(q_btnh, pos_bt, self.rope_base, self.rope_scaling)
-            k_btmh = apply_rope(k_btmh, pos_bt, self.rope_base, self.rope_scaling)
+            rotate = lambda a: apply_rope(a, pos_bt, self.rope_base, self.rope_scaling)  # noqa: E731
+            if self.differential:  # each half of a head is rotated as a head of its own
+                rotate = lambda a, r=rotate: r(halves_as_heads(a)).reshape(a.shape)  # noqa: E731
+            q_btnh, k_btmh = rotate(q_btnh), rotate(k_btmh)
         q_scale = None if self.query_scale is None else self.query_scale * math.sqrt(h)
         if q_scale is not None:  # the backends divide by sqrt(h): fold the wanted scale into q
             q_btnh = q_btnh * jnp.asarray(q_scale, q_btnh.dtype)
@@ -198,11 +205,21 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"unknown attention backend {self.impl!r}; known: {sorted(ATTENTION_BACKENDS)}")
         slopes_n = alibi_slopes(n) if self.position == "alibi" else None
         kw = dict(q_pos_bt=pos_bt, k_pos_bs=k_pos_bs, mask_bts=mask_bts, window=self.window, slopes_n=slopes_n)
-        sow_attention_insides(self, q_btnh, k_btmh, v_btmh, q_scale=q_scale, **kw)
-        if kv_cache is not None and "col" not in kv_cache and t == 1 and self.impl == "xla":  # a decode step
+        if self.sink:
+            kw["sinks_n"] = self.param("sinks", nn.initializers.zeros_init(), (n,), jnp.float32)
+        if self.differential:
+            attend = lambda q, k, v: ATTENTION_BACKENDS[self.impl](q, k, v, **kw, dropout=dropout)  # noqa: E731
+            out_btnh = DifferentialCore(self.norm_eps, self.dtype, name="diff")(q_btnh, k_btmh, v_btmh, attend)
+        elif kv_cache is not None and "col" not in kv_cache and t == 1 and self.impl == "xla":  # a decode step
+            sow_attention_insides(self, q_btnh, k_btmh, v_btmh, q_scale=q_scale, **kw)
             out_btnh = cached_query_attention(q_btnh, k_bmsh, v_bmsh, **kw)
         else:
+            sow_attention_insides(self, q_btnh, k_btmh, v_btmh, q_scale=q_scale, **kw)
             out_btnh = ATTENTION_BACKENDS[self.impl](q_btnh, k_btmh, v_btmh, **kw, dropout=dropout)
+        if self.gate:  # a per-head, per-channel sigmoid gate computed from the layer's input
+            gate_btnh = Dense(n * h, use_bias=False, dtype=self.dtype, kernel_init=nn.initializers.normal(0.02),
+                              name="c_gate")(x_btd).reshape(b, t, n, h)
+            out_btnh = out_btnh * jax.nn.sigmoid(gate_btnh.astype(jnp.float32)).astype(out_btnh.dtype)
         self.sow("intermediates", "context", out_btnh.reshape(b, t, n * h))  # when mutable (numerics)
 
         out_btd = Dense(d, use_bias=self.out_bias, dtype=self.dtype, kernel_init=nn.initializers.normal(self.out_init_std),

@@ -26,12 +26,19 @@ def causal_mask(t: int, s: Optional[int] = None) -> Array:
     return jnp.tril(jnp.ones((t, s), dtype=bool), k=s - t)
 
 
-def masked_softmax(scores: Array, mask: Optional[Array]) -> Array:
-    """Softmax over the last axis in at least float32, with masked-out entries exactly zero."""
+def masked_softmax(scores: Array, mask: Optional[Array], sinks_n: Optional[Array] = None) -> Array:
+    """Softmax over the last axis in at least float32, with masked-out entries exactly zero.
+
+    `sinks_n` (scores (b, n, t, s) only): one learned logit per head that joins every row's
+    softmax as an extra entry with no value (an attention sink, as gpt-oss): the weights of the
+    real keys then sum to less than one, and a head can attend to nothing."""
     scores = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))
     if mask is not None:
         scores = jnp.where(mask, scores, -jnp.inf)
-    return jax.nn.softmax(scores, axis=-1)
+    if sinks_n is None:
+        return jax.nn.softmax(scores, axis=-1)
+    sink_bnt1 = jnp.broadcast_to(jnp.asarray(sinks_n, scores.dtype)[None, :, None, None], (*scores.shape[:-1], 1))
+    return jax.nn.softmax(jnp.concatenate([scores, sink_bnt1], axis=-1), axis=-1)[..., :-1]
 
 
 # --- attention backends: (q_btnh, k_bsmh, v_bsmh) -> out_btnh --------------------------------
@@ -44,6 +51,7 @@ def masked_softmax(scores: Array, mask: Optional[Array]) -> Array:
 #   `mask_bts` (True = may attend) replaces the causal rule: it is how cached decoding and
 #   left-padded batches say which cache slots hold real tokens; the window still applies on top;
 # - `slopes_n` adds ALiBi's -slope·(q_pos - k_pos) to the scores of each head;
+# - `sinks_n` adds one learned logit per head to every softmax, with no value (`masked_softmax`);
 # - `dropout` (a function on the attention weights) only where the backend can apply it.
 
 DropoutFn = Callable[[Array], Array]
@@ -76,32 +84,33 @@ def attention_scores(q_btnh: Array, k_bsmh: Array) -> Array:
 
 def attention_weights(q_btnh: Array, k_bsmh: Array, *, q_pos_bt: Array, k_pos_bs: Array,
                       mask_bts: Optional[Array] = None, window: Optional[int] = None,
-                      slopes_n: Optional[Array] = None) -> Array:
+                      slopes_n: Optional[Array] = None, sinks_n: Optional[Array] = None) -> Array:
     """The softmax attention weights (b, n, t, s) — what `jaxgpt attention-map` draws."""
     return weights_from_scores(attention_scores(q_btnh, k_bsmh), q_pos_bt=q_pos_bt, k_pos_bs=k_pos_bs,
-                               mask_bts=mask_bts, window=window, slopes_n=slopes_n)
+                               mask_bts=mask_bts, window=window, slopes_n=slopes_n, sinks_n=sinks_n)
 
 
 def weights_from_scores(scores_bnts: Array, *, q_pos_bt: Array, k_pos_bs: Array, mask_bts: Optional[Array],
-                         window: Optional[int], slopes_n: Optional[Array]) -> Array:
+                         window: Optional[int], slopes_n: Optional[Array], sinks_n: Optional[Array] = None) -> Array:
     """Scaled scores (b, n, t, s) -> attention weights: ALiBi bias, visibility mask, softmax."""
     if slopes_n is not None:
         acc = jnp.promote_types(scores_bnts.dtype, jnp.float32)
         scores_bnts = scores_bnts.astype(acc) + alibi_bias(q_pos_bt, k_pos_bs, slopes_n, acc)
     visible_b1ts = visible_keys(q_pos_bt, k_pos_bs, mask_bts, window)[:, None]
-    weights_bnts = masked_softmax(scores_bnts, visible_b1ts)
+    weights_bnts = masked_softmax(scores_bnts, visible_b1ts, sinks_n)
     # a query that sees no key at all (a padding row) gets zeros, not NaN
     return jnp.where(jnp.any(visible_b1ts, axis=-1, keepdims=True), weights_bnts, 0.0)
 
 
 def naive_attention(q_btnh: Array, k_bsmh: Array, v_bsmh: Array, *, q_pos_bt: Array, k_pos_bs: Array,
                     mask_bts: Optional[Array] = None, window: Optional[int] = None,
-                    slopes_n: Optional[Array] = None, dropout: Optional[DropoutFn] = None) -> Array:
+                    slopes_n: Optional[Array] = None, sinks_n: Optional[Array] = None,
+                    dropout: Optional[DropoutFn] = None) -> Array:
     """Explicit scaled dot-product attention: all scores (b, n, t, s), mask, softmax, weighted sum."""
     b, t, n, h = q_btnh.shape
     m = k_bsmh.shape[2]
     weights_bnts = attention_weights(q_btnh, k_bsmh, q_pos_bt=q_pos_bt, k_pos_bs=k_pos_bs, mask_bts=mask_bts,
-                                     window=window, slopes_n=slopes_n)
+                                     window=window, slopes_n=slopes_n, sinks_n=sinks_n)
     if dropout is not None:
         weights_bnts = dropout(weights_bnts)
     weights_bmgts = weights_bnts.reshape(b, m, n // m, t, -1).astype(v_bsmh.dtype)
@@ -110,13 +119,16 @@ def naive_attention(q_btnh: Array, k_bsmh: Array, v_bsmh: Array, *, q_pos_bt: Ar
 
 def xla_attention(q_btnh: Array, k_bsmh: Array, v_bsmh: Array, *, q_pos_bt: Array, k_pos_bs: Array,
                   mask_bts: Optional[Array] = None, window: Optional[int] = None,
-                  slopes_n: Optional[Array] = None, dropout: Optional[DropoutFn] = None) -> Array:
-    """`jax.nn.dot_product_attention` (fused by XLA, cuDNN on GPUs; no dropout on the weights)."""
+                  slopes_n: Optional[Array] = None, sinks_n: Optional[Array] = None,
+                  dropout: Optional[DropoutFn] = None) -> Array:
+    """`jax.nn.dot_product_attention` (fused by XLA, cuDNN on GPUs; no dropout on the weights).
+
+    The fused op has no sink logit: with `sinks_n` (and for float64) this is the naive backend."""
     if dropout is not None:
         raise ValueError("the 'xla' attention backend has no attention dropout; use 'naive' or 'auto'")
-    if q_btnh.dtype == jnp.float64:  # XLA's fused attention computes float64 inputs in float32
+    if q_btnh.dtype == jnp.float64 or sinks_n is not None:  # XLA's fused attention computes float64 in float32
         return naive_attention(q_btnh, k_bsmh, v_bsmh, q_pos_bt=q_pos_bt, k_pos_bs=k_pos_bs, mask_bts=mask_bts,
-                               window=window, slopes_n=slopes_n)
+                               window=window, slopes_n=slopes_n, sinks_n=sinks_n)
     plain_causal = mask_bts is None and window is None and slopes_n is None and q_btnh.shape[1] == k_bsmh.shape[1]
     if plain_causal:  # training: positions are 0..t-1 for queries and keys alike
         return jax.nn.dot_product_attention(q_btnh, k_bsmh, v_bsmh, is_causal=True)
@@ -129,7 +141,7 @@ def xla_attention(q_btnh: Array, k_bsmh: Array, v_bsmh: Array, *, q_pos_bt: Arra
 
 def cached_query_attention(q_btnh: Array, k_bmsh: Array, v_bmsh: Array, *, q_pos_bt: Array, k_pos_bs: Array,
                            mask_bts: Optional[Array] = None, window: Optional[int] = None,
-                           slopes_n: Optional[Array] = None) -> Array:
+                           slopes_n: Optional[Array] = None, sinks_n: Optional[Array] = None) -> Array:
     """A decode step's attention (one query per row) over a heads-major cache (b, m, s, h).
 
     The same function as `naive_attention` on the transposed cache. Both products have (b, m) as
@@ -146,7 +158,7 @@ def cached_query_attention(q_btnh: Array, k_bmsh: Array, v_bmsh: Array, *, q_pos
     q_bmgh = q_btnh.reshape(b, m, n // m, h).astype(k_bmsh.dtype)  # t = 1; query head i = (kv head i // g, member i % g)
     scores_bmgs = jnp.einsum("bmgh,bmsh->bmgs", q_bmgh, k_bmsh).astype(q_btnh.dtype) / jnp.sqrt(h).astype(q_btnh.dtype)
     weights_bnts = weights_from_scores(scores_bmgs.reshape(b, n, 1, s), q_pos_bt=q_pos_bt, k_pos_bs=k_pos_bs,
-                                        mask_bts=mask_bts, window=window, slopes_n=slopes_n)
+                                        mask_bts=mask_bts, window=window, slopes_n=slopes_n, sinks_n=sinks_n)
     weights_bmgs = weights_bnts.reshape(b, m, n // m, s).astype(q_btnh.dtype)  # rounded to q's dtype, as ever
     out_bmgh = jnp.einsum("bmgs,bmsh->bmgh", weights_bmgs.astype(v_bmsh.dtype), v_bmsh)
     return out_bmgh.astype(q_btnh.dtype).reshape(b, 1, n, h)

@@ -44,7 +44,8 @@ def attention_layer(cfg: GPTConfig, *, impl: str, dtype, out_init_std: float, wi
         return LatentAttention(latent_dim=cfg.latent_dim, **common, **softmax_options)
     return MultiHeadAttention(**common, **softmax_options, head_dim=cfg.head_size, out_bias=cfg.attn_out_bias,
                               qk_norm=cfg.qk_norm, norm_eps=cfg.ln_eps, norm_unit_offset=cfg.norm_unit_offset,
-                              query_scale=cfg.query_scale, rope_scaling=cfg.rope_scaling_spec)
+                              query_scale=cfg.query_scale, rope_scaling=cfg.rope_scaling_spec, gate=cfg.attn_gate,
+                              sink=cfg.attn_sink, differential=cfg.differential)
 
 
 class Block(nn.Module):

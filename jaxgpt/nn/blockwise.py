@@ -62,8 +62,9 @@ def _tile_needed(qpos_bq, kpos_bk, window):
     return needed
 
 
-def _forward(q, k, v, qpos, kpos, slopes, window, block_q, block_k):
-    """q (b, n, T, h), k/v (b, n, S, h), padded to whole blocks -> out (b, n, T, h), lse (b, n, T)."""
+def _forward(q, k, v, qpos, kpos, slopes, sinks, window, block_q, block_k):
+    """q (b, n, T, h), k/v (b, n, S, h), padded to whole blocks -> out (b, n, T, h), lse (b, n, T).
+    A head's sink logit starts its running maximum and sum: one more softmax entry, with no value."""
     b, n, t, h = q.shape
     acc = accumulation_dtype(q)
     scale = 1.0 / jnp.sqrt(jnp.asarray(h, acc))
@@ -91,8 +92,11 @@ def _forward(q, k, v, qpos, kpos, slopes, window, block_q, block_k):
 
             return jax.lax.cond(_tile_needed(qpos_bq, kpos_bk, window), update, lambda c: c, carry), None
 
-        init = (jnp.full((b, n, block_q), NEG, acc), jnp.zeros((b, n, block_q), acc),
-                jnp.zeros((b, n, block_q, h), acc))
+        if sinks is None:
+            m0, l0 = jnp.full((b, n, block_q), NEG, acc), jnp.zeros((b, n, block_q), acc)
+        else:
+            m0, l0 = jnp.broadcast_to(sinks[None, :, None].astype(acc), (b, n, block_q)), jnp.ones((b, n, block_q), acc)
+        init = (m0, l0, jnp.zeros((b, n, block_q, h), acc))
         (m_bnq, l_bnq, acc_bnqh), _ = jax.lax.scan(step, init, (k_blocks, v_blocks, kpos_blocks))
         seen = l_bnq > 0
         out_bnqh = jnp.where(seen[..., None], acc_bnqh / jnp.where(seen, l_bnq, 1.0)[..., None], 0.0)
@@ -105,20 +109,21 @@ def _forward(q, k, v, qpos, kpos, slopes, window, block_q, block_k):
     return out.transpose(1, 2, 0, 3, 4).reshape(b, n, t, h), lse.transpose(1, 2, 0, 3).reshape(b, n, t)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _attention(q, k, v, qpos, kpos, slopes, window, block_q, block_k):
-    return _forward(q, k, v, qpos, kpos, slopes, window, block_q, block_k)[0].astype(q.dtype)
+@partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _attention(q, k, v, qpos, kpos, slopes, sinks, window, block_q, block_k):
+    return _forward(q, k, v, qpos, kpos, slopes, sinks, window, block_q, block_k)[0].astype(q.dtype)
 
 
-def _attention_fwd(q, k, v, qpos, kpos, slopes, window, block_q, block_k):
-    out, lse = _forward(q, k, v, qpos, kpos, slopes, window, block_q, block_k)
-    return out.astype(q.dtype), (q, k, v, qpos, kpos, slopes, out, lse)
+def _attention_fwd(q, k, v, qpos, kpos, slopes, sinks, window, block_q, block_k):
+    out, lse = _forward(q, k, v, qpos, kpos, slopes, sinks, window, block_q, block_k)
+    return out.astype(q.dtype), (q, k, v, qpos, kpos, slopes, sinks, out, lse)
 
 
 def _attention_bwd(window, block_q, block_k, residuals, dout):
     """Recompute each needed tile's probabilities from the saved log-sum-exp (FlashAttention's
-    backward): dV += Pᵀ·dO, dP = dO·Vᵀ, dS = P ∘ (dP - rowsum(dO ∘ O)), dQ += dS·K, dK += dSᵀ·Q."""
-    q, k, v, qpos, kpos, slopes, out, lse = residuals
+    backward): dV += Pᵀ·dO, dP = dO·Vᵀ, dS = P ∘ (dP - rowsum(dO ∘ O)), dQ += dS·K, dK += dSᵀ·Q.
+    A sink (value zero, so dP = 0 there) gets d sink = -Σ_t P_sink ∘ rowsum(dO ∘ O)."""
+    q, k, v, qpos, kpos, slopes, sinks, out, lse = residuals
     b, n, t, h = q.shape
     s_len = k.shape[2]
     acc = accumulation_dtype(q)
@@ -163,7 +168,11 @@ def _attention_bwd(window, block_q, block_k, residuals, dout):
         one_query_block, (zeros, zeros),
         (split(q), qpos_blocks, split(dout), split(lse[..., None])[..., 0], split(delta_bnt[..., None])[..., 0]))
     dq = dq_blocks.swapaxes(1, 2).swapaxes(0, 2).reshape(b, n, t, h)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None
+    dsinks = None
+    if sinks is not None:
+        p_sink_bnt = jnp.exp(sinks[None, :, None].astype(acc) - lse)
+        dsinks = (-jnp.sum(p_sink_bnt * delta_bnt, axis=(0, 2))).astype(sinks.dtype)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, dsinks
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -171,8 +180,8 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 def blockwise_attention(q_btnh: Array, k_bsmh: Array, v_bsmh: Array, *, q_pos_bt: Array, k_pos_bs: Array,
                         mask_bts: Optional[Array] = None, window: Optional[int] = None,
-                        slopes_n: Optional[Array] = None, dropout=None, block_q: int = 64,
-                        block_k: int = 64) -> Array:
+                        slopes_n: Optional[Array] = None, sinks_n: Optional[Array] = None, dropout=None,
+                        block_q: int = 64, block_k: int = 64) -> Array:
     """Same contract as `jaxgpt.nn.attention_backends.naive_attention`, in O(length) memory.
 
     An explicit `mask_bts` only comes from cached decoding (a few queries against the cache, whose
@@ -182,7 +191,7 @@ def blockwise_attention(q_btnh: Array, k_bsmh: Array, v_bsmh: Array, *, q_pos_bt
         raise ValueError("the 'blockwise' attention backend has no attention dropout; use 'naive' or 'auto'")
     if mask_bts is not None:
         return naive_attention(q_btnh, k_bsmh, v_bsmh, q_pos_bt=q_pos_bt, k_pos_bs=k_pos_bs, mask_bts=mask_bts,
-                               window=window, slopes_n=slopes_n)
+                               window=window, slopes_n=slopes_n, sinks_n=sinks_n)
     b, t, n, h = q_btnh.shape
     s_len, m = k_bsmh.shape[1], k_bsmh.shape[2]
     block_q, block_k = min(block_q, t), min(block_k, s_len)
@@ -194,5 +203,6 @@ def blockwise_attention(q_btnh: Array, k_bsmh: Array, v_bsmh: Array, *, q_pos_bt
     k_bnsh, v_bnsh = _pad_to(k_bnsh, block_k, 2, 0), _pad_to(v_bnsh, block_k, 2, 0)
     kpos = _pad_to(k_pos_bs.astype(jnp.int32), block_k, 1, FAR)
     slopes = None if slopes_n is None else jnp.asarray(slopes_n, accumulation_dtype(q_btnh))
-    out_bnth = _attention(q_bnth, k_bnsh, v_bnsh, qpos, kpos, slopes, window, block_q, block_k)
+    sinks = None if sinks_n is None else jnp.asarray(sinks_n, accumulation_dtype(q_btnh))
+    out_bnth = _attention(q_bnth, k_bnsh, v_bnsh, qpos, kpos, slopes, sinks, window, block_q, block_k)
     return out_bnth[:, :, :t].transpose(0, 2, 1, 3)

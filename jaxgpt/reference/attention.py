@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from jaxgpt.nn.positions import alibi_slopes  # a table of constants (the slopes), shared with the model
+from jaxgpt.reference.attention_variants import differential, gate_values, sink_softmax
 from jaxgpt.reference.layers import keep, linear, linear_backward, rms_norm, softmax, softmax_backward
 
 # --- attention ------------------------------------------------------------------------------------
@@ -70,10 +71,11 @@ def rope_backward(dout, pos, base, scaling=None):  # dout [b, n, t, h] -> dx
     return rope(dout, pos, base, scaling, inverse=True)
 
 
-def attention_variant(q, k, v, q_pos, k_pos, window=None, slopes=None, scale=None, record=keep):
+def attention_variant(q, k, v, q_pos, k_pos, window=None, slopes=None, scale=None, record=keep, sinks=None):
     """[b, n, t, h], [b, m, s, h] x2, [b, t], [b, s] -> [b, n, t, h]: grouped heads (query head i
-    reads kv head i // (n/m)), causal by position, optional window, ALiBi slopes [n] and a score
-    scale other than 1/sqrt(h). Records "scores" (scaled, before bias and mask) and "weights"."""
+    reads kv head i // (n/m)), causal by position, optional window, ALiBi slopes [n], a score
+    scale other than 1/sqrt(h) and sink logits [n]. Records "scores" (scaled, before bias and
+    mask) and "weights"."""
     n, m = q.shape[1], k.shape[1]
     k, v = np.repeat(k, n // m, axis=1), np.repeat(v, n // m, axis=1)  # [b, n, s, h]
     delta = q_pos[:, None, :, None] - k_pos[:, None, None, :]  # [b, 1, t, s]
@@ -84,7 +86,8 @@ def attention_variant(q, k, v, q_pos, k_pos, window=None, slopes=None, scale=Non
     scores = record("scores", scores)
     if slopes is not None:
         scores = scores - np.asarray(slopes, np.float64)[None, :, None, None] * delta
-    return record("weights", softmax(np.where(visible, scores, -np.inf))) @ v
+    scores = np.where(visible, scores, -np.inf)
+    return record("weights", softmax(scores) if sinks is None else sink_softmax(scores, sinks)) @ v
 
 
 def _split_qkv(qkv, n, m):  # [b, t, (n + 2m) h] -> q [b, n, t, h], k, v [b, m, t, h]
@@ -93,29 +96,47 @@ def _split_qkv(qkv, n, m):  # [b, t, (n + 2m) h] -> q [b, n, t, h], k, v [b, m, 
             _split_heads(qkv[..., (n + m) * h:], m))
 
 
-def _softmax_core(q, k, v, c_proj, n_heads, position, rope_base, window, scale=None, rope_scaling=None, record=keep):
-    b, t = q.shape[0], q.shape[2]  # q, k, v -> [b, t, d]; records q, k, v as they enter the scores
+def _rope_halves(x, pos, base, scaling):  # differential attention: each half of a head rotated on its own
+    half = x.shape[-1] // 2
+    return np.concatenate([rope(x[..., :half], pos, base, scaling), rope(x[..., half:], pos, base, scaling)], -1)
+
+
+def _softmax_core(q, k, v, c_proj, n_heads, position, rope_base, window, scale=None, rope_scaling=None, record=keep,
+                  gate=None, sinks=None, diff=None, norm_eps=1e-6):
+    """q, k, v -> [b, t, d]; records q, k, v as they enter the scores (not for differential attention,
+    whose two maps have no single "scores"). `gate` [b, n, t, h] multiplies each head's output."""
+    b, t = q.shape[0], q.shape[2]
     pos = np.broadcast_to(np.arange(t), (b, t))
     if position == "rope":
-        q, k = rope(q, pos, rope_base, rope_scaling), rope(k, pos, rope_base, rope_scaling)
-    q, k, v = record("q", q), record("k", k), record("v", v)
+        turn = rope if diff is None else _rope_halves
+        q, k = turn(q, pos, rope_base, rope_scaling), turn(k, pos, rope_base, rope_scaling)
     slopes = alibi_slopes(n_heads) if position == "alibi" else None
-    context = record("context", _merge_heads(attention_variant(q, k, v, pos, pos, window, slopes, scale, record)))
-    return linear(context, **c_proj)
+    if diff is None:
+        q, k, v = record("q", q), record("k", k), record("v", v)
+        context = attention_variant(q, k, v, pos, pos, window, slopes, scale, record, sinks)
+    else:
+        attend = lambda qh, kh, vh: attention_variant(qh, kh, vh, pos, pos, window, slopes, None, keep, sinks)  # noqa: E731
+        context = differential(q, k, v, attend, diff, norm_eps)
+    if gate is not None:
+        context = context * gate
+    return linear(record("context", _merge_heads(context)), **c_proj)
 
 
 def mha(x, c_attn, c_proj, n_heads, n_kv_heads=None, position="learned", rope_base=10000.0, window=None,
         q_norm=None, k_norm=None, norm_eps=1e-6, qk_unit_offset=False, query_scale=None, rope_scaling=None,
-        record=keep):
+        c_gate=None, sinks=None, diff=None, record=keep):
     """[b, t, d] -> [b, t, d]. The defaults are GPT-2's attention; the keywords select the variants:
-    grouped heads, positions, windows, and today's families' QK-norm (RMSNorm over each head's q
-    and k before RoPE), score scale and Llama 3's RoPE scaling."""
+    grouped heads, positions, windows, today's families' QK-norm (RMSNorm over each head's q
+    and k before RoPE), score scale and Llama 3's RoPE scaling, and the arena's output gate
+    (`c_gate`), sink logits (`sinks`) and differential attention (`diff`: its λ vectors and norm)."""
     qkv = record("c_attn", linear(x, **c_attn))  # [b, t, (n + 2m) h]
     q, k, v = _split_qkv(qkv, n_heads, n_kv_heads or n_heads)
     if q_norm is not None:
         q = rms_norm(q, **q_norm, eps=norm_eps, unit_offset=qk_unit_offset)
         k = rms_norm(k, **k_norm, eps=norm_eps, unit_offset=qk_unit_offset)
-    return _softmax_core(q, k, v, c_proj, n_heads, position, rope_base, window, query_scale, rope_scaling, record)
+    gate = None if c_gate is None else gate_values(x, c_gate, n_heads)
+    return _softmax_core(q, k, v, c_proj, n_heads, position, rope_base, window, query_scale, rope_scaling, record,
+                         gate=gate, sinks=sinks, diff=diff, norm_eps=norm_eps)
 
 
 def latent_attention(x, c_q, c_kv_down, c_k_up, c_v_up, c_proj, n_heads, n_kv_heads=None, position="learned",
