@@ -16,7 +16,7 @@ import jax
 
 ATTENTION_IMPLS = ("auto", "naive", "xla", "blockwise")
 POSITIONS = ("learned", "rope", "alibi", "none")  # see jaxgpt.positions
-ATTENTION_KINDS = ("softmax", "mla", "linear")  # see jaxgpt.model.ATTENTION_LAYERS
+ATTENTION_KINDS = ("softmax", "mla", "linear", "gated_deltanet")  # see jaxgpt.model.ATTENTION_LAYERS
 DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")  # float64 needs jax_enable_x64
 # What a block keeps for the backward pass (jax.checkpoint policies; docs/performance.md):
 # "none" keeps everything, "full" only the block's input (recomputes the rest), "dots" the matmul
@@ -56,7 +56,8 @@ class GPTConfig:
     ln_eps: float = 1e-5  # LayerNorm epsilon (GPT-2's)
     emb_init_std: float = 0.02  # std of the wte/wpe initialisation (GPT-2: 0.02; PyTorch nn.Embedding: 1.0)
     # attention variants (docs/attention_variants.md); the defaults are GPT-2's
-    attention: str = "softmax"  # "softmax", "mla" (multi-head latent attention), "linear" (causal linear attention)
+    attention: str = "softmax"  # "softmax", "mla" (multi-head latent attention), "linear" (causal linear attention),
+    # "gated_deltanet" (linear attention with the gated delta rule, jaxgpt.nn.gated_deltanet)
     latent_dim: Optional[int] = None  # "mla": width of the shared key/value latent (what the cache stores)
     n_kv_heads: Optional[int] = None  # key/value heads: None = n_heads (multi-head), 1 = multi-query, else grouped
     position: str = "learned"  # "learned" (GPT-2's wpe table), "rope", "alibi" or "none"
@@ -144,8 +145,12 @@ class GPTConfig:
         if self.latent_dim is not None and (isinstance(self.latent_dim, bool) or not isinstance(self.latent_dim, int)
                                             or self.latent_dim <= 0):
             raise ConfigError(f"GPTConfig.latent_dim must be a positive integer, got {self.latent_dim!r}")
-        if self.attention == "linear" and (self.position in ("rope", "alibi") or self.sliding_window is not None):
-            raise ConfigError("GPTConfig.attention 'linear' takes position 'learned' or 'none' and no sliding_window")
+        if self.attention in ("linear", "gated_deltanet") and (self.position in ("rope", "alibi")
+                                                               or self.sliding_window is not None):
+            raise ConfigError(f"GPTConfig.attention {self.attention!r} takes position 'learned' or 'none' and no "
+                              "sliding_window")
+        if self.attention == "gated_deltanet" and self.n_kv_heads is not None:
+            raise ConfigError("GPTConfig.attention 'gated_deltanet' keeps one state per head: unset n_kv_heads")
         if self.dtype not in DTYPES:
             raise ConfigError(f"GPTConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.remat not in REMAT_POLICIES:

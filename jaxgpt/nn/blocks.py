@@ -21,6 +21,7 @@ from jaxgpt.nn.moe import MoE, moe_stats
 from jaxgpt.nn.norms import norm_layer
 from jaxgpt.nn.latent_attention import LatentAttention
 from jaxgpt.nn.linear_attention import LinearAttention
+from jaxgpt.nn.gated_deltanet import GatedDeltaNet
 
 Array = jax.Array
 
@@ -28,7 +29,8 @@ Array = jax.Array
 # The attention layers a config can select (`GPTConfig.attention`). Each takes
 # (x_btd, *, deterministic, positions_bt, kv_cache, cache_index, mask_bts) and has
 # `empty_cache(config, batch, length, dtype)`; see docs/attention_variants.md to add one.
-ATTENTION_LAYERS = {"softmax": MultiHeadAttention, "mla": LatentAttention, "linear": LinearAttention}
+ATTENTION_LAYERS = {"softmax": MultiHeadAttention, "mla": LatentAttention, "linear": LinearAttention,
+                    "gated_deltanet": GatedDeltaNet}
 
 
 def attention_layer(cfg: GPTConfig, *, impl: str, dtype, out_init_std: float, window: Optional[int]) -> nn.Module:
@@ -37,6 +39,8 @@ def attention_layer(cfg: GPTConfig, *, impl: str, dtype, out_init_std: float, wi
                   out_init_std=out_init_std, name="attn")
     if cfg.attention == "linear":
         return LinearAttention(**common)
+    if cfg.attention == "gated_deltanet":
+        return GatedDeltaNet(cfg.n_heads, cfg.qkv_bias, dtype, out_init_std, cfg.ln_eps, name="attn")
     rope_base = cfg.rope_local_base if window is not None and cfg.rope_local_base is not None else cfg.rope_base  # as layer_rope_base
     softmax_options = dict(drop_rate=cfg.drop_rate, impl=impl, position=cfg.position, rope_base=rope_base,
                            window=window)

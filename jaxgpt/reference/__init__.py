@@ -14,7 +14,7 @@ Modules: `layers` (elementwise, norms, linear, embedding, MLPs), `moe` (mixture 
 multi-head attention, variants, positions), `model` (block, whole model, loss, backward), `optim`.
 """
 
-from jaxgpt.reference import attention_variants  # noqa: F401
+from jaxgpt.reference import attention_variants, gated_deltanet  # noqa: F401
 from jaxgpt.reference.attention import (  # noqa: F401
     ATTENTION, attention, attention_backward, attention_variant, attention_weights, causal_mask, latent_attention,
     linear_attention, llama3_inv_freq, mha, mha_backward, rope, rope_backward, simplified_self_attention,

@@ -69,6 +69,8 @@ def _layer_options(config: GPTConfig, i: int) -> dict:
     if config.is_moe_layer(i):
         options["moe_options"] = dict(top_k=config.moe_top_k, router=config.moe_router,
                                       renormalize=config.moe_renormalize)
+    if config.attention == "gated_deltanet":
+        options["norm_eps"] = config.ln_eps
     if config.attention == "softmax":
         options.update(norm_eps=config.ln_eps, qk_unit_offset=config.norm_unit_offset, query_scale=config.query_scale,
                        rope_scaling=config.rope_scaling_spec)
