@@ -87,7 +87,7 @@ def write_report(sweep, rows: list[dict], out: Path) -> dict:
     out = Path(out)
     good = [r for r in rows if "error" not in r]
     failed = [r for r in rows if "error" in r]
-    summary = summarise(collect(good), sweep.baseline)
+    summary = summarise(collect(good), sweep.baseline, sweep.compare)
     order = {(v, s, t): i for i, (v, s, t) in enumerate(sweep.runs())}
     good.sort(key=lambda r: order.get((r["variant"], r["seed"], r["task"]), len(order)))
     results = {"sweep": sweep.to_dict(), "runs": good, "variants": summary, "failed": failed}
@@ -98,12 +98,14 @@ def write_report(sweep, rows: list[dict], out: Path) -> dict:
             f"{len(sweep.variants)} variants × {len(sweep.seeds)} seeds ({', '.join(map(str, sweep.seeds))}) × "
             f"{len(sweep.tasks)} tasks; every run trains {tokens:,} tokens ({sweep.train['steps']} steps × "
             f"{sweep.train['batch_size']} × {sweep.train['length']}) on the same batches. Cells: mean ± 95 % "
-            f"interval over seeds (Student's t), and Welch's p-value against the baseline `{sweep.baseline}`. "
+            f"interval over seeds (Student's t), and Welch's p-value against the baseline `{sweep.baseline}` "
+            "(or the variant named in the table below). "
             "`n/a`: learned positions end at the training length."
             + (f" Widths matched on {sweep.match} (mlp_hidden set per variant)." if sweep.match != "none" else ""),
             "", "## Variants", "",
-            _table(["variant", "config changes"], [[v, ", ".join(f"{k}={c}" for k, c in ch.items()) or "(baseline)"]
-                                                  for v, ch in sweep.variants.items()]),
+            _table(["variant", "config changes", "p-values against"],
+                   [[v, ", ".join(f"{k}={c}" for k, c in ch.items()) or "(none)",
+                     "—" if v == sweep.baseline else sweep.reference_of(v)] for v, ch in sweep.variants.items()]),
             "", "## Cost (means over seeds; this machine)", "", cost_table(sweep, summary), "", "## Quality", ""]
     text += [p + "\n" for p in task_tables(sweep, summary)]
     text += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]

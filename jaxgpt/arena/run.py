@@ -5,8 +5,9 @@ the task's options) and, once done, `result.json` (written atomically: a run sto
 none and runs again). A finished run whose spec differs from what the sweep now asks for is
 refused, by name: results of two different sweeps never mix in one report.
 
-Runs go to `jobs` worker processes (spawned, each with its own JAX); the main process shows one
-progress bar over the whole sweep.
+Training runs go to `jobs` worker processes (spawned, each with its own JAX, one thread each when
+there are several); the cost runs follow one at a time in this process, with nothing else running,
+so their timings are not shared with other work. The main process shows one progress bar.
 """
 
 from __future__ import annotations
@@ -112,17 +113,18 @@ def run_sweep(sweep: Sweep, out: Path, *, jobs: int = 1, progress: Optional[Call
     total = len(rows) + len(todo)
     if progress is not None:
         progress(len(rows), total, None)
-    if jobs <= 1:
-        for variant, seed, task, directory in todo:
-            rows.append(execute_run(sweep, variant, seed, task, directory))
-            if progress is not None:
-                progress(len(rows), total, rows[-1])
-        return rows
-    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_worker_init,
-                             initargs=(1,)) as pool:
-        futures = [pool.submit(_run_in_worker, sweep, v, s, t, str(d)) for v, s, t, d in todo]
-        for future in as_completed(futures):
-            rows.append(future.result())
-            if progress is not None:
-                progress(len(rows), total, rows[-1])
+    training = [run for run in todo if run[2] != "cost"]
+    serial = [run for run in todo if run[2] == "cost"] + (training if jobs <= 1 else [])
+    if jobs > 1 and training:
+        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_worker_init,
+                                 initargs=(1,)) as pool:
+            futures = [pool.submit(_run_in_worker, sweep, v, s, t, str(d)) for v, s, t, d in training]
+            for future in as_completed(futures):
+                rows.append(future.result())
+                if progress is not None:
+                    progress(len(rows), total, rows[-1])
+    for variant, seed, task, directory in serial:
+        rows.append(execute_run(sweep, variant, seed, task, directory))
+        if progress is not None:
+            progress(len(rows), total, rows[-1])
     return rows

@@ -35,17 +35,21 @@ def welch_p(a: Sequence[float], b: Sequence[float]) -> tuple[Optional[float], bo
     return float(scipy_stats.ttest_ind(a, b, equal_var=False).pvalue), False
 
 
-def summarise(samples: dict[str, dict[str, list[float]]], baseline: str) -> dict:
+def summarise(samples: dict[str, dict[str, list[float]]], baseline: str,
+              compare: Optional[dict[str, str]] = None) -> dict:
     """{variant: {metric: {"mean", "ci95", "n", "p_value"[, "degenerate"]}}} from per-seed samples
-    {variant: {metric: [value per seed]}}; p-values against the baseline's samples of the metric."""
+    {variant: {metric: [value per seed]}}; p-values against the samples of the metric of the
+    variant's reference: `compare[variant]` when given, else the baseline."""
     out: dict[str, dict] = {}
+    compare = compare or {}
     for variant, metrics in samples.items():
         out[variant] = {}
+        reference = compare.get(variant, baseline)
         for metric, values in metrics.items():
             mean, ci = mean_ci95(values)
             entry = {"mean": mean, "ci95": ci, "n": len(values), "p_value": None}
-            base = samples.get(baseline, {}).get(metric)
-            if variant != baseline and base:
+            base = samples.get(reference, {}).get(metric)
+            if variant != reference and base:
                 entry["p_value"], degenerate = welch_p(values, base)
                 if degenerate:
                     entry["degenerate"] = True

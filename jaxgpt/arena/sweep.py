@@ -17,6 +17,8 @@ pairs = [2, 4, 8]
 [variants.mha]              # a named variant: GPTConfig overrides
 [variants.gqa]
 n_kv_heads = 2
+[compare]                   # optional: p-values of a variant against another than the baseline
+qk-norm = "rope"
 [smoke]                     # what --smoke changes: variants (a count or names), tasks, seeds,
                             # lengths, and [smoke.train] / [smoke.model] tables (defaults: SMOKE_DEFAULTS)
 ```
@@ -45,7 +47,7 @@ MODEL_DEFAULTS = {"n_layers": 2, "n_heads": 4, "emb_dim": 64, "drop_rate": 0.0, 
 SMOKE_DEFAULTS = {"seeds": [0, 1], "variants": 2, "lengths": [1, 2],
                   "train": {"steps": 3, "batch_size": 4, "eval_every": 2, "eval_examples": 4, "cost_repeats": 1}}
 MATCH = ("none", "params", "flops")
-TOP_KEYS = {"baseline", "seeds", "lengths", "match", "model", "train", "tasks", "variants", "smoke", "title"}
+TOP_KEYS = {"baseline", "seeds", "lengths", "match", "model", "train", "tasks", "variants", "smoke", "title", "compare"}
 
 
 class SweepError(ValueError):
@@ -63,6 +65,10 @@ class Sweep:
     model: dict[str, Any]
     train: dict[str, Any]
     tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    compare: dict[str, str] = field(default_factory=dict)  # variant -> the variant its p-values are against
+
+    def reference_of(self, variant: str) -> str:
+        return self.compare.get(variant, self.baseline)
 
     def model_config(self, variant: str, vocab_size: int, context_length: int | None = None) -> GPTConfig:
         """The variant's model for a task's vocabulary (context: the training length by default)."""
@@ -126,9 +132,13 @@ def parse_sweep(raw: dict, *, smoke: bool = False) -> Sweep:
     match = raw.get("match", "none")
     if match not in MATCH:
         raise SweepError(f"sweep: match must be one of {MATCH}, got {match!r}")
+    compare = {k: v for k, v in raw.get("compare", {}).items() if k in variants}
+    for name, reference in compare.items():
+        if reference not in variants:
+            raise SweepError(f"sweep: [compare] {name} = {reference!r}: no such variant in {list(variants)}")
     sweep = Sweep(title=str(raw.get("title", "arena sweep")), variants={k: dict(v) for k, v in variants.items()},
                   baseline=baseline, seeds=_check_int_list("seeds", seeds), lengths=_check_int_list("lengths", lengths, 1),
-                  match=match, model=model, train=train, tasks={k: dict(v) for k, v in tasks.items()})
+                  match=match, model=model, train=train, tasks={k: dict(v) for k, v in tasks.items()}, compare=compare)
     _check_configs(sweep)
     return sweep
 
