@@ -17,9 +17,8 @@ from jaxgpt.nn.attention import ATTENTION_BACKENDS
 from jaxgpt.nn.attention_backends import naive_attention
 from jaxgpt.nn.model import GPT, init_params
 from jaxgpt.nn.positions import alibi_slopes
-from jaxgpt.reference.attention_variants import (
-    differential_backward, gate_backward, gate_values, sink_attention, sink_attention_backward,
-)
+from jaxgpt.reference.attention import differential, differential_backward
+from jaxgpt.reference.attention_variants import gate_backward, gate_values, sink_attention, sink_attention_backward
 from test_reference_grad import check
 
 TEST = get_preset("test")  # 2 layers, 4 heads of 8, width 32, context 16
@@ -120,7 +119,7 @@ def test_reference_backwards_match_finite_differences():
     diff["sub_norm"] = {"scale": rng.normal(size=h)}
 
     def forward():
-        return ref.attention_variants.differential(q, k, v, lambda a, c, e: ref.attention(a, c, e, mask), diff, 1e-5)
+        return differential(q, k, v, lambda a, c, e: ref.attention(a, c, e, mask), diff, 1e-5)
 
     def backward(d):
         dq, dk, dv, g = differential_backward(d, q, k, v, diff, mask, 1e-5)

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -21,9 +22,17 @@ def _grid(n: int):
     return fig, list(axes.flat)
 
 
-def plot_training(sweep, rows: list[dict], out: Path) -> Path:
-    from jaxgpt.arena.report import mean_curve
+def mean_curve(rows: list[dict], variant: str, task: str, key: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """Steps and the seed-mean of a curve's `key` for one variant and task (None if no run)."""
+    curves = [r["curve"] for r in rows if r["variant"] == variant and r["task"] == task and r.get("curve")]
+    if not curves:
+        return None
+    n = min(len(c) for c in curves)
+    steps = np.array([p["step"] for p in curves[0][:n]])
+    return steps, np.mean([[p[key] for p in c[:n]] for c in curves], axis=0)
 
+
+def plot_training(sweep, rows: list[dict], out: Path) -> Path:
     fig, axes = _grid(len(sweep.tasks))
     for ax, task in zip(axes, sweep.tasks):
         key = "loss" if task.startswith("lm-") else "accuracy"

@@ -11,8 +11,6 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
-
 from jaxgpt.arena.stats import summarise
 from jaxgpt.atomic import write_json, write_text
 
@@ -114,13 +112,3 @@ def write_report(sweep, rows: list[dict], out: Path) -> dict:
                                                for r in failed]
     write_text(out / "report.md", "\n".join(text) + "\n")
     return results
-
-
-def mean_curve(rows: list[dict], variant: str, task: str, key: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """Steps and the seed-mean of a curve's `key` for one variant and task (None if no run)."""
-    curves = [r["curve"] for r in rows if r["variant"] == variant and r["task"] == task and r.get("curve")]
-    if not curves:
-        return None
-    n = min(len(c) for c in curves)
-    steps = np.array([p["step"] for p in curves[0][:n]])
-    return steps, np.mean([[p[key] for p in c[:n]] for c in curves], axis=0)

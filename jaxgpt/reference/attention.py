@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from jaxgpt.nn.positions import alibi_slopes  # a table of constants (the slopes), shared with the model
-from jaxgpt.reference.attention_variants import differential, gate_values, sink_softmax
+from jaxgpt.reference.attention_variants import gate_values, sink_softmax
 from jaxgpt.reference.gated_deltanet import gated_deltanet
-from jaxgpt.reference.layers import keep, linear, linear_backward, rms_norm, softmax, softmax_backward
+from jaxgpt.reference.layers import keep, linear, linear_backward, rms_norm, rms_norm_backward, softmax, softmax_backward
 
 # --- attention ------------------------------------------------------------------------------------
 
@@ -35,6 +35,40 @@ def attention_backward(dout, q, k, v, mask):  # dout [b, n, t, h] -> dq, dk, dv
     dv = np.swapaxes(w, -1, -2) @ dout  # [b, n, s, h]
     dscores = softmax_backward(dout @ np.swapaxes(v, -1, -2), w) / np.sqrt(q.shape[-1])  # [b, n, t, s]
     return dscores @ k, np.swapaxes(dscores, -1, -2) @ q, dv
+
+
+LAMBDA_INIT = 0.8  # differential attention's λ_init (a constant; jaxgpt.nn.differential)
+
+
+# --- differential attention (Ye et al. 2024; jaxgpt.nn.differential) --------------------------------------------------------------------------
+
+def diff_lambda(diff):
+    e1 = np.exp(np.sum(diff["lambda_q1"] * diff["lambda_k1"]))
+    e2 = np.exp(np.sum(diff["lambda_q2"] * diff["lambda_k2"]))
+    return e1 - e2 + LAMBDA_INIT, e1, e2
+
+
+def differential(q, k, v, attend, diff, eps):  # -> [b, n, t, h]; attend(q_half, k_half, v) -> [b, n, t, h]
+    """RMSNorm(attend(q1, k1, v) − λ·attend(q2, k2, v)) · (1 − λ_init), halves of each head's q and k."""
+    half = q.shape[-1] // 2
+    lam = diff_lambda(diff)[0]
+    o1, o2 = attend(q[..., :half], k[..., :half], v), attend(q[..., half:], k[..., half:], v)
+    return rms_norm(o1 - lam * o2, diff["sub_norm"]["scale"], eps) * (1.0 - LAMBDA_INIT)
+
+
+def differential_backward(dout, q, k, v, diff, mask, eps):  # plain causal attention -> dq, dk, dv, {diff grads}
+    half = q.shape[-1] // 2
+    lam, e1, e2 = diff_lambda(diff)
+    (q1, q2), (k1, k2) = (q[..., :half], q[..., half:]), (k[..., :half], k[..., half:])
+    o1, o2 = attention(q1, k1, v, mask), attention(q2, k2, v, mask)
+    ddiff, g_norm = rms_norm_backward(dout * (1.0 - LAMBDA_INIT), o1 - lam * o2, diff["sub_norm"]["scale"], eps)
+    dlam = -np.sum(ddiff * o2)
+    dq1, dk1, dv1 = attention_backward(ddiff, q1, k1, v, mask)
+    dq2, dk2, dv2 = attention_backward(-lam * ddiff, q2, k2, v, mask)
+    grads = {"lambda_q1": dlam * e1 * diff["lambda_k1"], "lambda_k1": dlam * e1 * diff["lambda_q1"],
+             "lambda_q2": -dlam * e2 * diff["lambda_k2"], "lambda_k2": -dlam * e2 * diff["lambda_q2"],
+             "sub_norm": g_norm}
+    return np.concatenate([dq1, dq2], -1), np.concatenate([dk1, dk2], -1), dv1 + dv2, grads
 
 
 def _split_heads(a, n_heads):  # [b, t, d] -> [b, n, t, h]

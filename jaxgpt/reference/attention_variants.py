@@ -1,5 +1,6 @@
-"""The NumPy reference of the arena's softmax variants, forward and hand-written backward:
-attention sinks, the output gate (Qiu et al. 2025) and differential attention (Ye et al. 2024).
+"""The NumPy reference of two of the arena's softmax variants, forward and hand-written backward:
+attention sinks and the output gate (Qiu et al. 2025). Differential attention (Ye et al. 2024) is
+in `jaxgpt.reference.attention`, beside the attention it is made of.
 
 Shapes: q [b, n, t, h], k and v [b, n, s, h] (heads already repeated for grouped queries),
 mask [t, s] (True: may attend), x [b, t, d].
@@ -9,10 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxgpt.reference.layers import linear, rms_norm, rms_norm_backward, softmax, softmax_backward
+from jaxgpt.reference.layers import linear, softmax, softmax_backward
 from jaxgpt.reference.moe import sigmoid
 
-LAMBDA_INIT = 0.8  # differential attention's λ_init (a constant; jaxgpt.nn.differential)
 
 
 # --- attention sinks: one learned logit per head in every softmax, with no value ---------------------
@@ -57,36 +57,3 @@ def gate_backward(dout, context, x, c_gate, n_heads):  # out = context ⊙ gate 
     dpre_btf = dpre.transpose(0, 2, 1, 3).reshape(b, t, n * h)
     dx = dpre_btf @ c_gate["kernel"].T
     return dcontext, dx, {"c_gate": {"kernel": np.einsum("btd,btf->df", x, dpre_btf)}}
-
-
-# --- differential attention --------------------------------------------------------------------------
-
-def diff_lambda(diff):
-    e1 = np.exp(np.sum(diff["lambda_q1"] * diff["lambda_k1"]))
-    e2 = np.exp(np.sum(diff["lambda_q2"] * diff["lambda_k2"]))
-    return e1 - e2 + LAMBDA_INIT, e1, e2
-
-
-def differential(q, k, v, attend, diff, eps):  # -> [b, n, t, h]; attend(q_half, k_half, v) -> [b, n, t, h]
-    """RMSNorm(attend(q1, k1, v) − λ·attend(q2, k2, v)) · (1 − λ_init), halves of each head's q and k."""
-    half = q.shape[-1] // 2
-    lam = diff_lambda(diff)[0]
-    o1, o2 = attend(q[..., :half], k[..., :half], v), attend(q[..., half:], k[..., half:], v)
-    return rms_norm(o1 - lam * o2, diff["sub_norm"]["scale"], eps) * (1.0 - LAMBDA_INIT)
-
-
-def differential_backward(dout, q, k, v, diff, mask, eps):  # plain causal attention -> dq, dk, dv, {diff grads}
-    from jaxgpt.reference.attention import attention, attention_backward
-
-    half = q.shape[-1] // 2
-    lam, e1, e2 = diff_lambda(diff)
-    (q1, q2), (k1, k2) = (q[..., :half], q[..., half:]), (k[..., :half], k[..., half:])
-    o1, o2 = attention(q1, k1, v, mask), attention(q2, k2, v, mask)
-    ddiff, g_norm = rms_norm_backward(dout * (1.0 - LAMBDA_INIT), o1 - lam * o2, diff["sub_norm"]["scale"], eps)
-    dlam = -np.sum(ddiff * o2)
-    dq1, dk1, dv1 = attention_backward(ddiff, q1, k1, v, mask)
-    dq2, dk2, dv2 = attention_backward(-lam * ddiff, q2, k2, v, mask)
-    grads = {"lambda_q1": dlam * e1 * diff["lambda_k1"], "lambda_k1": dlam * e1 * diff["lambda_q1"],
-             "lambda_q2": -dlam * e2 * diff["lambda_k2"], "lambda_k2": -dlam * e2 * diff["lambda_q2"],
-             "sub_norm": g_norm}
-    return np.concatenate([dq1, dq2], -1), np.concatenate([dk1, dk2], -1), dv1 + dv2, grads
