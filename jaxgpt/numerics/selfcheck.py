@@ -30,7 +30,10 @@ PARITY_FULL = PARITY_QUICK + [
     ("gpt2 blockwise", "test", dict(attn_impl="blockwise")), ("linear attention", "test", dict(attention="linear")),
     ("mla rope", "test", dict(attention="mla", latent_dim=16, position="rope")), ("mixtral moe", "mixtral-tiny", {}),
     ("alibi", "test", dict(position="alibi")), ("gqa window", "test", dict(position="rope", n_kv_heads=2, sliding_window=4)),
-    ("qwen3", "qwen3-tiny", {}), ("gemma3", "gemma3-tiny", {}), ("qwen3 moe", "qwen3-moe-tiny", {})]
+    ("qwen3", "qwen3-tiny", {}), ("gemma3", "gemma3-tiny", {}), ("qwen3 moe", "qwen3-moe-tiny", {}),
+    ("gated deltanet", "test", dict(attention="gated_deltanet")),
+    ("sink gate blockwise", "test", dict(position="rope", attn_sink=True, attn_gate=True, attn_impl="blockwise")),
+    ("differential rope", "test", dict(position="rope", differential=True))]
 
 
 def _batch(vocab: int, b: int = 2, t: int = 16, seed: int = 0):
