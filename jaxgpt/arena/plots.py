@@ -13,6 +13,24 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 
+def _colours(sweep) -> dict:
+    """One distinct colour per variant: tab20's ten dark hues first, then their light twins."""
+    cmap = plt.get_cmap("tab20")
+    order = list(range(0, 20, 2)) + list(range(1, 20, 2))
+    return {v: cmap(order[i % 20]) for i, v in enumerate(sweep.variants)}
+
+
+def _save(fig, axes, path: Path) -> Path:
+    """One legend for the whole figure, to the right of the panels, then the PNG."""
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def _grid(n: int):
     cols = min(3, n)
     rows = math.ceil(n / cols)
@@ -34,44 +52,36 @@ def mean_curve(rows: list[dict], variant: str, task: str, key: str) -> tuple[np.
 
 def plot_training(sweep, rows: list[dict], out: Path) -> Path:
     fig, axes = _grid(len(sweep.tasks))
+    colours = _colours(sweep)
     for ax, task in zip(axes, sweep.tasks):
         key = "loss" if task.startswith("lm-") else "accuracy"
         for variant in sweep.variants:
             curve = mean_curve(rows, variant, task, key)
             if curve is not None:
-                ax.plot(*curve, label=variant)
+                ax.plot(*curve, label=variant, color=colours[variant])
         ax.set_title(task)
         ax.set_xlabel("step")
         ax.set_ylabel("validation loss" if key == "loss" else "held-out accuracy")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "training.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, axes, out / "training.png")
 
 
 def plot_lengths(sweep, summary: dict, out: Path) -> Path:
     fig, axes = _grid(len(sweep.tasks))
-    length = sweep.train["length"]
+    length, colours = sweep.train["length"], _colours(sweep)
     for ax, task in zip(axes, sweep.tasks):
         metric = "loss" if task.startswith("lm-") else "acc"
         for variant in sweep.variants:
             points = [(length * k, summary.get(variant, {}).get(f"{task}:{metric}@{k}L")) for k in sweep.lengths]
             points = [(x, e["mean"]) for x, e in points if e is not None]
             if points:
-                ax.plot(*zip(*points), marker="o", label=variant)
+                ax.plot(*zip(*points), marker="o", label=variant, color=colours[variant])
         ax.set_xscale("log", base=2)
+        ax.set_xticks([length * k for k in sweep.lengths], [str(length * k) for k in sweep.lengths])
         ax.axvline(length, color="gray", lw=0.8, ls=":")
         ax.set_title(task)
         ax.set_xlabel("evaluation length (tokens; dotted: training length)")
         ax.set_ylabel("loss" if metric == "loss" else "accuracy")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "lengths.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, axes, out / "lengths.png")
 
 
 def quality(sweep, summary: dict, variant: str) -> tuple[float | None, str]:
@@ -95,8 +105,9 @@ def plot_pareto(sweep, summary: dict, out: Path) -> Path:
         if q is not None and kv is not None:
             points.append((kv["mean"], q, variant))
     lower_better = "loss" in label
+    colours = _colours(sweep)
     for kv, q, name in points:
-        ax.scatter(kv, q)
+        ax.scatter(kv, q, color=colours[name])
         ax.annotate(name, (kv, q), fontsize=7, xytext=(3, 3), textcoords="offset points")
     front, best = [], None
     for kv, q, _ in sorted(points):
