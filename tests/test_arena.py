@@ -91,10 +91,17 @@ BASE = {"model": {"n_layers": 1}, "tasks": {"mqar": {"pairs": [2]}}, "variants":
     ({"train": {"stepz": 3}}, "unknown keys"),
     ({"seeds": [1, 1]}, "repeated"),
     ({"match": "vibes"}, "match must be one of"),
+    ({"cost": "no"}, "cost must be true or false"),
+    ({"compare": {"b": "zz"}}, r"\[compare\] b = 'zz'"),
 ])
 def test_bad_sweep_files_are_named(change, message):
     with pytest.raises(SweepError, match=message):
         parse_sweep({**BASE, **change})
+
+
+def test_a_sweep_without_cost_runs():
+    assert [t for _, _, t in parse_sweep({**BASE, "cost": False}).runs()] == ["mqar"] * 6  # 2 variants × 3 seeds
+    assert [t for _, _, t in parse_sweep(BASE).runs()] == ["mqar", "cost"] * 6
 
 
 def test_matched_parameters_and_flops():

@@ -5,6 +5,7 @@ baseline = "mha"            # the variant every other is tested against (default
 seeds = [0, 1, 2]
 lengths = [1, 2, 4, 8]      # evaluation lengths, as multiples of the training length
 match = "none"              # "params" or "flops": the arena sets each variant's mlp_hidden to match the baseline
+cost = true                 # measure each variant's cost (parameters, FLOPs, KV bytes, speeds, memory)
 
 [model]                     # GPTConfig fields shared by every variant (vocab_size comes from the task)
 n_layers = 2
@@ -47,7 +48,8 @@ MODEL_DEFAULTS = {"n_layers": 2, "n_heads": 4, "emb_dim": 64, "drop_rate": 0.0, 
 SMOKE_DEFAULTS = {"seeds": [0, 1], "variants": 2, "lengths": [1, 2],
                   "train": {"steps": 3, "batch_size": 4, "eval_every": 2, "eval_examples": 4, "cost_repeats": 1}}
 MATCH = ("none", "params", "flops")
-TOP_KEYS = {"baseline", "seeds", "lengths", "match", "model", "train", "tasks", "variants", "smoke", "title", "compare"}
+TOP_KEYS = {"baseline", "seeds", "lengths", "match", "model", "train", "tasks", "variants", "smoke", "title", "compare",
+            "cost"}
 
 
 class SweepError(ValueError):
@@ -66,6 +68,7 @@ class Sweep:
     train: dict[str, Any]
     tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
     compare: dict[str, str] = field(default_factory=dict)  # variant -> the variant its p-values are against
+    cost: bool = True  # measure each variant's cost (a "cost" run per variant and seed)
 
     def reference_of(self, variant: str) -> str:
         return self.compare.get(variant, self.baseline)
@@ -78,7 +81,7 @@ class Sweep:
 
     def runs(self) -> list[tuple[str, int, str]]:
         """(variant, seed, task) of every run, "cost" the cost measurement of a variant and seed."""
-        return [(v, s, t) for v in self.variants for s in self.seeds for t in (*self.tasks, "cost")]
+        return [(v, s, t) for v in self.variants for s in self.seeds for t in (*self.tasks, *(("cost",) if self.cost else ()))]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -91,6 +94,12 @@ def _check_int_list(name: str, value, minimum: int = 0) -> tuple[int, ...]:
     if len(set(value)) != len(value):
         raise SweepError(f"sweep: {name} has repeated values: {value}")
     return tuple(value)
+
+
+def _check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise SweepError(f"sweep: {name} must be true or false, got {value!r}")
+    return value
 
 
 def parse_sweep(raw: dict, *, smoke: bool = False) -> Sweep:
@@ -138,7 +147,8 @@ def parse_sweep(raw: dict, *, smoke: bool = False) -> Sweep:
             raise SweepError(f"sweep: [compare] {name} = {reference!r}: no such variant in {list(variants)}")
     sweep = Sweep(title=str(raw.get("title", "arena sweep")), variants={k: dict(v) for k, v in variants.items()},
                   baseline=baseline, seeds=_check_int_list("seeds", seeds), lengths=_check_int_list("lengths", lengths, 1),
-                  match=match, model=model, train=train, tasks={k: dict(v) for k, v in tasks.items()}, compare=compare)
+                  match=match, model=model, train=train, tasks={k: dict(v) for k, v in tasks.items()}, compare=compare,
+                  cost=_check_bool("cost", raw.get("cost", True)))
     _check_configs(sweep)
     return sweep
 
