@@ -3,8 +3,10 @@ per token (XLA's count of the compiled forward + backward), KV-cache bytes per t
 tokens/s, prefill and decode tokens/s at batch 1 and 8, and the training step's peak memory
 (XLA's account of the compiled step: arguments + outputs + temporaries).
 
-Weights are random (speed does not depend on them); timings are medians of `repeats` calls after
-a warm-up call that compiles.
+Weights are random (speed does not depend on them); timings are medians of `repeats` timed
+rounds after a warm-up call that compiles. Decode speed is a difference of two timings (prefill +
+1 token, prefill + 1 + DECODE_TOKENS tokens); when timing noise makes it non-positive the figure
+is None (n/a), never a number from a negative or zero interval.
 """
 
 from __future__ import annotations
@@ -23,16 +25,19 @@ from jaxgpt.inference.kv_cache import kv_cache_bytes_per_token
 from jaxgpt.nn.model import GPT, init_params
 from jaxgpt.train.step import create_state
 
-DECODE_TOKENS = 16  # new tokens of the decode timing (after a prefill of the training length)
+DECODE_TOKENS = 64  # new tokens of the decode timing (after a prefill of the training length)
+CALLS_PER_ROUND = 5  # calls timed together in one round (short calls are below timer noise alone)
 
 
-def _median_s(fn, repeats: int) -> float:
+def _median_s(fn, repeats: int, calls: int = CALLS_PER_ROUND) -> float:
+    """Median seconds of one call of `fn` over `repeats` rounds of `calls` calls, after a warm-up."""
     fn()  # compiles
     times = []
-    for _ in range(repeats):
+    for _ in range(max(repeats, 3)):
         t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - t0) / calls)
     return statistics.median(times)
 
 
@@ -43,8 +48,9 @@ def decode_speeds(config: GPTConfig, params, length: int, batch: int, repeats: i
     prompt_bt = np.random.default_rng(seed).integers(0, config.vocab_size, (batch, length), dtype=np.int32)
     one = _median_s(lambda: decoder.generate(prompt_bt, 1), repeats)
     many = _median_s(lambda: decoder.generate(prompt_bt, 1 + DECODE_TOKENS), repeats)
+    decode_s = many - one
     return {f"prefill_tokens_per_s_b{batch}": batch * length / one,
-            f"decode_tokens_per_s_b{batch}": batch * DECODE_TOKENS / max(many - one, 1e-9)}
+            f"decode_tokens_per_s_b{batch}": batch * DECODE_TOKENS / decode_s if decode_s > 0 else None}
 
 
 def train_step_cost(config: GPTConfig, train: dict, seed: int, repeats: int) -> dict:

@@ -89,7 +89,19 @@ def execute_run(sweep: Sweep, variant: str, seed: int, task_name: str, directory
     return row
 
 
+def _exit_with_parent(parent: int) -> None:
+    """A worker outlives a killed sweep otherwise (ProcessPoolExecutor's workers wait on a pipe
+    that a SIGKILLed parent never closes) and goes on training for nobody."""
+    while True:
+        time.sleep(1.0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+
 def _worker_init(threads: int) -> None:
+    import threading
+
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     if threads == 1:  # several workers share the cores: one thread each
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
                                    "intra_op_parallelism_threads=1").strip()
