@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from jaxgpt.arena.matching import stored_params, train_flops_per_token
-from jaxgpt.arena.trainer import _train_step, train_config
+from jaxgpt.arena.trainer import compiled_train_step, train_config
 from jaxgpt.config import GPTConfig
 from jaxgpt.inference.generate import Decoder
 from jaxgpt.inference.kv_cache import kv_cache_bytes_per_token
@@ -42,8 +42,9 @@ def _median_s(fn, repeats: int, calls: int = CALLS_PER_ROUND) -> float:
 
 
 def decode_speeds(config: GPTConfig, params, length: int, batch: int, repeats: int, seed: int) -> dict:
-    """`config`'s context holds length + 1 + DECODE_TOKENS. Prefill tokens/s (a prompt of `length` + one step) and decode tokens/s (the next
-    DECODE_TOKENS steps: the difference of two runs) at this batch size, greedy, KV-cached."""
+    """Prefill tokens/s (a prompt of `length` + one step) and decode tokens/s (the next DECODE_TOKENS
+    steps: the difference of two runs) at this batch size, greedy, KV-cached. `config`'s context
+    holds length + 1 + DECODE_TOKENS."""
     decoder = Decoder(params, config)
     prompt_bt = np.random.default_rng(seed).integers(0, config.vocab_size, (batch, length), dtype=np.int32)
     one = _median_s(lambda: decoder.generate(prompt_bt, 1), repeats)
@@ -55,7 +56,7 @@ def decode_speeds(config: GPTConfig, params, length: int, batch: int, repeats: i
 
 def train_step_cost(config: GPTConfig, train: dict, seed: int, repeats: int) -> dict:
     """Training tokens/s of the sweep's step and its compiled peak memory."""
-    tx, step_fn = _train_step(config, train_config(train))
+    tx, step_fn = compiled_train_step(config, train_config(train))
     state = create_state(GPT(config), tx, init_params(config, seed), seed)
     rng = np.random.default_rng(seed)
     x_mbt = rng.integers(0, config.vocab_size, (1, train["batch_size"], train["length"]), dtype=np.int32)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxgpt.arena.tasks import make_task
 from jaxgpt.nn.model import GPT, cross_entropy, param_counts
 
 WIDTH_STEP = 8
@@ -42,8 +41,7 @@ def train_flops_per_token(config, length: int) -> float:
 
 def match_widths(sweep) -> dict[str, dict]:
     """The sweep's variants with `mlp_hidden` set to match the baseline's parameters or FLOPs."""
-    first_task, options = next(iter(sweep.tasks.items()))
-    vocab = make_task(first_task, **options).vocab_size
+    vocab = sweep.task(next(iter(sweep.tasks))).vocab_size
     length = sweep.train["length"]
     measure = stored_params if sweep.match == "params" else lambda c: train_flops_per_token(c, length)
     target = measure(sweep.model_config(sweep.baseline, vocab))

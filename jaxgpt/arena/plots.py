@@ -54,7 +54,7 @@ def plot_training(sweep, rows: list[dict], out: Path) -> Path:
     fig, axes = _grid(len(sweep.tasks))
     colours = _colours(sweep)
     for ax, task in zip(axes, sweep.tasks):
-        key = "loss" if task.startswith("lm-") else "accuracy"
+        key = "accuracy" if sweep.metric_prefix(task) == "acc" else "loss"
         for variant in sweep.variants:
             curve = mean_curve(rows, variant, task, key)
             if curve is not None:
@@ -69,7 +69,7 @@ def plot_lengths(sweep, summary: dict, out: Path) -> Path:
     fig, axes = _grid(len(sweep.tasks))
     length, colours = sweep.train["length"], _colours(sweep)
     for ax, task in zip(axes, sweep.tasks):
-        metric = "loss" if task.startswith("lm-") else "acc"
+        metric = sweep.metric_prefix(task)
         for variant in sweep.variants:
             points = [(length * k, summary.get(variant, {}).get(f"{task}:{metric}@{k}L")) for k in sweep.lengths]
             points = [(x, e["mean"]) for x, e in points if e is not None]
@@ -87,7 +87,7 @@ def plot_lengths(sweep, summary: dict, out: Path) -> Path:
 def quality(sweep, summary: dict, variant: str) -> tuple[float | None, str]:
     """One quality figure per variant: the first language task's loss at L, else the mean accuracy
     at L over the tasks (lower loss / higher accuracy is better)."""
-    lm = [t for t in sweep.tasks if t.startswith("lm-")]
+    lm = [t for t in sweep.tasks if sweep.metric_prefix(t) == "loss"]
     if lm:
         entry = summary.get(variant, {}).get(f"{lm[0]}:loss@1L")
         return (None if entry is None else entry["mean"]), f"{lm[0]} loss at L"

@@ -52,7 +52,7 @@ def _table(header: list[str], lines: list[list[str]]) -> str:
 def task_tables(sweep, summary: dict) -> list[str]:
     parts = []
     for task in sweep.tasks:
-        metric = "loss" if task.startswith("lm-") else "acc"
+        metric = sweep.metric_prefix(task)
         header = ["variant", *(f"{metric}@{k}L" for k in sweep.lengths)]
         lines = [[v, *(_cell(summary.get(v, {}).get(f"{task}:{metric}@{k}L")) for k in sweep.lengths)]
                  for v in sweep.variants]

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from jaxgpt.arena.sweep import Sweep, SweepError
-from jaxgpt.arena.tasks import make_task
 from jaxgpt.atomic import write_json
 
 
@@ -37,7 +36,7 @@ def run_dir(out: Path, variant: str, seed: int, task: str) -> Path:
 def run_spec(sweep: Sweep, variant: str, seed: int, task: str) -> dict:
     """All that decides a run's result: a rerun reuses a finished run only if this is unchanged."""
     reference = task if task != "cost" else next(iter(sweep.tasks))
-    vocab = make_task(reference, **sweep.tasks[reference]).vocab_size
+    vocab = sweep.task(reference).vocab_size
     return {"variant": variant, "seed": seed, "task": task, "task_options": sweep.tasks.get(task, {}),
             "model": sweep.model_config(variant, vocab).to_dict(), "train": sweep.train,
             "lengths": list(sweep.lengths)}
@@ -75,7 +74,7 @@ def execute_run(sweep: Sweep, variant: str, seed: int, task_name: str, directory
         if task_name == "cost":
             row["metrics"] = measure_cost(config, sweep.train, seed)
         else:
-            task = make_task(task_name, **sweep.tasks[task_name])
+            task = sweep.task(task_name)
             params, curve, stats = train_task(task, config, sweep.train, seed)
             metrics = evaluate_lengths(task, config, params, sweep.train["length"], sweep.lengths,
                                        sweep.train["eval_examples"])

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jaxgpt.arena.tasks import TaskError, make_task
+from jaxgpt.arena.tasks import ArenaTask, TaskError, task_of
 from jaxgpt.config import ConfigError, GPTConfig
 
 TRAIN_DEFAULTS = {
@@ -78,6 +78,14 @@ class Sweep:
         fields = {**self.model, **self.variants[variant], "vocab_size": vocab_size,
                   "context_length": context_length or self.train["length"]}
         return GPTConfig(**fields)
+
+    def task(self, name: str) -> ArenaTask:
+        """The task `name` with the sweep's options for it."""
+        return task_of(name, self.tasks[name])
+
+    def metric_prefix(self, task: str) -> str:
+        """How the task's metrics are named: "acc" (accuracy, higher is better) or "loss"."""
+        return "acc" if self.task(task).metric == "accuracy" else "loss"
 
     def runs(self) -> list[tuple[str, int, str]]:
         """(variant, seed, task) of every run, "cost" the cost measurement of a variant and seed."""
@@ -161,7 +169,7 @@ def _check_configs(sweep: Sweep) -> None:
             raise SweepError(f"sweep: [train] {name} must be a positive integer, got {v!r}")
     for task_name, options in sweep.tasks.items():
         try:
-            task = make_task(task_name, **options)
+            task = task_of(task_name, options)
             task.check_length(sweep.train["length"])
         except TaskError as e:
             raise SweepError(f"sweep: [tasks.{task_name}]: {e}") from None

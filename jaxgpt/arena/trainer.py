@@ -32,7 +32,8 @@ def train_config(train: dict) -> TrainConfig:
 
 
 @lru_cache(maxsize=32)
-def _train_step(config: GPTConfig, tcfg: TrainConfig):
+def compiled_train_step(config: GPTConfig, tcfg: TrainConfig):
+    """(optimizer, jitted step) for a model config and budget, made once per process."""
     tx = build_optimizer(tcfg)
     return tx, jax.jit(make_train_step(GPT(config), tx), donate_argnums=0)
 
@@ -92,7 +93,7 @@ def train_task(task: ArenaTask, config: GPTConfig, train: dict, seed: int, progr
     Returns (params, curve, stats): the curve has the training loss at every evaluation point and
     the metric at the training length on a held-out set; stats the tokens/s after compilation."""
     tcfg = train_config(train)
-    tx, step_fn = _train_step(config, tcfg)
+    tx, step_fn = compiled_train_step(config, tcfg)
     state = create_state(GPT(config), tx, init_params(config, seed), seed)
     length, batch, steps = train["length"], train["batch_size"], train["steps"]
     probe = task.eval_sets(length, train["eval_examples"], seed=1)  # a stream the final evaluation does not use

@@ -7,6 +7,9 @@ that the solution scores 100 % and a wrong one does not.
 
 from __future__ import annotations
 
+import json
+from functools import lru_cache
+
 from jaxgpt.arena.tasks.base import IGNORE, ArenaTask, EvalSet, TaskError, batch_rng, token_accuracy
 from jaxgpt.arena.tasks.induction import Induction
 from jaxgpt.arena.tasks.language import Language
@@ -34,4 +37,15 @@ def make_task(name: str, **options) -> ArenaTask:
         raise TaskError(f"task {name!r}: bad options {options}: {e}") from None
 
 
-__all__ = ["IGNORE", "TASKS", "ArenaTask", "EvalSet", "TaskError", "batch_rng", "make_task", "token_accuracy"]
+@lru_cache(maxsize=None)
+def _cached_task(name: str, options_json: str) -> ArenaTask:
+    return make_task(name, **json.loads(options_json))
+
+
+def task_of(name: str, options: dict) -> ArenaTask:
+    """`make_task`, once per (name, options) in a process: a language task reads its corpus once."""
+    return _cached_task(name, json.dumps(options, sort_keys=True))
+
+
+__all__ = ["IGNORE", "TASKS", "ArenaTask", "EvalSet", "TaskError", "batch_rng", "make_task", "task_of",
+           "token_accuracy"]
