@@ -2,7 +2,7 @@
 
 The import graph counts every import, also those inside functions. Layers, lowest first: the top
 modules (config, host_setup, xla_tuning) < nn < reference, data < weights < inference < train <
-finetune, numerics < cli (evaluation beside train). A module may import its own layer and the ones below, never one above; nothing
+finetune, numerics, arena < cli (evaluation beside train). A module may import its own layer and the ones below, never one above; nothing
 imports cli; nothing imports torch or transformers; no cycles; no module over 400 lines and no
 function over 80.
 """
@@ -14,7 +14,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "jaxgpt"
 LAYERS = {"config": 0, "host_setup": 0, "xla_tuning": 0, "atomic": 0, "nn": 1, "reference": 2, "data": 2, "weights": 3,
-          "inference": 4, "train": 5, "evaluation": 5, "finetune": 6, "numerics": 6, "cli": 7}
+          "inference": 4, "train": 5, "evaluation": 5, "finetune": 6, "numerics": 6, "arena": 6, "cli": 7}
 MAX_MODULE_LINES, MAX_FUNCTION_LINES = 400, 80
 
 
