@@ -69,7 +69,8 @@ def test_a_softmax_computed_in_bfloat16_is_found(monkeypatch):
     params = init_params(cfg, 0)
     f32_softmax = backends.masked_softmax
     monkeypatch.setattr(backends, "masked_softmax",
-                        lambda s, m: f32_softmax(s.astype(jnp.bfloat16), m).astype(jnp.bfloat16).astype(jnp.float32))
+                        lambda s, m, sinks_n=None: f32_softmax(s.astype(jnp.bfloat16), m, sinks_n)
+                        .astype(jnp.bfloat16).astype(jnp.float32))
     rows = forward_rows(cfg, params, *_batch(cfg))
     first = first_divergence(rows)
     assert (first["layer"], first["op"]) == (0, "attn.weights")
