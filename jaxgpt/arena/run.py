@@ -97,17 +97,13 @@ def _exit_with_parent(parent: int) -> None:
             os._exit(1)
 
 
-def _worker_init(threads: int) -> None:
+def _worker_init() -> None:
+    """Several workers share the cores: one XLA thread each (set before the worker imports JAX)."""
     import threading
 
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
-    if threads == 1:  # several workers share the cores: one thread each
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
-                                   "intra_op_parallelism_threads=1").strip()
-
-
-def _run_in_worker(sweep: Sweep, variant: str, seed: int, task: str, directory: str) -> dict:
-    return execute_run(sweep, variant, seed, task, Path(directory))
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
+                               "intra_op_parallelism_threads=1").strip()
 
 
 def run_sweep(sweep: Sweep, out: Path, *, jobs: int = 1, progress: Optional[Callable] = None) -> list[dict]:
@@ -125,11 +121,10 @@ def run_sweep(sweep: Sweep, out: Path, *, jobs: int = 1, progress: Optional[Call
     if progress is not None:
         progress(len(rows), total, None)
     training = [run for run in todo if run[2] != "cost"]
-    serial = [run for run in todo if run[2] == "cost"] + (training if jobs <= 1 else [])
+    serial = (training if jobs <= 1 else []) + [run for run in todo if run[2] == "cost"]  # cost runs last, alone
     if jobs > 1 and training:
-        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_worker_init,
-                                 initargs=(1,)) as pool:
-            futures = [pool.submit(_run_in_worker, sweep, v, s, t, str(d)) for v, s, t, d in training]
+        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_worker_init) as pool:
+            futures = [pool.submit(execute_run, sweep, v, s, t, d) for v, s, t, d in training]
             for future in as_completed(futures):
                 rows.append(future.result())
                 if progress is not None:

@@ -1,7 +1,7 @@
 """One arena model: trained on a task's batches, then evaluated at the training length and beyond.
 
-Compiled functions are kept per model config (`_compiled`): the seeds of a variant share one
-compilation of the step and of each evaluation length.
+Compiled functions are kept per model config (`compiled_train_step`, `_predict`): the seeds of a
+variant share one compilation of the step and of each evaluation length.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def evaluate_lengths(task: ArenaTask, config: GPTConfig, params, length: int, mu
     return out
 
 
-def train_task(task: ArenaTask, config: GPTConfig, train: dict, seed: int, progress=None) -> tuple:
+def train_task(task: ArenaTask, config: GPTConfig, train: dict, seed: int) -> tuple:
     """Train a fresh model (init from `seed`) for the sweep's budget on the task's batches.
 
     Returns (params, curve, stats): the curve has the training loss at every evaluation point and
@@ -114,8 +114,6 @@ def train_task(task: ArenaTask, config: GPTConfig, train: dict, seed: int, progr
             value = float(np.mean([score(task, config, state["params"], s.x_bt, s.y_bt) for s in probe]))
             curve.append({"step": i + 1, "train_loss": loss, task.metric: value})
             eval_s += time.perf_counter() - t0
-            if progress is not None:
-                progress(i + 1, steps)
     jax.block_until_ready(state)
     elapsed = time.perf_counter() - start - eval_s  # training steps only
     tokens_per_s = (steps - 1) * batch * length / elapsed if steps > 1 and elapsed > 0 else None
