@@ -1,11 +1,36 @@
 """Shared test settings: derandomised hypothesis, the data directory, small configs."""
 
+import atexit
 import contextlib
 import os
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 
-import pytest
-from hypothesis import HealthCheck, settings
+
+def _fast_compiles_for_the_suite() -> None:
+    """Most of the suite's time is XLA compiling tiny programs, not running them: compile with
+    XLA's cheap pass pipeline and keep compiled programs in a cache shared by the whole session
+    (its xdist workers and the subprocesses tests start inherit these variables). The cheap
+    pipeline fuses less, so a result can differ from an optimised build's in its last bits, which
+    the tests' tolerances allow; bitwise comparisons compare two programs built the same way.
+    Export JAX_DISABLE_MOST_OPTIMIZATIONS=0 to run the suite as users compile."""
+    if "jax" in sys.modules:  # JAX reads these variables when it is imported
+        raise RuntimeError("tests/conftest.py must run before jax is imported: a plugin imported it")
+    os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        cache_dir = tempfile.mkdtemp(prefix="jaxgpt-tests-xla-cache-")
+        atexit.register(shutil.rmtree, cache_dir, ignore_errors=True)
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = cache_dir
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+
+
+_fast_compiles_for_the_suite()
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile(
     "jaxgpt", derandomize=True, deadline=None, max_examples=10,

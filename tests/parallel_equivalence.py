@@ -3,7 +3,8 @@
 Trains the same model from the same batches with several (devices, micro_batches) layouts and
 prints the largest parameter difference to the 1-device, 1-micro-batch run as JSON. With the
 argument `muon`, the optimizer is Muon + AdamW (warmup-stable-decay) over fewer layouts: data
-parallel with accumulation, and FSDP, where Newton–Schulz runs on sharded matrices.
+parallel with accumulation, and FSDP, where Newton–Schulz runs on sharded matrices; with
+`schedule_free_adamw` the same layouts, comparing the averaged parameters x too.
 """
 
 import json
@@ -17,7 +18,7 @@ import numpy as np  # noqa: E402
 
 from jaxgpt.config import get_preset  # noqa: E402
 from jaxgpt.nn.model import GPT, init_params  # noqa: E402
-from jaxgpt.train.optimizer import build_optimizer  # noqa: E402
+from jaxgpt.train.optimizer import build_optimizer, model_params  # noqa: E402
 from jaxgpt.train.config import TrainConfig  # noqa: E402
 from jaxgpt.train.sharding import ShardedTrainer, build_mesh  # noqa: E402
 from jaxgpt.train.step import ParallelTrainer, create_state  # noqa: E402
@@ -37,7 +38,7 @@ def main() -> None:
     init = lambda: create_state(model, tx, init_params(cfg), 0)  # noqa: E731
     layouts = [("pmap", 1, 1), ("pmap", 4, 1), ("pmap", 2, 2), ("pmap", 1, 4),
                ("data=4", 4, 1), ("fsdp=4", 4, 1), ("data=2,fsdp=2", 4, 2)]
-    if optimizer == "muon":
+    if optimizer != "adamw":
         layouts = [("pmap", 1, 1), ("pmap", 2, 2), ("fsdp=4", 4, 1), ("data=2,fsdp=2", 4, 2)]
     for mode, devices, micro in layouts:
         if mode == "pmap":
@@ -58,7 +59,7 @@ def main() -> None:
         one_copy = trainer.get_state(state)
         if mode == "pmap":  # one device's own buffers: no program over all devices (see get_state)
             assert all(len(a.devices()) == 1 for a in jax.tree.leaves(one_copy)), key
-        results[key] = jax.tree.map(np.asarray, one_copy["params"])
+        results[key] = jax.tree.map(np.asarray, {"y": one_copy["params"], "x": model_params(one_copy)})
         losses[key] = float(metrics["loss"])
     base = results["pmap:1x1"]
     diffs = {
@@ -67,7 +68,7 @@ def main() -> None:
         for key, p in results.items()
     }
     moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
-                for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(init_params(cfg))))
+                for a, b in zip(jax.tree.leaves(base["x"]), jax.tree.leaves(init_params(cfg))))
     json.dump({"max_abs_diff": diffs, "final_loss": losses, "param_change": moved}, sys.stdout)
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from jaxgpt.weights.checkpoint import CheckpointError, load_for_inference, read_meta
 from jaxgpt.cli.main import main
-from jaxgpt.config import GPTConfig
+from jaxgpt.config import ConfigError, GPTConfig
 from jaxgpt.data.corpus import DataError
 from jaxgpt.train.config import TrainConfig
 from jaxgpt.train.loop import TrainingDiverged, train
@@ -259,13 +259,27 @@ def test_a_converted_model_is_saved_without_optimizer_state_and_trains_on(corpus
     assert summary["status"] == "completed" and summary["step"] == 3
 
 
-def test_muon_with_warmup_stable_decay_resumes_bit_identically(corpus, tmp_path, capsys):
-    """Muon's state (momentum, Newton–Schulz coefficients) and AdamW's, partitioned by name,
-    survive a checkpoint: interrupted at step 3 and resumed equals straight through."""
-    cfg = _cfg(corpus, optimizer="muon", schedule="wsd", muon_lr=0.02)
+@pytest.mark.parametrize("optimizer", ["muon", "schedule_free_adamw"])
+def test_muon_and_schedule_free_resume_bit_identically(optimizer, corpus, tmp_path, capsys):
+    """Muon's state (momentum) and AdamW's, partitioned by name, and schedule-free AdamW's (z, the
+    averaging weights) survive a checkpoint: interrupted at step 3 and resumed equals straight
+    through. A schedule-free run is evaluated, saved for inference and reloaded at its average x."""
+    cfg = _cfg(corpus, optimizer=optimizer, schedule="wsd", muon_lr=0.02)
     straight = train(MODEL, cfg, tmp_path / "straight", progress=False)
     assert straight["status"] == "completed"
-    assert "parameter groups: muon: 8 tensors" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    if optimizer == "muon":
+        assert "parameter groups: muon: 8 tensors" in err
+    else:
+        assert "schedule warmup then constant (schedule-free)" in err
+        from jaxgpt.train.evaluate import evaluate_checkpoint
+        from jaxgpt.weights.checkpoint import find_checkpoint, model_params_entry
+
+        manager, step = find_checkpoint(tmp_path / "straight")
+        assert model_params_entry(manager, step) == "eval_params"
+        manager.close()
+        # the run's last evaluation (at x, in the loop) = the loss of the parameters inference loads
+        assert evaluate_checkpoint(tmp_path / "straight")["val_loss"] == pytest.approx(straight["val_loss"], abs=1e-6)
 
     def interrupt(step):
         if step == 3:
@@ -275,7 +289,7 @@ def test_muon_with_warmup_stable_decay_resumes_bit_identically(corpus, tmp_path,
     assert train(None, None, tmp_path / "resumed", resume=True, progress=False)["step"] == 8
     _assert_identical(tmp_path / "straight", tmp_path / "resumed")
     records = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
-    assert all("muon_lr" in r for r in records if r["kind"] == "train")
+    assert all(("muon_lr" in r) == (optimizer == "muon") for r in records if r["kind"] == "train")
 
 
 def test_mfu_counts_the_compiled_steps_flops(corpus, tmp_path):
@@ -307,3 +321,29 @@ def test_training_stops_at_the_target_validation_loss(corpus, tmp_path):
     assert read_meta(tmp_path / "hit")["step"] == first
     records = [json.loads(line) for line in (tmp_path / "hit" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "target"] == [first]
+
+
+def test_several_steps_per_call_train_the_same_run(corpus, tmp_path, monkeypatch):
+    """train.steps_per_call=3: runs of three steps in one compiled call where no side work falls
+    inside them, single steps up to each log/eval/checkpoint, so every record sees its own step's
+    state; the run equals the one-step-per-call run (same losses, parameters, checkpoints)."""
+    from jaxgpt.train.step import ParallelTrainer
+
+    calls = []
+    run_steps = ParallelTrainer.run_steps
+    monkeypatch.setattr(ParallelTrainer, "run_steps", lambda self, state, batches: (
+        calls.append(len(batches)), run_steps(self, state, batches))[1])
+    one = train(MODEL, _cfg(corpus, log_every=4, micro_batches=1), tmp_path / "one", progress=False)
+    three = train(MODEL, _cfg(corpus, log_every=4, micro_batches=1, steps_per_call=3), tmp_path / "three",
+                  progress=False)
+    assert one["step"] == three["step"] == 8
+    assert calls == [3, 3]  # steps 1-3 and 5-7 (4 and 8 have side work: single steps end there)
+
+    def records(run):
+        return [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+
+    pick = ("kind", "step", "loss", "val_loss", "grad_norm", "checksum")
+    assert [{k: r.get(k) for k in pick} for r in records("one")] == [{k: r.get(k) for k in pick} for r in records("three")]
+    _assert_identical(tmp_path / "one", tmp_path / "three")
+    with pytest.raises(ConfigError, match="steps_per_call=3 runs with the jit/pmap trainer only"):
+        train(MODEL, _cfg(corpus, steps_per_call=3, mesh="data=-1"), tmp_path / "mesh", progress=False)

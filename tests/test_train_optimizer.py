@@ -91,6 +91,42 @@ def test_muon_matches_the_numpy_reference_over_steps():
         assert min(jax.tree.leaves(moved)) > 1e-4  # every parameter was updated
 
 
+def test_schedule_free_adamw_matches_the_numpy_reference_over_steps():
+    """Six steps of random gradients through `build_optimizer` (schedule-free AdamW: clipping, decay
+    mask, warmup into a constant lr) against `reference.optim.schedule_free_adamw_step` in float64:
+    the gradient point y (the state's params) and the averaged x (`model_params`) both."""
+    from jaxgpt.train.optimizer import model_params
+
+    cfg = get_preset("test")
+    tc = TrainConfig(optimizer="schedule_free_adamw", lr=3e-3, min_lr=3e-4, warmup_steps=2, max_steps=6,
+                     weight_decay=0.1, grad_clip=0.5, beta1=0.9, beta2=0.95)
+    lr = lr_schedule(tc)
+    np.testing.assert_allclose([float(lr(t)) for t in (0, 1, 2, 10_000)], [0.0, 1.5e-3, 3e-3, 3e-3], rtol=1e-6)
+    rng = np.random.default_rng(0)
+    with jax.enable_x64(True):
+        params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), init_params(cfg, seed=0))
+        tx = build_optimizer(tc)
+        state = tx.init(params)
+        np_params = _tree_to_numpy(params)
+        np_state = ref.schedule_free_init(np_params)
+        update = jax.jit(tx.update)
+        for _ in range(6):
+            grads = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape) * 0.1), params)
+            updates, state = update(grads, state, params)
+            params = optax.apply_updates(params, updates)
+            # (Optax counts steps in int32, so its schedule's values are float32's even under x64)
+            np_params, np_state = ref.schedule_free_adamw_step(
+                np_params, _tree_to_numpy(grads), np_state, lambda t: float(lr(np.int32(t))), b1=tc.beta1, b2=tc.beta2,
+                eps=tc.eps, weight_decay=tc.weight_decay, grad_clip=tc.grad_clip)
+        x = model_params({"params": params, "opt_state": state})
+        np_x = ref.schedule_free_eval(np_params, np_state, tc.beta1)
+        for got, want in ((params, np_params), (x, np_x)):
+            diff = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), got, want)
+            assert max(jax.tree.leaves(diff)) < 1e-10, diff  # seen: 6.7e-16 (no Newton–Schulz here)
+        gap = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), x, params)
+        assert max(jax.tree.leaves(gap)) > 1e-4  # x and y differ: evaluating y would be wrong
+
+
 def test_newton_schulz_reference_nearly_orthogonalises():
     """The reference itself: singular values of the result lie in the band Muon's quintic aims at
     (about 0.7–1.2 after five steps), whatever the input's scale and orientation."""
@@ -139,6 +175,8 @@ def test_optimizer_settings_are_validated():
         TrainConfig(muon_momentum=1.0)
     with pytest.raises(ConfigError, match="muon_ns_steps"):
         TrainConfig(muon_ns_steps=0)
+    with pytest.raises(ConfigError, match="schedule-free AdamW needs 0 < beta1 < 1"):
+        TrainConfig(optimizer="schedule_free_adamw", beta1=0.0)
 
 
 def test_recipes_name_a_preset_and_its_train_settings():

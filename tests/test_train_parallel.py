@@ -11,10 +11,11 @@ import pytest
 HERE = Path(__file__).parent
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+@pytest.mark.parametrize("optimizer", ["adamw", "muon", "schedule_free_adamw"])
 def test_pmap_4_devices_and_accumulation_match_single_device(optimizer):
-    """AdamW over every layout; Muon + AdamW over data parallelism with accumulation and FSDP (its
-    Newton–Schulz products on sharded matrices)."""
+    """AdamW over every layout; Muon + AdamW and schedule-free AdamW over data parallelism with
+    accumulation and FSDP (Muon's Newton–Schulz products on sharded matrices; schedule-free's
+    parameters and their average both)."""
     env = dict(os.environ, PYTHONPATH=str(HERE.parent))
     out = subprocess.run([sys.executable, str(HERE / "parallel_equivalence.py"), optimizer], env=env,
                          capture_output=True, text=True, timeout=300)

@@ -1,4 +1,5 @@
-"""The NumPy reference's AdamW step, as `jaxgpt.train.optimizer` builds it in Optax."""
+"""The NumPy reference's optimizer steps (AdamW, Muon, schedule-free AdamW), as `jaxgpt.train.optimizer`
+builds them in Optax."""
 
 from __future__ import annotations
 
@@ -29,15 +30,21 @@ def adamw_init(params):
     return {"step": 0, "mu": tree_map(zeros, params), "nu": tree_map(zeros, params)}
 
 
+def clip_by_global_norm(grads, grad_clip: float):
+    """The gradients scaled so that their global norm is at most `grad_clip` (0: unchanged)."""
+    if grad_clip <= 0:
+        return grads
+    norm = np.sqrt(sum(np.sum(g**2) for g in tree_leaves(grads)))
+    factor = min(1.0, grad_clip / norm) if norm > 0 else 1.0
+    return tree_map(lambda _, g: g * factor, grads)
+
+
 def adamw_step(params, grads, state, lr, *, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.1,
                grad_clip=1.0, decay_embeddings=False):
     """One step of `jaxgpt.optim.build_optimizer` as Optax computes it: clip by global norm,
     bias-corrected Adam moments, decoupled weight decay on the masked parameters, all times `lr`
     (the schedule's value at this step). Returns (params, state)."""
-    if grad_clip > 0:
-        norm = np.sqrt(sum(np.sum(g**2) for g in tree_leaves(grads)))
-        factor = min(1.0, grad_clip / norm) if norm > 0 else 1.0
-        grads = tree_map(lambda _, g: g * factor, grads)
+    grads = clip_by_global_norm(grads, grad_clip)
     t = state["step"] + 1
     mu = tree_map(lambda _, m, g: b1 * m + (1 - b1) * g, state["mu"], grads)
     nu = tree_map(lambda _, v, g: b2 * v + (1 - b2) * g**2, state["nu"], grads)
@@ -88,10 +95,7 @@ def muon_step(params, grads, state, lr, muon_lr, *, momentum=0.95, ns_steps=5, m
     bias-corrected Nesterov momentum m̂ = β·m_t/(1-β^(t+1)) + (1-β)·g/(1-β^t) (m_t the EMA of the
     gradients), orthogonalised, times sqrt(max(1, out/in)), plus decoupled decay, times `muon_lr`;
     on the others `adamw_step` at `lr`. Returns (params, state)."""
-    if grad_clip > 0:
-        norm = np.sqrt(sum(np.sum(g**2) for g in tree_leaves(grads)))
-        factor = min(1.0, grad_clip / norm) if norm > 0 else 1.0
-        grads = tree_map(lambda _, g: g * factor, grads)
+    grads = clip_by_global_norm(grads, grad_clip)
     t = state["step"] + 1
     mom = tree_map(lambda path, m, g: momentum * m + (1 - momentum) * g if muon_group(path, g) else m,
                    state["momentum"], grads)
@@ -107,3 +111,46 @@ def muon_step(params, grads, state, lr, muon_lr, *, momentum=0.95, ns_steps=5, m
 
     new_params = tree_map(update, params, mom, grads, adam_params)
     return new_params, {"step": t, "momentum": mom, "adam": adam_state}
+
+
+# --- schedule-free AdamW -----------------------------------------------------------------------------
+
+def schedule_free_init(params):
+    """z starts at the parameters; no averaging weight yet."""
+    zeros = lambda path, p: np.zeros_like(p)  # noqa: E731
+    return {"step": 0, "z": tree_map(lambda _, p: p.copy(), params), "nu": tree_map(zeros, params),
+            "weight_sum": 0.0, "max_lr": 0.0}
+
+
+def schedule_free_eval(params, state, b1=0.9):
+    """The averaged parameters x = (y - (1 - β1)·z)/β1 that a schedule-free run is evaluated at."""
+    return tree_map(lambda _, y, z: (y - (1 - b1) * z) / b1, params, state["z"])
+
+
+def schedule_free_adamw_step(params, grads, state, lr_fn, *, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.1,
+                             grad_clip=1.0, decay_embeddings=False):
+    """One step of `jaxgpt.train.optimizer.schedule_free_adamw` (Defazio et al. 2024) at the
+    gradient point y = `params`: clip; Adam's bias-corrected second moment without momentum, plus
+    decoupled decay at y on the masked leaves, moves z by -lr·u; the average x moves towards the new
+    z with weight c = lr_max²/Σ lr_max² (lr_max the largest lr so far); y = β1·x + (1-β1)·z.
+    `lr_fn(t)` is the schedule: as Optax does, the step itself uses lr_fn(t) (t counted from 0) and
+    the averaging weight lr_fn(t + 1). Returns (params, state)."""
+    grads = clip_by_global_norm(grads, grad_clip)
+    t = state["step"]
+    lr_step, lr_weight = lr_fn(t), lr_fn(t + 1)
+    nu = tree_map(lambda _, v, g: b2 * v + (1 - b2) * g**2, state["nu"], grads)
+
+    def z_update(path, z, y, g, v):
+        u = g / (np.sqrt(v / (1 - b2 ** (t + 1))) + eps)
+        if decays(path, decay_embeddings):
+            u = u + weight_decay * y
+        return z - lr_step * u
+
+    z_new = tree_map(z_update, state["z"], params, grads, nu)
+    max_lr = max(state["max_lr"], lr_weight)
+    weight_sum = state["weight_sum"] + max_lr**2
+    c = max_lr**2 / weight_sum if weight_sum > 0 else 0.0
+    x_prev = schedule_free_eval(params, state, b1)
+    x = tree_map(lambda _, xp, z: (1 - c) * xp + c * z, x_prev, z_new)
+    y = tree_map(lambda _, xi, z: b1 * xi + (1 - b1) * z, x, z_new)
+    return y, {"step": t + 1, "z": z_new, "nu": nu, "weight_sum": weight_sum, "max_lr": max_lr}

@@ -12,6 +12,8 @@ from typing import Any, Optional
 
 from jaxgpt.config import ConfigError, GPTConfig, check_finite_numbers
 
+OPTIMIZERS = ("adamw", "muon", "schedule_free_adamw")  # jaxgpt.train.optimizer.build_optimizer
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -24,11 +26,13 @@ class TrainConfig:
     # batch: batch_size sequences per optimizer step, split over devices, then into micro-batches
     batch_size: int = 16
     micro_batches: int = 1  # gradient accumulation: micro-batches per optimizer step
+    steps_per_call: int = 1  # optimizer steps per compiled call (a lax.scan over them): less dispatch and host
+    # work per step for small models; side work (logging, evaluation, checkpoints) falls between calls
     context_length: Optional[int] = None  # training window (default: the model's context length)
     max_steps: int = 600
     # optimizer: AdamW (or Muon on the hidden matrices + AdamW on the rest) with linear warmup, then cosine
     # decay to min_lr or warmup-stable-decay (docs/training.md)
-    optimizer: str = "adamw"  # "adamw" or "muon"
+    optimizer: str = "adamw"  # "adamw", "muon" or "schedule_free_adamw" (warmup then constant lr; no schedule)
     schedule: str = "cosine"  # "cosine" or "wsd" (warmup, constant, then linear decay to min_lr)
     decay_fraction: float = 0.2  # wsd: the share of the steps after warmup spent decaying
     muon_lr: float = 0.02  # Muon's peak learning rate (its schedule has the shape of lr's)
@@ -71,7 +75,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_finite_numbers(self)
-        positive = ("batch_size", "micro_batches", "max_steps", "log_every", "eval_every", "eval_batches",
+        positive = ("batch_size", "micro_batches", "steps_per_call", "max_steps", "log_every", "eval_every", "eval_batches",
                     "ckpt_every", "keep_checkpoints")
         for name in positive:
             v = getattr(self, name)
@@ -107,8 +111,10 @@ class TrainConfig:
             raise ConfigError(
                 f"TrainConfig.batch_size ({self.batch_size}) must be divisible by micro_batches ({self.micro_batches})"
             )
-        if self.optimizer not in ("adamw", "muon"):
-            raise ConfigError(f"TrainConfig.optimizer must be 'adamw' or 'muon', got {self.optimizer!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"TrainConfig.optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.optimizer == "schedule_free_adamw" and not 0.0 < self.beta1 < 1.0:
+            raise ConfigError(f"schedule-free AdamW needs 0 < beta1 < 1 (its interpolation weight), got {self.beta1}")
         if self.schedule not in ("cosine", "wsd"):
             raise ConfigError(f"TrainConfig.schedule must be 'cosine' or 'wsd', got {self.schedule!r}")
         if not 0.0 <= self.decay_fraction <= 1.0:

@@ -40,6 +40,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxgpt import xla_tuning
 from jaxgpt.config import ConfigError, resolve_dtype
 from jaxgpt.nn.model import GPT
+from jaxgpt.train.optimizer import model_params
 from jaxgpt.train.step import apply_update, make_eval_step, make_loss_and_grad
 
 
@@ -116,7 +117,7 @@ class DeterministicTrainer:
         return state if self._processes is None else self._processes.to_global(state)
 
     def params(self, state):
-        return state["params"]
+        return model_params(state)
 
     def step_flops(self, state, x_local, y_local) -> None:
         """Several executables make one step here: MFU uses the 6·N formula."""

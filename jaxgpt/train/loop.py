@@ -10,7 +10,6 @@ restored is the state saved.
 from __future__ import annotations
 
 import math
-import signal
 import sys
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Callable, Optional
 import jax
 import numpy as np
 
-from jaxgpt.config import GPTConfig
+from jaxgpt.config import ConfigError, GPTConfig
 from jaxgpt.data.corpus import DataError
 from jaxgpt.inference.generate import generate, trim_at_eos
 from jaxgpt.nn.model import GPT, count_params, init_params
@@ -27,10 +26,11 @@ from jaxgpt.evaluation.during_training import TrainingTasks
 from jaxgpt.train.batches import RunData, build_data
 from jaxgpt.train.config import TrainConfig
 from jaxgpt.train.fingerprint import fingerprint
+from jaxgpt.train.host import NullLogger, StopSignals, moe_log, to_host
 from jaxgpt.train.run_layout import describe_layout, peak_flops
 from jaxgpt.train.metrics import (JsonlLogger, flops_per_token, plot_expert_load, plot_losses,
                                   read_jsonl)
-from jaxgpt.train.optimizer import build_optimizer, describe_groups, lr_schedule
+from jaxgpt.train.optimizer import build_optimizer, checkpoint_abstract, checkpoint_tree, describe_groups, lr_schedule
 from jaxgpt.train.run_dir import keep_records_up_to, run_configs, run_meta
 from jaxgpt.train.deterministic import DeterministicTrainer
 from jaxgpt.train.sharding import MeshError, ShardedTrainer, build_mesh, parse_mesh
@@ -43,69 +43,11 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
-def to_host(x) -> float:
-    """A replicated scalar as a Python float (also when the array spans several processes)."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        x = x.addressable_data(0)
-    return float(x)
-
-
-def moe_log(metrics: dict) -> dict:
-    """A step's router metrics as JSON values: losses, dropped share, each MoE layer's tokens per
-    expert (moe_counts) and load (their share of the layer's assignments), and the imbalance
-    max_e load_e · E averaged over layers (1: even)."""
-    if "moe_counts" not in metrics:
-        return {}
-    counts_le = metrics["moe_counts"]
-    if isinstance(counts_le, jax.Array) and not counts_le.is_fully_addressable:
-        counts_le = counts_le.addressable_data(0)
-    counts_le = np.asarray(counts_le, dtype=np.float64)
-    load_le = counts_le / np.maximum(counts_le.sum(-1, keepdims=True), 1)
-    return {"moe_aux_loss": to_host(metrics["moe_aux_loss"]), "moe_z_loss": to_host(metrics["moe_z_loss"]),
-            "moe_dropped_frac": to_host(metrics["moe_dropped_frac"]),
-            "moe_imbalance": float(np.mean(load_le.max(-1) * load_le.shape[-1])),
-            "moe_counts": counts_le.astype(np.int64).tolist(), "moe_load": np.round(load_le, 5).tolist()}
-
-
 def evaluate(eval_step: Callable, params, batches: list) -> float:
-    """Mean validation cross-entropy over the fixed batches (all have the same size)."""
-    losses = [to_host(eval_step(params, x, y)) for x, y in batches]
-    return float(np.mean(losses))
-
-
-class _NullLogger:
-    """What processes other than 0 log to."""
-
-    def log(self, record: dict) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-class _StopSignals:
-    """Turns SIGINT/SIGTERM into a flag the loop checks after each step (so it can save first)."""
-
-    def __init__(self) -> None:
-        self.received: Optional[int] = None
-        self._previous: dict = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.received is not None:  # second Ctrl-C: give up saving
-            raise KeyboardInterrupt
-        self.received = signum
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+    """Mean validation cross-entropy over the fixed batches (all have the same size). Every batch is
+    dispatched before the first loss is read, so the host never waits between batches."""
+    losses = [eval_step(params, x, y) for x, y in batches]
+    return float(np.mean([to_host(loss) for loss in losses]))
 
 
 # On a CPU the local devices are simulated (one per core, see jaxgpt.host_setup) and
@@ -140,6 +82,9 @@ def _build_trainer(model_cfg: GPTConfig, cfg: TrainConfig):
     tx = build_optimizer(cfg)
     init_state = lambda: create_state(model, tx, init_params(model_cfg, seed=cfg.seed), cfg.seed)  # noqa: E731
     abstract = jax.eval_shape(init_state)
+    if cfg.steps_per_call > 1 and (cfg.deterministic_reduce or cfg.mesh):
+        raise ConfigError(f"train.steps_per_call={cfg.steps_per_call} runs with the jit/pmap trainer only: not with "
+                          "train.mesh or train.deterministic_reduce (set steps_per_call=1 there)")
     if cfg.deterministic_reduce:
         trainer = DeterministicTrainer(model, tx, _deterministic_devices(cfg, model_cfg), cfg.deterministic_reduce,
                                        cfg.micro_batches)
@@ -149,7 +94,8 @@ def _build_trainer(model_cfg: GPTConfig, cfg: TrainConfig):
         abstract = trainer.abstract_state(abstract)
         init_state = jax.jit(init_state, out_shardings=trainer.state_sharding)
     else:
-        trainer = ParallelTrainer(model, tx, cfg.devices or default_device_count(cfg, model_cfg), cfg.micro_batches)
+        trainer = ParallelTrainer(model, tx, cfg.devices or default_device_count(cfg, model_cfg), cfg.micro_batches,
+                                  cfg.steps_per_call)
     trainer.check_batch_size(cfg.batch_size)
     return trainer, abstract, init_state
 
@@ -174,7 +120,7 @@ class _Loop:
         self.state, self.best_val = trainer.put_state(state), best_val
         self.is_main = jax.process_index() == 0  # only process 0 writes logs, plots and summaries
         self.logger = (JsonlLogger(run_dir / "metrics.jsonl", run_dir / "tensorboard" if cfg.tensorboard else None)
-                       if self.is_main else _NullLogger())
+                       if self.is_main else NullLogger())
         self.ckpt = Checkpointer(run_dir, cfg.keep_checkpoints)
         self.schedule = lr_schedule(cfg)
         self.muon_schedule = lr_schedule(cfg, cfg.muon_lr) if cfg.optimizer == "muon" else None
@@ -195,7 +141,7 @@ class _Loop:
 
     def save(self, step: int, *, best: bool = False) -> None:
         meta = run_meta(self.model_cfg, self.cfg, self.data.tokenizer, step, self.best_val, self.data.fingerprint)
-        self.ckpt.save(step, self.trainer.get_state(self.state), meta, best=best)
+        self.ckpt.save(step, checkpoint_tree(self.trainer.get_state(self.state)), meta, best=best)
 
     def run(self, start_step: int, progress: bool, step_callback: Optional[Callable[[int], None]]) -> None:
         from tqdm import tqdm
@@ -205,14 +151,23 @@ class _Loop:
                    dynamic_ncols=True)
         train_rows = self.trainer.local_rows(cfg.batch_size)
         try:
-            with _StopSignals() as stop:
-                for step in range(start_step, cfg.max_steps):
-                    x_bt, y_bt = self.data.train_source.batch(step, rows=train_rows)
-                    self.state, metrics = self.trainer(self.state, x_bt, y_bt)
+            with StopSignals() as stop:
+                step = start_step
+                while step < cfg.max_steps:
+                    k = self._steps_this_call(step)
+                    batches = [self.data.train_source.batch(s, rows=train_rows) for s in range(step, step + k)]
+                    if k == 1:
+                        self.state, metrics = self.trainer(self.state, *batches[0])
+                        per_step = [metrics]
+                    else:
+                        self.state, metrics_k = self.trainer.run_steps(self.state, batches)
+                        metrics_k = jax.device_get(metrics_k)  # one transfer for the call's K steps
+                        per_step = [jax.tree.map(lambda m: m[i], metrics_k) for i in range(k)]  # noqa: B023
                     if step == start_step:
-                        self._count_step_flops(x_bt, y_bt)
-                    done = step + 1
-                    self._after_step(step, to_host(metrics["loss"]), metrics, bar)
+                        self._count_step_flops(*batches[0])
+                    for i, metrics in enumerate(per_step):  # side work only after the call's last step
+                        self._after_step(step + i, to_host(metrics["loss"]), metrics, bar)
+                    step = done = step + k
                     if step_callback is not None:
                         step_callback(done)
                     if self.status == "target reached":
@@ -228,6 +183,20 @@ class _Loop:
             bar.close()
             self.ckpt.close()
             self.logger.close()
+
+    def _steps_this_call(self, step: int) -> int:
+        """`steps_per_call` steps from `step` when no side work falls due before the last of them,
+        else one (so evaluations, logs and checkpoints see the state of exactly their step)."""
+        k = min(self.cfg.steps_per_call, self.cfg.max_steps - step)
+        return k if k > 1 and not any(self._side_work_due(done) for done in range(step + 1, step + k)) else 1
+
+    def _side_work_due(self, done: int) -> bool:
+        """Whether anything besides the update happens after step `done` (see `_after_step`)."""
+        cfg = self.cfg
+        every = cfg.log_every if cfg.fingerprint_every is None else cfg.fingerprint_every
+        return (done == cfg.max_steps or any(done % n == 0 for n in (cfg.log_every, cfg.eval_every, cfg.ckpt_every))
+                or bool(every and done % every == 0)
+                or (self.tasks is not None and self.tasks.due(done, cfg.max_steps)))
 
     def _count_step_flops(self, x_bt, y_bt) -> None:
         """FLOPs per token from the compiled step's cost analysis (the executable the first step
@@ -355,7 +324,8 @@ def train(
         params = restore_params(start.resume_from, abstract["params"])
         state = create_state(GPT(model_cfg), build_optimizer(cfg), params, cfg.seed)
     else:
-        state = restore(start.resume_from, abstract)[0] if resume else init_state()
+        state = restore(start.resume_from, checkpoint_abstract(abstract))[0] if resume else init_state()
+        state.pop("eval_params", None)  # (schedule-free's average, saved for inference; recomputed from the state)
     start_step = int(to_host(state["step"]))
     if jax.process_index() == 0:
         if resume:
@@ -369,7 +339,8 @@ def train(
     _log(f"model {n_params:,} params, vocab {model_cfg.vocab_size}, context {seq_len}; "
          f"{data.n_train_tokens:,} train / {data.n_val_tokens:,} val tokens; {describe_layout(cfg, trainer.n_devices)}; "
          f"steps {start_step}->{cfg.max_steps}; peak {peak / 1e9:.0f} GFLOP/s ({peak_source})")
-    _log(f"optimizer {cfg.optimizer}, schedule {cfg.schedule}"
+    _log(f"optimizer {cfg.optimizer}, schedule "
+         + ("warmup then constant (schedule-free)" if cfg.optimizer == "schedule_free_adamw" else cfg.schedule)
          + (f"; parameter groups: {describe_groups(abstract['params'])}" if cfg.optimizer == "muon" else ""))
 
     loop = _Loop(run_dir, model_cfg, cfg, data, trainer, state, seq_len, flops_tok, peak, best_val)

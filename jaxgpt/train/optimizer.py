@@ -1,5 +1,5 @@
-"""The optimizers: AdamW with a decay mask, or Muon on the hidden matrices with AdamW on the rest;
-warmup + cosine or warmup-stable-decay schedules; global-norm clipping.
+"""The optimizers: AdamW with a decay mask, Muon on the hidden matrices with AdamW on the rest, or
+schedule-free AdamW; warmup + cosine or warmup-stable-decay schedules; global-norm clipping.
 
 Muon (Jordan et al. 2024, modded-nanogpt) replaces each hidden weight matrix's update by the
 orthogonalised (Newton–Schulz) Nesterov momentum of its gradient, scaled by sqrt(max(1, out/in));
@@ -9,6 +9,13 @@ Optax's `optax.contrib.scale_by_muon` (checked against `jaxgpt.reference.optim.m
 with leading axes (scanned layers (L, in, out), experts (E, in, out)) is orthogonalised per matrix.
 Under FSDP the Newton–Schulz products run on the sharded matrix inside the compiled step, and XLA
 inserts the gathers they need (tested against one device).
+
+Schedule-free AdamW (Defazio et al. 2024, "The Road Less Scheduled") needs no decay: the train state's
+`params` are the point y where gradients are taken, and the model to evaluate, sample from or export
+is the running average x = (y - (1 - β1)·z)/β1 (z lives in the optimizer state). `model_params`
+gives x for every optimizer (the parameters themselves when there is no averaging), and a
+checkpoint of such a run also holds x as `eval_params` (`checkpoint_tree`), which is what
+`jaxgpt.weights.checkpoint.restore_params` reads for inference.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
-from optax.contrib import MuonDimensionNumbers, scale_by_muon
+from optax.contrib import MuonDimensionNumbers, ScheduleFreeState, scale_by_muon, schedule_free, schedule_free_eval_params
 
 from jaxgpt.train.config import TrainConfig
 
@@ -33,8 +40,11 @@ def lr_schedule(cfg: TrainConfig, peak: float | None = None) -> optax.Schedule:
       after warmup, then linear to `min_lr` at `decay_steps` (min_lr after it).
 
     With another `peak` (Muon's), `min_lr` scales with it: the schedule's shape is the same.
+    Schedule-free AdamW takes warmup then `peak` to the end, whatever `schedule` says.
     """
     peak = cfg.lr if peak is None else peak
+    if cfg.optimizer == "schedule_free_adamw":
+        return optax.warmup_constant_schedule(0.0, peak, cfg.warmup_steps)
     end = cfg.min_lr * peak / cfg.lr
     total = max(cfg.total_decay_steps, cfg.warmup_steps + 1)
     if cfg.schedule == "cosine":
@@ -134,9 +144,64 @@ def muon(cfg: TrainConfig) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx) if cfg.grad_clip > 0 else tx
 
 
+def schedule_free_adamw(cfg: TrainConfig) -> optax.GradientTransformation:
+    """clip_by_global_norm → Optax's `schedule_free` around Adam without momentum (RMS scaling with
+    bias correction, decay on `decay_mask`'s leaves at y, warmup then constant `lr`), β1 = `beta1`
+    as the interpolation weight. Optax's `schedule_free_adamw` alias is not used: it decays every
+    leaf, norms and biases included."""
+    lr = lr_schedule(cfg)
+    base = optax.chain(
+        optax.scale_by_rms(decay=cfg.beta2, eps=cfg.eps, eps_in_sqrt=False, bias_correction=True),
+        optax.add_decayed_weights(cfg.weight_decay, mask=lambda params: decay_mask(params, cfg.decay_embeddings)),
+        optax.scale_by_learning_rate(lr),
+    )
+    tx = schedule_free(base, learning_rate=lr, b1=cfg.beta1)
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx) if cfg.grad_clip > 0 else tx
+
+
+def _schedule_free_state(opt_state) -> ScheduleFreeState | None:
+    """The `ScheduleFreeState` inside an optimizer state (chains are tuples), or None."""
+    if isinstance(opt_state, ScheduleFreeState):
+        return opt_state
+    if isinstance(opt_state, (tuple, list)):
+        for inner in opt_state:
+            found = _schedule_free_state(inner)
+            if found is not None:
+                return found
+    return None
+
+
+_schedule_free_x = jax.jit(schedule_free_eval_params)
+
+
+def model_params(state: dict):
+    """The parameters to evaluate, sample from and export a train state at: schedule-free's average
+    x, else `state["params"]` as they are."""
+    found = _schedule_free_state(state["opt_state"])
+    return state["params"] if found is None else _schedule_free_x(found, state["params"])
+
+
+def checkpoint_tree(state: dict) -> dict:
+    """What a checkpoint saves of a train state: the state, plus `eval_params` (x) when x differs
+    from the trained `params` (schedule-free), so that inference needs no optimizer."""
+    if _schedule_free_state(state["opt_state"]) is None:
+        return state
+    return {**state, "eval_params": model_params(state)}
+
+
+def checkpoint_abstract(abstract_state: dict) -> dict:
+    """`checkpoint_tree` of an abstract state (shapes and shardings: x is shaped like the params)."""
+    if _schedule_free_state(abstract_state["opt_state"]) is None:
+        return abstract_state
+    return {**abstract_state, "eval_params": abstract_state["params"]}
+
+
 def build_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    """Pretraining's optimizer, as `cfg.optimizer` says: `adamw` or `muon`, on `lr_schedule`."""
+    """Pretraining's optimizer, as `cfg.optimizer` says: `adamw`, `muon` or `schedule_free_adamw`,
+    on `lr_schedule`."""
     if cfg.optimizer == "muon":
         return muon(cfg)
+    if cfg.optimizer == "schedule_free_adamw":
+        return schedule_free_adamw(cfg)
     return adamw(lr_schedule(cfg), weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
                  decay_embeddings=cfg.decay_embeddings, b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps)

@@ -30,7 +30,7 @@ from jaxgpt.weights.checkpoint import (
 )
 
 # Train-config fields a resumed run may change: the training stays the same function of the step.
-RESUMABLE_CHANGES = ("max_steps", "mesh", "devices", "deterministic_reduce", "log_every", "eval_every", "eval_batches", "ckpt_every",
+RESUMABLE_CHANGES = ("max_steps", "mesh", "devices", "deterministic_reduce", "steps_per_call", "log_every", "eval_every", "eval_batches", "ckpt_every",
                      "keep_checkpoints", "samples", "sample_tokens", "peak_flops", "tensorboard",
                      "fingerprint_every", "eval_tasks", "eval_tasks_every", "eval_tasks_limit", "target_val_loss")
 

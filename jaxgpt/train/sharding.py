@@ -27,6 +27,7 @@ from jaxgpt import xla_tuning
 from jaxgpt.config import resolve_dtype
 from jaxgpt.nn.model import GPT
 from jaxgpt.train.metrics import compiled_flops
+from jaxgpt.train.optimizer import model_params
 from jaxgpt.train.step import make_eval_step, make_train_step
 
 MESH_AXES = ("data", "fsdp", "expert")
@@ -152,7 +153,7 @@ class ShardedTrainer:
         return state  # Orbax saves sharded arrays as they are, from every process
 
     def params(self, state):
-        return state["params"]
+        return model_params(state)
 
     def local_rows(self, batch_size: int) -> np.ndarray:
         """Rows of the global batch that this process feeds: its slice of each micro-batch."""

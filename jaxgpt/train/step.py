@@ -25,6 +25,7 @@ from jaxgpt.config import resolve_dtype
 from jaxgpt.nn.model import GPT, cross_entropy
 from jaxgpt.nn.moe import moe_loss, moe_stats, update_balance_bias
 from jaxgpt.train.metrics import compiled_flops
+from jaxgpt.train.optimizer import model_params
 
 Array = jax.Array
 PMAP_AXIS = "batch"
@@ -75,6 +76,17 @@ def make_train_step(model: GPT, tx: optax.GradientTransformation, *, axis_name: 
         return apply_update(tx, cfg, state, grads, loss, stats)
 
     return train_step
+
+
+def make_multi_step(train_step: Callable) -> Callable:
+    """(state, x_kmbt, y_kmbt) -> (state, metrics with a leading K axis): K steps of `train_step` in
+    one `lax.scan`, one batch each, so that one compiled call (one dispatch, one host round trip)
+    makes K optimizer updates."""
+
+    def multi_step(state, x_kmbt, y_kmbt):
+        return jax.lax.scan(lambda s, batch: train_step(s, *batch), state, (x_kmbt, y_kmbt))
+
+    return multi_step
 
 
 def make_loss_and_grad(model: GPT) -> Callable:
@@ -142,10 +154,12 @@ class ParallelTrainer:
     """The train step compiled for `n_devices` local devices: plain jit for one, pmap for several.
 
     It owns the layout: `put_state`/`get_state` move the state in and out of the replicated form,
-    `split_batch` reshapes a global (B, T) batch into what the compiled step takes.
+    `split_batch` reshapes a global (B, T) batch into what the compiled step takes. With
+    `steps_per_call` K > 1 it also compiles K steps as one call (`run_steps`).
     """
 
-    def __init__(self, model: GPT, tx: optax.GradientTransformation, n_devices: int, micro_batches: int) -> None:
+    def __init__(self, model: GPT, tx: optax.GradientTransformation, n_devices: int, micro_batches: int,
+                 steps_per_call: int = 1) -> None:
         available = jax.local_device_count()
         if not 1 <= n_devices <= available:
             raise ValueError(f"asked for {n_devices} devices but JAX sees {available} local device(s)")
@@ -154,14 +168,20 @@ class ParallelTrainer:
         self.scan_layers = model.config.scan_layers
         self.devices = jax.local_devices()[:n_devices]
         compute_dtype = resolve_dtype(model.config)  # picks the XLA options (jaxgpt.xla_tuning)
-        if n_devices == 1:
-            self.step = xla_tuning.jit(make_train_step(model, tx), compute_dtype=compute_dtype, donate_argnums=0)
-        else:
-            self.step = xla_tuning.pmap(
-                make_train_step(model, tx, axis_name=PMAP_AXIS), compute_dtype=compute_dtype, axis_name=PMAP_AXIS,
-                donate_argnums=0, devices=self.devices,
-            )
+        self.step = self._compile(make_train_step(model, tx, axis_name=None if n_devices == 1 else PMAP_AXIS),
+                                  compute_dtype)
+        self.multi_step = None
+        if steps_per_call > 1:  # (x, y of each device: (K, M, rows, T); scanned over K)
+            self.multi_step = self._compile(
+                make_multi_step(make_train_step(model, tx, axis_name=None if n_devices == 1 else PMAP_AXIS)),
+                compute_dtype)
         self.eval_step = xla_tuning.jit(make_eval_step(model), compute_dtype=compute_dtype)
+
+    def _compile(self, fn: Callable, compute_dtype) -> Callable:
+        if self.n_devices == 1:
+            return xla_tuning.jit(fn, compute_dtype=compute_dtype, donate_argnums=0)
+        return xla_tuning.pmap(fn, compute_dtype=compute_dtype, axis_name=PMAP_AXIS, donate_argnums=0,
+                               devices=self.devices)
 
     def check_batch_size(self, batch_size: int) -> None:
         if batch_size % (self.n_devices * self.micro_batches):
@@ -189,7 +209,8 @@ class ParallelTrainer:
         return jax.tree.map(lambda a: a.addressable_data(0)[0], state)
 
     def params(self, state):
-        return self.get_state(state)["params"]
+        """The parameters to evaluate at (`model_params`: schedule-free's average)."""
+        return model_params(self.get_state(state))
 
     def local_rows(self, batch_size: int) -> slice:
         """Rows of each global batch this process feeds: all of them (one process)."""
@@ -216,4 +237,15 @@ class ParallelTrainer:
         state, metrics = self.step(state, self.split_batch(x_bt), self.split_batch(y_bt))
         if self.n_devices > 1:
             metrics = jax.tree.map(lambda m: m.addressable_data(0)[0], metrics)  # identical on every device after pmean
+        return state, metrics
+
+    def run_steps(self, state, batches: list[tuple[np.ndarray, np.ndarray]]):
+        """K optimizer steps, one (x_bt, y_bt) batch each, in one compiled call (`steps_per_call` = K);
+        (state, metrics with a leading K axis)."""
+        axis = 0 if self.n_devices == 1 else 1  # the steps axis goes after pmap's device axis
+        x = np.stack([self.split_batch(x_bt) for x_bt, _ in batches], axis=axis)
+        y = np.stack([self.split_batch(y_bt) for _, y_bt in batches], axis=axis)
+        state, metrics = self.multi_step(state, x, y)
+        if self.n_devices > 1:
+            metrics = jax.tree.map(lambda m: m.addressable_data(0)[0], metrics)
         return state, metrics

@@ -231,13 +231,22 @@ def check_compatible(saved: dict, requested: GPTConfig) -> None:
         raise CheckpointError(f"checkpoint was written for a different model config ({detail})")
 
 
+def model_params_entry(manager: ocp.CheckpointManager, step: int) -> str:
+    """Which entry of a checkpoint's state is its model: "eval_params" where the run saved them (a
+    schedule-free run's averaged parameters: `jaxgpt.train.optimizer.checkpoint_tree`), else "params"."""
+    state_tree = ocp.PyTreeCheckpointHandler().metadata(Path(manager.directory) / str(step) / "state").tree
+    return "eval_params" if "eval_params" in state_tree else "params"
+
+
 def restore_params(path: Path, abstract_params: Any) -> dict:
-    """Only the parameters of the checkpoint at `path` (its `state["params"]`), restored onto the
-    shapes of `abstract_params` ({"params": ...} of `ShapeDtypeStruct`s): the optimizer state is
-    never read, so inference needs neither an optimizer nor a train state."""
-    abstract = {"params": _default_sharding(abstract_params)}
+    """Only the model's parameters of the checkpoint at `path` (its `state["params"]`, or
+    `state["eval_params"]` when saved), restored onto the shapes of `abstract_params` ({"params": ...}
+    of `ShapeDtypeStruct`s): the optimizer state is never read, so inference needs neither an
+    optimizer nor a train state."""
     manager, step = find_checkpoint(path)
     try:
+        key = model_params_entry(manager, step)
+        abstract = {key: _default_sharding(abstract_params)}
         restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
         items = manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args, partial_restore=True)))
@@ -245,7 +254,7 @@ def restore_params(path: Path, abstract_params: Any) -> dict:
         raise CheckpointError(f"checkpoint {manager.directory}/{step} is corrupt or does not fit this model: {_short(e)}") from e
     finally:
         manager.close()
-    return items["state"]["params"]
+    return items["state"][key]
 
 
 def load_for_inference(path: Path):
