@@ -24,12 +24,18 @@ CHANGES = [  # (label, overrides), tried in this order on top of what was kept
     ("Muon on the hidden matrices", ["train.optimizer=muon"]),
     ("warmup-stable-decay schedule", ["train.schedule=wsd"]),
     ("untied output head", ["model.tie_embeddings=false"]),
+    ("zero-initialised output projections", ["model.zero_init_proj=true"]),
     ("QK-norm", ["model.qk_norm=true"]),
     ("ReLU² MLP", ["model.mlp=relu2"]),
     ("logit soft-cap 30", ["model.logit_softcap=30"]),
     ("bf16 matmuls", ["model.dtype=bfloat16"]),
+    ("10 optimizer steps per compiled call", ["train.steps_per_call=10"]),
+    ("schedule over 1000 steps (not 2000)", ["train.decay_steps=1000"]),
     ("batch 24", ["train.batch_size=24"]),
+    ("batch 6", ["train.batch_size=6"]),
     ("lr × 2 (AdamW 2e-3, Muon 0.04)", ["train.lr=2e-3", "train.muon_lr=0.04"]),
+    ("lr × 1/2 (AdamW 5e-4, Muon 0.01)", ["train.lr=5e-4", "train.muon_lr=0.01"]),
+    ("schedule-free AdamW instead", ["train.optimizer=schedule_free_adamw"]),
 ]
 
 

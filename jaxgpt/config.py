@@ -50,6 +50,8 @@ class GPTConfig:
     drop_rate: float = 0.1  # dropout on embeddings, attention weights and residual branches
     qkv_bias: bool = False  # bias on the fused Q/K/V projection (GPT-2 checkpoints have it)
     tie_embeddings: bool = False  # output head shares the token-embedding matrix
+    zero_init_proj: bool = False  # the residual branches' output projections (attention's and the MLP's c_proj)
+    # start at zero instead of N(0, 0.02/sqrt(2L)): each block starts as the identity (modded-nanogpt)
     attn_impl: str = "auto"  # "naive" (explicit einsums), "xla" (jax.nn.dot_product_attention), "blockwise", "auto"
     dtype: str = "float32"  # compute dtype; parameters stay float32. "auto": bf16 on GPU/TPU, f32 on CPU
     mlp_ratio: int = 4  # hidden width of the MLP is mlp_ratio * emb_dim
@@ -115,7 +117,7 @@ class GPTConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise ConfigError(f"GPTConfig.{name} must be positive, got {value!r}")
-        for name in ("qkv_bias", "tie_embeddings", "scan_layers"):
+        for name in ("qkv_bias", "tie_embeddings", "zero_init_proj", "scan_layers"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"GPTConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if self.attn_impl not in ATTENTION_IMPLS:

@@ -127,3 +127,27 @@ def test_cross_entropy_matches_reference_with_ignore_index():
     np.testing.assert_allclose(cross_entropy(jnp.asarray(logits), jnp.asarray(targets)),
                                ref.cross_entropy(logits, targets), rtol=1e-5)
     assert np.isclose(ref.cross_entropy(np.zeros((1, 1, 7)), np.array([[3]])), np.log(7))
+
+
+def test_zero_init_proj_starts_each_block_as_the_identity():
+    """zero_init_proj: attention's and the MLP's c_proj kernels start at zero (every other weight as
+    before), so each block adds nothing at step 0 and the logits are the embeddings' through ln_f."""
+    import jax
+
+    from jaxgpt.config import get_preset
+    from jaxgpt.nn.model import GPT, init_params
+
+    cfg = get_preset("test", zero_init_proj=True)
+    params, plain = init_params(cfg, seed=0), init_params(get_preset("test"), seed=0)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        names = [getattr(k, "key", "") for k in path]
+        zero = "c_proj" in names and names[-1] == "kernel"
+        assert (np.abs(np.asarray(leaf)).max() == 0) == (zero or names[-1] == "bias"), names
+    assert sum("c_proj" in jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)) >= 4
+    x = np.arange(8)[None] % cfg.vocab_size
+    blocks_off = jax.tree.map(lambda a: a, plain)
+    for i in range(cfg.n_layers):  # the plain model with its blocks' output projections zeroed
+        for part in ("attn", "mlp"):
+            kernel = blocks_off["params"][f"h_{i}"][part]["c_proj"]["kernel"]
+            blocks_off["params"][f"h_{i}"][part]["c_proj"]["kernel"] = np.zeros_like(kernel)
+    np.testing.assert_array_equal(GPT(cfg).apply(params, x), GPT(cfg).apply(blocks_off, x))

@@ -67,7 +67,7 @@ class Block(nn.Module):
                  kv_cache: Optional[dict] = None, cache_index: Optional[Array] = None,
                  mask_bts: Optional[Array] = None):
         cfg = self.config
-        out_std = 0.02 / math.sqrt(2 * cfg.n_layers)
+        out_std = 0.0 if cfg.zero_init_proj else 0.02 / math.sqrt(2 * cfg.n_layers)  # (normal(0): zeros)
         norm = lambda name: norm_layer(cfg, name, self.dtype)  # noqa: E731
         post = (lambda name, y: norm(name)(y)) if cfg.post_norms else (lambda name, y: y)  # noqa: E731
         drop = nn.Dropout(cfg.drop_rate)
