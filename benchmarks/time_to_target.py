@@ -60,9 +60,10 @@ def worker_jaxgpt(name: str, seed: int, out: Path, overrides: tuple = ()) -> dic
     if name == "jaxgpt-nanogpt":
         model, cfg = nanogpt_configs(seed)
     else:
-        model, cfg = recipe_configs("speedrun")
+        model, cfg = recipe_configs("speedrun")  # its schedule kept, trained on at min_lr up to the cap if need be
         cfg = cfg.replace(seed=seed, target_val_loss=TARGET, eval_every=EVAL_EVERY, eval_batches=100_000,
-                          ckpt_every=100_000, samples=0)
+                          ckpt_every=100_000, samples=0, log_every=50, keep_checkpoints=1,
+                          max_steps=MAX_STEPS, decay_steps=cfg.total_decay_steps)
     if overrides:  # the ablation's changes (section.field=value, as `--set`)
         from jaxgpt.train.config import apply_overrides
 

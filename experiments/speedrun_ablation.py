@@ -20,6 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.time_to_target import run_worker  # noqa: E402
 
+BASELINE = "nanoGPT's CPU recipe (AdamW, cosine, tied head)"
 CHANGES = [  # (label, overrides), tried in this order on top of what was kept
     ("Muon on the hidden matrices", ["train.optimizer=muon"]),
     ("warmup-stable-decay schedule", ["train.schedule=wsd"]),
@@ -36,6 +37,12 @@ CHANGES = [  # (label, overrides), tried in this order on top of what was kept
     ("lr × 2 (AdamW 2e-3, Muon 0.04)", ["train.lr=2e-3", "train.muon_lr=0.04"]),
     ("lr × 1/2 (AdamW 5e-4, Muon 0.01)", ["train.lr=5e-4", "train.muon_lr=0.01"]),
     ("schedule-free AdamW instead", ["train.optimizer=schedule_free_adamw"]),
+    # a second round, on top of the first's result
+    ("warmup-stable-decay again, over the 1000-step horizon", ["train.schedule=wsd"]),
+    ("3 Newton–Schulz steps (not 5)", ["train.muon_ns_steps=3"]),
+    ("schedule over 700 steps", ["train.decay_steps=700"]),
+    ("warmup 50 steps (not 100)", ["train.warmup_steps=50"]),
+    ("one device with two threads (not pmap over two)", ["train.devices=1"]),
 ]
 
 
@@ -51,15 +58,26 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--runs", default="runs/speedrun_ablation")
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "speedrun_ablation.json"))
+    parser.add_argument("--reuse", default=None, help="an earlier report: its rows are taken as measured while "
+                        "they follow the same changes in the same order (so new changes at the end run alone)")
     args = parser.parse_args()
+    earlier = json.loads(Path(args.reuse).read_text())["rows"] if args.reuse else []
+    if earlier and earlier[0]["runs"] and len(earlier[0]["runs"]) != args.seeds:
+        raise SystemExit(f"{args.reuse} was measured with other seeds than --seeds {args.seeds}")
+
+    def measured(index: int, label: str, overrides: list) -> dict:
+        if index < len(earlier) and earlier[index]["change"] == label and all(
+                earlier[i]["change"] == ([BASELINE] + [c for c, _ in CHANGES])[i] for i in range(index)):
+            return {k: earlier[index][k] for k in ("wall_s", "steps", "runs")}
+        return measure(overrides, args.seeds, Path(args.runs))
 
     kept: list = []
-    base = measure(kept, args.seeds, Path(args.runs))
-    rows = [{"change": "nanoGPT's CPU recipe (AdamW, cosine, tied head)", "kept": True, **base}]
+    base = measured(0, BASELINE, kept)
+    rows = [{"change": BASELINE, "kept": True, **base}]
     best = base["wall_s"]
     print(f"baseline: {best:.1f} s, {base['steps']} steps", file=sys.stderr, flush=True)
-    for label, overrides in CHANGES:
-        result = measure(kept + overrides, args.seeds, Path(args.runs))
+    for index, (label, overrides) in enumerate(CHANGES, start=1):
+        result = measured(index, label, kept + overrides)
         keep = result["wall_s"] is not None and (best is None or result["wall_s"] < best)
         rows.append({"change": label, "overrides": overrides, "kept": keep, **result})
         print(f"{label}: {result['wall_s']} s, {result['steps']} steps -> {'kept' if keep else 'dropped'}",

@@ -347,3 +347,6 @@ def test_several_steps_per_call_train_the_same_run(corpus, tmp_path, monkeypatch
     _assert_identical(tmp_path / "one", tmp_path / "three")
     with pytest.raises(ConfigError, match="steps_per_call=3 runs with the jit/pmap trainer only"):
         train(MODEL, _cfg(corpus, steps_per_call=3, mesh="data=-1"), tmp_path / "mesh", progress=False)
+    moe = MODEL.replace(moe_experts=4, moe_top_k=2, moe_router="sigmoid", moe_bias_rate=0.01)
+    with pytest.raises(ConfigError, match="balancing bias"):  # its average would be scaled by 1/beta1
+        train(moe, _cfg(corpus, optimizer="schedule_free_adamw"), tmp_path / "moe", progress=False)

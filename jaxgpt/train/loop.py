@@ -82,6 +82,10 @@ def _build_trainer(model_cfg: GPTConfig, cfg: TrainConfig):
     tx = build_optimizer(cfg)
     init_state = lambda: create_state(model, tx, init_params(model_cfg, seed=cfg.seed), cfg.seed)  # noqa: E731
     abstract = jax.eval_shape(init_state)
+    if cfg.optimizer == "schedule_free_adamw" and model_cfg.moe_experts and model_cfg.moe_bias_rate > 0:
+        raise ConfigError("schedule-free AdamW evaluates the average of its iterates, and the sigmoid router's balancing "
+                          "bias is moved outside the optimizer, so the average would scale it by 1/beta1: use "
+                          "train.optimizer=adamw or muon, or model.moe_bias_rate=0")
     if cfg.steps_per_call > 1 and (cfg.deterministic_reduce or cfg.mesh):
         raise ConfigError(f"train.steps_per_call={cfg.steps_per_call} runs with the jit/pmap trainer only: not with "
                           "train.mesh or train.deterministic_reduce (set steps_per_call=1 there)")
