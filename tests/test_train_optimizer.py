@@ -58,6 +58,29 @@ def _tree_to_numpy(tree):
     return jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
 
 
+def _steps_against_reference(cfg, tc: TrainConfig, steps: int, np_init, np_step):
+    """`steps` steps of the same random gradients through `build_optimizer(tc)` (jitted, float64)
+    and through the reference `np_step(np_params, np_grads, np_state, k)`; call under enable_x64.
+    Returns (params, optimizer state, reference params, reference state, largest difference)."""
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), init_params(cfg, seed=0))
+    tx = build_optimizer(tc)
+    state, update = tx.init(params), jax.jit(tx.update)
+    np_params = _tree_to_numpy(params)
+    np_state = np_init(np_params)
+    for k in range(steps):
+        grads = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape) * 0.1), params)
+        updates, state = update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        np_params, np_state = np_step(np_params, _tree_to_numpy(grads), np_state, k)
+    return params, state, np_params, np_state, _max_diff(params, np_params)
+
+
+def _max_diff(tree, np_tree) -> float:
+    return max(jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
+                                            tree, np_tree)))
+
+
 def test_muon_matches_the_numpy_reference_over_steps():
     """Five steps of random gradients through `build_optimizer` (Muon + AdamW, clipping, decay on
     both sides) against `reference.optim.muon_step`, in float64: scanned layers give (L, in, out)
@@ -65,30 +88,21 @@ def test_muon_matches_the_numpy_reference_over_steps():
     cfg = get_preset("test", scan_layers=True)
     tc = TrainConfig(optimizer="muon", schedule="wsd", lr=3e-3, min_lr=3e-4, muon_lr=0.05, warmup_steps=1,
                      max_steps=5, weight_decay=0.1, muon_weight_decay=0.01, grad_clip=0.5, beta2=0.95)
-    rng = np.random.default_rng(0)
+    adam_lr, muon_lr = lr_schedule(tc), lr_schedule(tc, tc.muon_lr)
+
+    def np_step(np_params, np_grads, np_state, k):
+        return ref.muon_step(np_params, np_grads, np_state, float(adam_lr(k)), float(muon_lr(k)),
+                             momentum=tc.muon_momentum, ns_steps=tc.muon_ns_steps, muon_weight_decay=tc.muon_weight_decay,
+                             b1=tc.beta1, b2=tc.beta2, eps=tc.eps, weight_decay=tc.weight_decay, grad_clip=tc.grad_clip)
+
     with jax.enable_x64(True):
-        params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), init_params(cfg, seed=0))
-        tx = build_optimizer(tc)
-        state = tx.init(params)
-        np_params = _tree_to_numpy(params)
-        np_state = ref.muon_init(np_params)
-        adam_lr, muon_lr = lr_schedule(tc), lr_schedule(tc, tc.muon_lr)
-        update = jax.jit(tx.update)
-        for k in range(5):
-            grads = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape) * 0.1), params)
-            updates, state = update(grads, state, params)
-            params = optax.apply_updates(params, updates)
-            np_params, np_state = ref.muon_step(
-                np_params, _tree_to_numpy(grads), np_state, float(adam_lr(k)), float(muon_lr(k)),
-                momentum=tc.muon_momentum, ns_steps=tc.muon_ns_steps, muon_weight_decay=tc.muon_weight_decay,
-                b1=tc.beta1, b2=tc.beta2, eps=tc.eps, weight_decay=tc.weight_decay, grad_clip=tc.grad_clip)
-        diff = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), params, np_params)
-        # float64 both sides; as for AdamW (test_reference_grad), Adam's per-entry normalisation and
-        # the Newton–Schulz polynomial (slope 3.4 at 0) carry rounding into O(lr) moves: we see up
-        # to 1.2e-9 on parameters that moved by up to 0.25, and allow 1e-8
-        assert max(jax.tree.leaves(diff)) < 1e-8, diff
-        moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), params, init_params(cfg, seed=0))
-        assert min(jax.tree.leaves(moved)) > 1e-4  # every parameter was updated
+        params, _, _, _, diff = _steps_against_reference(cfg, tc, 5, ref.muon_init, np_step)
+    # float64 both sides; as for AdamW (test_reference_grad), Adam's per-entry normalisation and
+    # the Newton–Schulz polynomial (slope 3.4 at 0) carry rounding into O(lr) moves: we see up
+    # to 1.2e-9 on parameters that moved by up to 0.25, and allow 1e-8
+    assert diff < 1e-8, diff
+    moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), params, init_params(cfg, seed=0))
+    assert min(jax.tree.leaves(moved)) > 1e-4  # every parameter was updated
 
 
 def test_schedule_free_adamw_matches_the_numpy_reference_over_steps():
@@ -97,34 +111,23 @@ def test_schedule_free_adamw_matches_the_numpy_reference_over_steps():
     the gradient point y (the state's params) and the averaged x (`model_params`) both."""
     from jaxgpt.train.optimizer import model_params
 
-    cfg = get_preset("test")
     tc = TrainConfig(optimizer="schedule_free_adamw", lr=3e-3, min_lr=3e-4, warmup_steps=2, max_steps=6,
                      weight_decay=0.1, grad_clip=0.5, beta1=0.9, beta2=0.95)
     lr = lr_schedule(tc)
     np.testing.assert_allclose([float(lr(t)) for t in (0, 1, 2, 10_000)], [0.0, 1.5e-3, 3e-3, 3e-3], rtol=1e-6)
-    rng = np.random.default_rng(0)
+
+    def np_step(np_params, np_grads, np_state, k):  # (Optax counts steps in int32: float32 lr values under x64)
+        return ref.schedule_free_adamw_step(np_params, np_grads, np_state, lambda t: float(lr(np.int32(t))),
+                                            b1=tc.beta1, b2=tc.beta2, eps=tc.eps, weight_decay=tc.weight_decay,
+                                            grad_clip=tc.grad_clip)
+
     with jax.enable_x64(True):
-        params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), init_params(cfg, seed=0))
-        tx = build_optimizer(tc)
-        state = tx.init(params)
-        np_params = _tree_to_numpy(params)
-        np_state = ref.schedule_free_init(np_params)
-        update = jax.jit(tx.update)
-        for _ in range(6):
-            grads = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape) * 0.1), params)
-            updates, state = update(grads, state, params)
-            params = optax.apply_updates(params, updates)
-            # (Optax counts steps in int32, so its schedule's values are float32's even under x64)
-            np_params, np_state = ref.schedule_free_adamw_step(
-                np_params, _tree_to_numpy(grads), np_state, lambda t: float(lr(np.int32(t))), b1=tc.beta1, b2=tc.beta2,
-                eps=tc.eps, weight_decay=tc.weight_decay, grad_clip=tc.grad_clip)
+        params, state, np_params, np_state, diff = _steps_against_reference(
+            get_preset("test"), tc, 6, ref.schedule_free_init, np_step)
         x = model_params({"params": params, "opt_state": state})
-        np_x = ref.schedule_free_eval(np_params, np_state, tc.beta1)
-        for got, want in ((params, np_params), (x, np_x)):
-            diff = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), got, want)
-            assert max(jax.tree.leaves(diff)) < 1e-10, diff  # seen: 6.7e-16 (no Newton–Schulz here)
-        gap = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), x, params)
-        assert max(jax.tree.leaves(gap)) > 1e-4  # x and y differ: evaluating y would be wrong
+    assert diff < 1e-10, diff  # seen: 6.7e-16 (no Newton–Schulz here)
+    assert _max_diff(x, ref.schedule_free_eval(np_params, np_state, tc.beta1)) < 1e-10
+    assert _max_diff(x, params) > 1e-4  # x and y differ: evaluating y would be wrong
 
 
 def test_newton_schulz_reference_nearly_orthogonalises():
