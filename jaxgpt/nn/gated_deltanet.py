@@ -77,8 +77,11 @@ def delta_chunked(state_bnkv: Array, q_btnh, k_btnh, v_btnh, g_btn, beta_btn, ch
     b, t, n, h = q_btnh.shape
     c = min(chunk, t)
     pad = -t % c
-    padded = lambda a: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))  # noqa: E731
-    to_chunks = lambda a: padded(a).reshape(b, -1, c, *a.shape[2:]).swapaxes(0, 1).swapaxes(2, 3)  # (nc, b, n, c, ..)
+
+    def to_chunks(a):  # (b, t, n, ...) -> (nc, b, n, c, ...), zero-padded to whole chunks
+        a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+        return a.reshape(b, -1, c, *a.shape[2:]).swapaxes(0, 1).swapaxes(2, 3)
+
     xs = (to_chunks(q_btnh), to_chunks(k_btnh), to_chunks(v_btnh), to_chunks(g_btn[..., None])[..., 0],
           to_chunks(beta_btn[..., None])[..., 0])
     state_bnkv, o_chunks = jax.lax.scan(lambda s, x: _chunk(s, *x), state_bnkv, xs)

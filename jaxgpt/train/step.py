@@ -168,13 +168,10 @@ class ParallelTrainer:
         self.scan_layers = model.config.scan_layers
         self.devices = jax.local_devices()[:n_devices]
         compute_dtype = resolve_dtype(model.config)  # picks the XLA options (jaxgpt.xla_tuning)
-        self.step = self._compile(make_train_step(model, tx, axis_name=None if n_devices == 1 else PMAP_AXIS),
-                                  compute_dtype)
-        self.multi_step = None
-        if steps_per_call > 1:  # (x, y of each device: (K, M, rows, T); scanned over K)
-            self.multi_step = self._compile(
-                make_multi_step(make_train_step(model, tx, axis_name=None if n_devices == 1 else PMAP_AXIS)),
-                compute_dtype)
+        train_step = make_train_step(model, tx, axis_name=None if n_devices == 1 else PMAP_AXIS)
+        self.step = self._compile(train_step, compute_dtype)
+        # K steps per call: each device's x, y are (K, M, rows, T), scanned over K
+        self.multi_step = self._compile(make_multi_step(train_step), compute_dtype) if steps_per_call > 1 else None
         self.eval_step = xla_tuning.jit(make_eval_step(model), compute_dtype=compute_dtype)
 
     def _compile(self, fn: Callable, compute_dtype) -> Callable:
