@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 HERE = Path(__file__).parent
@@ -70,6 +71,8 @@ def test_default_device_count_divides_the_batch(monkeypatch):
 
 
 def test_train_cli_end_to_end_with_pmap_over_2_devices(tmp_path):
+    """`jaxgpt train` over 2 simulated devices, two steps per compiled call (pmap'ed `lax.scan`:
+    evaluations every 2 steps fall between calls)."""
     corpus = tmp_path / "text.txt"
     corpus.write_text("the quick brown fox jumps over the lazy dog. " * 200)
     env = dict(os.environ, PYTHONPATH=str(HERE.parent), JAX_PLATFORMS="cpu",
@@ -77,13 +80,17 @@ def test_train_cli_end_to_end_with_pmap_over_2_devices(tmp_path):
     cmd = [sys.executable, "-m", "jaxgpt.cli", "train", "--preset", "test", "--data", str(corpus), "--max-steps", "4",
            "--out", str(tmp_path / "run"), "--no-progress", "--json", "--set", "train.batch_size=4",
            "--set", "train.eval_every=2", "--set", "train.eval_batches=1", "--set", "train.samples=1",
-           "--set", "train.sample_tokens=5", "--set", "train.peak_flops=1e10"]
+           "--set", "train.sample_tokens=5", "--set", "train.peak_flops=1e10", "--set", "train.steps_per_call=2",
+           "--set", "train.log_every=2"]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "2 of 2 local cpu device(s) (pmap)" in out.stderr
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["status"] == "completed" and summary["step"] == 4 and summary["devices"] == 2
     assert len(summary["samples"]) == 1
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if r["kind"] == "train"]
+    assert len(losses) == 2 and all(np.isfinite(losses)) and losses[1] < losses[0]
 
 
 def test_expert_parallel_on_4_devices_matches_one_device():
