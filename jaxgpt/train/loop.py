@@ -192,15 +192,18 @@ class _Loop:
         """`steps_per_call` steps from `step` when no side work falls due before the last of them,
         else one (so evaluations, logs and checkpoints see the state of exactly their step)."""
         k = min(self.cfg.steps_per_call, self.cfg.max_steps - step)
-        return k if k > 1 and not any(self._side_work_due(done) for done in range(step + 1, step + k)) else 1
+        return k if k > 1 and not any(any(self._due(done).values()) for done in range(step + 1, step + k)) else 1
 
-    def _side_work_due(self, done: int) -> bool:
-        """Whether anything besides the update happens after step `done` (see `_after_step`)."""
-        cfg = self.cfg
+    def _due(self, done: int) -> dict[str, bool]:
+        """Which side work falls due after step `done`: what `_after_step` does, and what a
+        several-step call must not skip over (`_steps_this_call`)."""
+        cfg, last = self.cfg, done == self.cfg.max_steps
         every = cfg.log_every if cfg.fingerprint_every is None else cfg.fingerprint_every
-        return (done == cfg.max_steps or any(done % n == 0 for n in (cfg.log_every, cfg.eval_every, cfg.ckpt_every))
-                or bool(every and done % every == 0)
-                or (self.tasks is not None and self.tasks.due(done, cfg.max_steps)))
+        return {"log": done % cfg.log_every == 0 or last,
+                "fingerprint": bool(every) and (done % every == 0 or last),
+                "eval": done % cfg.eval_every == 0 or last,
+                "tasks": self.tasks is not None and self.tasks.due(done, cfg.max_steps),
+                "ckpt": done % cfg.ckpt_every == 0 or last}
 
     def _count_step_flops(self, x_bt, y_bt) -> None:
         """FLOPs per token from the compiled step's cost analysis (the executable the first step
@@ -217,23 +220,23 @@ class _Loop:
 
     def _after_step(self, step: int, loss: float, metrics: dict, bar) -> None:
         """Check the loss, then log, evaluate and save on their schedules."""
-        cfg, done = self.cfg, step + 1
+        done = step + 1
         self.steps_since_log += 1
         bar.update(1)
         if not math.isfinite(loss):
             self._diverged(done, f"loss became {loss}")
         self.last_loss = loss
-        if done % cfg.log_every == 0 or done == cfg.max_steps:
+        due = self._due(done)
+        if due["log"]:
             self._log_train(step, loss, metrics, bar)
-        every = cfg.log_every if cfg.fingerprint_every is None else cfg.fingerprint_every
-        if every and (done % every == 0 or done == cfg.max_steps):
+        if due["fingerprint"]:
             self.logger.log({"kind": "fingerprint", "step": done, **fingerprint(self.trainer.params(self.state))})
-        if done % cfg.eval_every == 0 or done == cfg.max_steps:
+        if due["eval"]:
             self._evaluate(done, loss, bar)
-        if self.tasks is not None and self.tasks.due(done, cfg.max_steps):
+        if due["tasks"]:
             self.logger.log(self.tasks.run(done, self.trainer.params(self.state)))
             self.t_last = time.perf_counter()  # evaluation time is not training throughput
-        if done % cfg.ckpt_every == 0 or done == cfg.max_steps:
+        if due["ckpt"]:
             self.save(done)
 
     def _diverged(self, done: int, what: str) -> None:
