@@ -193,3 +193,23 @@ def test_recipes_name_a_preset_and_its_train_settings():
         recipe_configs("fast")
     assert set(RECIPES) >= {"default", "gpt2-classic"}
     assert build_parser().parse_args(["train"]).recipe == "default"
+
+
+def test_speedrun_recipe_is_what_its_ablation_kept():
+    """The `speedrun` recipe is nanoGPT's CPU recipe plus the overrides the committed ablation kept
+    (docs/results/speedrun_ablation.json), field by field, apart from what the benchmark sets per run."""
+    import json
+    from pathlib import Path
+
+    from benchmarks.time_to_target import nanogpt_configs
+    from jaxgpt.train.config import apply_overrides
+    from jaxgpt.train.recipes import recipe_configs
+
+    report = json.loads((Path(__file__).parent.parent / "docs/results/speedrun_ablation.json").read_text())
+    model, train_cfg = apply_overrides(*nanogpt_configs(seed=0), report["kept_overrides"])
+    recipe_model, recipe_train = recipe_configs("speedrun")
+    assert recipe_model == model.replace(vocab_size=recipe_model.vocab_size)  # the char vocabulary comes from the data
+    per_run = ("max_steps", "decay_steps", "eval_batches", "ckpt_every", "keep_checkpoints", "samples",
+               "target_val_loss")  # the benchmark's protocol; the recipe trains 700 steps, its schedule's horizon
+    assert recipe_train.replace(**{f: getattr(train_cfg, f) for f in per_run}) == train_cfg
+    assert recipe_train.max_steps == train_cfg.decay_steps == 700

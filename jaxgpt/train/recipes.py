@@ -30,9 +30,10 @@ RECIPES: dict[str, Recipe] = {
     "speedrun": Recipe(
         "tinyshakespeare (character level) to validation loss 1.88 fast on a small CPU: nanoGPT's CPU recipe (4 "
         "layers, 4 heads, 128 wide, context 64, batch 12) with what the ablation in docs/training.md kept: Muon (3 "
-        "Newton-Schulz steps), untied head, zero-initialised projections, QK-norm, logit soft-cap 30, and a 700-step "
-        "schedule",
-        "tiny", model={"tie_embeddings": False, "zero_init_proj": True, "qk_norm": True, "logit_softcap": 30.0},
+        "Newton-Schulz steps), untied head, zero-initialised projections, QK-norm, logit soft-cap 30, a 700-step "
+        "schedule and RMSNorm",
+        "tiny", model={"tie_embeddings": False, "zero_init_proj": True, "qk_norm": True, "logit_softcap": 30.0,
+                       "norm": "rmsnorm"},
         train={"data": "tinyshakespeare", "tokenizer": "char", "batch_size": 12, "max_steps": 700,
                "optimizer": "muon", "muon_ns_steps": 3, "schedule": "cosine", "lr": 1e-3, "min_lr": 1e-4,
                "warmup_steps": 100, "beta2": 0.99, "weight_decay": 0.1, "decay_embeddings": True, "log_every": 50,
