@@ -13,8 +13,8 @@ CPU's threads, so their sum can exceed the step's wall time (the report gives bo
     python benchmarks/step_profile.py --recipe speedrun --set model.qk_norm=false --json
     python benchmarks/step_profile.py --preset tiny --batch 12 --out docs/results/step_profile_tiny
 
-It profiles the step the training loop compiles (`ParallelTrainer`, one device unless `--devices`),
-on a fixed random batch, after warm-up steps; the kernel table needs a JAX that writes the Chrome
+It profiles the step the training loop compiles (`ParallelTrainer`, on the devices `jaxgpt train`
+would use unless `--devices`; under pmap the kernel times add up over the devices), on a fixed random batch, after warm-up steps; the kernel table needs a JAX that writes the Chrome
 trace (`*.trace.json.gz`) beside its XPlane profile, as JAX 0.4.30 and later do.
 """
 
@@ -151,9 +151,10 @@ def build_step(model_cfg, train_cfg, devices: int, batch: int, seq_len: int):
     from jaxgpt.nn.model import GPT, init_params
     from jaxgpt.train.metrics import compiled_flops
     from jaxgpt.train.optimizer import build_optimizer
-    from jaxgpt.train.step import ParallelTrainer, create_state
+    from jaxgpt.train.step import PMAP_AXIS, ParallelTrainer, create_state
 
-    model, tx = GPT(model_cfg), build_optimizer(train_cfg)
+    # as the loop builds it: under pmap, Muon splits its Newton–Schulz products over the devices
+    model, tx = GPT(model_cfg), build_optimizer(train_cfg, PMAP_AXIS, devices) if devices > 1 else build_optimizer(train_cfg)
     trainer = ParallelTrainer(model, tx, devices, 1)
     trainer.check_batch_size(batch)
     state = trainer.put_state(create_state(model, tx, init_params(model_cfg, 0), 0))
@@ -198,26 +199,37 @@ def profile(step, hlo_text: str, steps: int, warmup: int = 3) -> dict:
         kernels.append({"kernel": name, "ms": ms, "calls_per_step": counts[name] / steps, "phase": phase,
                         "kind": kind, "shape": inst["shape"], "op": op_name})
     kernels.sort(key=lambda k: -k["ms"])
+    by_op: dict = collections.defaultdict(float)  # every layer's copy of an op together: h_0/…, h_1/… -> h_*/…
+    for k in kernels:
+        by_op[(k["phase"], k["kind"], re.sub(r"\bh_\d+/", "h_*/", _op_path(k["op"])))] += k["ms"]
+    ops = [{"phase": p, "kind": kind, "op": op, "ms": ms} for (p, kind, op), ms in by_op.items()]
     return {"wall_ms": 1e3 * statistics.median(walls), "kernel_ms": sum(k["ms"] for k in kernels),
             "kernels_per_step": sum(k["calls_per_step"] for k in kernels),
             "groups": {f"{p}/{k}": by_group.get((p, k), 0.0) for p in PHASES for k in KINDS},
-            "top": kernels[:25]}
+            "top": kernels[:25], "ops": sorted(ops, key=lambda o: -o["ms"])[:25]}
+
+
+def _op_path(op_name: str) -> str:
+    """The op's path inside the model or optimizer, without the jit/jvp wrappers."""
+    return re.sub(r"^jit\([^)]*\)/", "", op_name).replace("transpose(jvp(GPT))/", "").replace("jvp(GPT)/", "")
 
 
 def markdown(report: dict) -> str:
     groups, total = report["groups"], report["kernel_ms"] or 1.0
-    lines = [f"step wall {report['wall_ms']:.1f} ms (median, untraced); kernel time {report['kernel_ms']:.1f} ms "
-             f"over {report['kernels_per_step']:.0f} kernels a step; {report['gflop']:.2f} GFLOP a step "
+    lines = [f"{report['devices']} device(s), batch {report['batch']}: step wall {report['wall_ms']:.1f} ms (median, "
+             f"untraced); kernel time {report['kernel_ms']:.1f} ms over {report['kernels_per_step']:.0f} kernels a step "
+             f"(all devices); {report['gflop']:.2f} GFLOP a step "
              f"({report['gflop'] / report['wall_ms'] * 1e3:.0f} GFLOP/s)", "",
              "| phase | " + " | ".join(KINDS) + " | total | share |", "|---" * (len(KINDS) + 3) + "|"]
     for phase in PHASES:
         row = [groups[f"{phase}/{k}"] for k in KINDS]
         lines.append(f"| {phase} | " + " | ".join(f"{v:.1f}" for v in row) + f" | {sum(row):.1f} | "
                      f"{100 * sum(row) / total:.0f} % |")
+    lines += ["", "| JAX op (all layers) | phase | kind | ms |", "|---|---|---|---|"]
+    lines += [f"| {o['op'] or '(no op name)'} | {o['phase']} | {o['kind']} | {o['ms']:.1f} |" for o in report["ops"][:15]]
     lines += ["", "| kernel | ms | phase | kind | shape | JAX op |", "|---|---|---|---|---|---|"]
-    for k in report["top"][:12]:
-        op = k["op"].split(")/", 1)[-1]
-        lines.append(f"| {k['kernel']} | {k['ms']:.2f} | {k['phase']} | {k['kind']} | `{k['shape']}` | {op} |")
+    for k in report["top"][:8]:
+        lines.append(f"| {k['kernel']} | {k['ms']:.2f} | {k['phase']} | {k['kind']} | `{k['shape']}` | {_op_path(k['op'])} |")
     return "\n".join(lines)
 
 
@@ -228,13 +240,18 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--set", action="append", default=[], help="section.field=value, as `jaxgpt train --set`")
     parser.add_argument("--batch", type=int, default=None, help="sequences a step (default: the recipe's)")
     parser.add_argument("--vocab", type=int, default=65, help="vocabulary size (65: tinyshakespeare's characters)")
-    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--devices", type=int, default=None,
+                        help="local devices (pmap); default: what `jaxgpt train` would use (one per core for small models)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
 
+    from jaxgpt.host_setup import one_cpu_device_per_core
+
+    one_cpu_device_per_core()  # as `jaxgpt train` does, before JAX starts
     from jaxgpt.config import get_preset
+    from jaxgpt.train.loop import default_device_count
     from jaxgpt.train.config import apply_overrides
     from jaxgpt.train.recipes import recipe_configs
 
@@ -245,9 +262,10 @@ def main(argv: Optional[list] = None) -> int:
     model_cfg, train_cfg = apply_overrides(model_cfg, train_cfg, args.set)
     batch = args.batch or train_cfg.batch_size
     seq_len = train_cfg.context_length or model_cfg.context_length
-    step, hlo, flops = build_step(model_cfg, train_cfg, args.devices, batch, seq_len)
+    devices = args.devices or default_device_count(train_cfg.replace(batch_size=batch), model_cfg)
+    step, hlo, flops = build_step(model_cfg, train_cfg, devices, batch, seq_len)
     report = {"recipe": args.recipe or "speedrun", "preset": args.preset, "overrides": args.set, "batch": batch,
-              "seq_len": seq_len, "devices": args.devices, "steps": args.steps, "gflop": flops / 1e9,
+              "seq_len": seq_len, "devices": devices, "steps": args.steps, "gflop": flops / 1e9,
               **profile(step, hlo, args.steps)}
     text = markdown(report)
     if args.out:

@@ -20,6 +20,9 @@ checkpoint of such a run also holds x as `eval_params` (`checkpoint_tree`), whic
 
 from __future__ import annotations
 
+import math
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -115,26 +118,72 @@ def _matrix_dims(updates):
     return jax.tree.map(lambda x: MuonDimensionNumbers(reduction_axis=x.ndim - 2, output_axis=x.ndim - 1), updates)
 
 
-def scale_by_width() -> optax.GradientTransformation:
-    """Each (…, in, out) update times sqrt(max(1, out / in)) (Muon's width scaling; Optax keeps its
-    own `scale_by_shape` private)."""
+NS_COEFFS = (3.4445, -4.775, 2.0315)  # Optax's (modded-nanogpt's) quintic Newton–Schulz coefficients
+
+
+def newton_schulz(x, steps: int):
+    """`steps` quintic Newton–Schulz iterations X ← aX + (bA + cA²)X, A = XXᵀ, on each trailing
+    (in, out) matrix of `x` (already divided by its Frobenius norm), in its wide orientation: the
+    iteration Optax's `orthogonalize_via_newton_schulz` runs."""
+    a, b, c = (jnp.asarray(k, x.dtype) for k in NS_COEFFS)
+    tall = x.shape[-2] > x.shape[-1]
+    x = jnp.swapaxes(x, -1, -2) if tall else x
+    for _ in range(steps):
+        gram = x @ jnp.swapaxes(x, -1, -2)
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return jnp.swapaxes(x, -1, -2) if tall else x
+
+
+def ns_owners(shapes: list[tuple], n_devices: int) -> list[int]:
+    """Which device orthogonalises each matrix: the largest Newton–Schulz cost first, each to the
+    device with the least work so far (cost ~ batch · min(in, out)² · max(in, out))."""
+    cost = [math.prod(s[:-2]) * min(s[-2:]) ** 2 * max(s[-2:]) for s in shapes]
+    load, owners = [0] * n_devices, [0] * len(shapes)
+    for i in sorted(range(len(shapes)), key=lambda i: -cost[i]):
+        owners[i] = min(range(n_devices), key=load.__getitem__)
+        load[owners[i]] += cost[i]
+    return owners
+
+
+def orthogonalize_and_scale(ns_steps: int, axis_name: Optional[str] = None,
+                            n_devices: int = 1) -> optax.GradientTransformation:
+    """Muon's Newton–Schulz products on each normalised (…, in, out) update, then its width scaling
+    sqrt(max(1, out / in)) (Optax keeps its own `scale_by_shape` private).
+
+    Under pmap (`axis_name`, `n_devices` > 1) every device would otherwise repeat all the products;
+    here each matrix is orthogonalised on one device (`ns_owners`), the others skip it
+    (`lax.cond`) and contribute exact zeros, and one psum hands every device all the results: each
+    device does about 1/n of the products. The owner computes what a single device would."""
+    sharded = axis_name is not None and n_devices > 1
 
     def update(updates, state, params=None):
         del params
-        return jax.tree.map(lambda u: u * jnp.sqrt(jnp.maximum(1.0, u.shape[-1] / u.shape[-2])).astype(u.dtype),
-                            updates), state
+        leaves, treedef = jax.tree.flatten(updates)
+        owners = ns_owners([leaf.shape for leaf in leaves], n_devices) if sharded else [0] * len(leaves)
+        orthogonal = []
+        for leaf, owner in zip(leaves, owners):
+            ns = lambda u: newton_schulz(u, ns_steps)  # noqa: E731
+            orthogonal.append(jax.lax.cond(jax.lax.axis_index(axis_name) == owner, ns, jnp.zeros_like, leaf)
+                              if sharded else ns(leaf))
+        if sharded:
+            orthogonal = jax.lax.psum(orthogonal, axis_name)
+        scaled = [u * jnp.sqrt(jnp.maximum(1.0, u.shape[-1] / u.shape[-2])).astype(u.dtype) for u in orthogonal]
+        return jax.tree.unflatten(treedef, scaled), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def muon(cfg: TrainConfig) -> optax.GradientTransformation:
+def muon(cfg: TrainConfig, axis_name: Optional[str] = None, n_devices: int = 1) -> optax.GradientTransformation:
     """clip_by_global_norm → Muon on `param_groups`' "muon" tensors (momentum `muon_momentum`, Nesterov,
     `muon_ns_steps` Newton–Schulz steps, width scaling, decay `muon_weight_decay`, the schedule at
-    `muon_lr`) and AdamW on the rest (the run's betas, decay mask and schedule at `lr`)."""
+    `muon_lr`) and AdamW on the rest (the run's betas, decay mask and schedule at `lr`).
+
+    Optax's `scale_by_muon` keeps the momentum and normalises it (zero Newton–Schulz steps);
+    `orthogonalize_and_scale` runs the products, split over the pmap devices when `axis_name` names
+    them. The state's layout is the same either way (checkpoints move between device counts)."""
     muon_tx = optax.chain(
-        scale_by_muon(ns_steps=cfg.muon_ns_steps, beta=cfg.muon_momentum, nesterov=True,
-                      weight_dimension_numbers=_matrix_dims),
-        scale_by_width(),
+        scale_by_muon(ns_steps=0, beta=cfg.muon_momentum, nesterov=True, weight_dimension_numbers=_matrix_dims),
+        orthogonalize_and_scale(cfg.muon_ns_steps, axis_name, n_devices),
         optax.add_decayed_weights(cfg.muon_weight_decay),
         optax.scale_by_learning_rate(lr_schedule(cfg, cfg.muon_lr)),
     )
@@ -196,11 +245,12 @@ def checkpoint_abstract(abstract_state: dict) -> dict:
     return {**abstract_state, "eval_params": abstract_state["params"]}
 
 
-def build_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+def build_optimizer(cfg: TrainConfig, axis_name: Optional[str] = None, n_devices: int = 1) -> optax.GradientTransformation:
     """Pretraining's optimizer, as `cfg.optimizer` says: `adamw`, `muon` or `schedule_free_adamw`,
-    on `lr_schedule`."""
+    on `lr_schedule`. Under pmap, `axis_name` and `n_devices` let Muon split its products over the
+    devices (`orthogonalize_and_scale`); the other optimizers ignore them."""
     if cfg.optimizer == "muon":
-        return muon(cfg)
+        return muon(cfg, axis_name, n_devices)
     if cfg.optimizer == "schedule_free_adamw":
         return schedule_free_adamw(cfg)
     return adamw(lr_schedule(cfg), weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
