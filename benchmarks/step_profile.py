@@ -150,11 +150,9 @@ def build_step(model_cfg, train_cfg, devices: int, batch: int, seq_len: int):
 
     from jaxgpt.nn.model import GPT, init_params
     from jaxgpt.train.metrics import compiled_flops
-    from jaxgpt.train.optimizer import build_optimizer
-    from jaxgpt.train.step import PMAP_AXIS, ParallelTrainer, create_state
+    from jaxgpt.train.step import ParallelTrainer, create_state, pmap_optimizer
 
-    # as the loop builds it: under pmap, Muon splits its Newton–Schulz products over the devices
-    model, tx = GPT(model_cfg), build_optimizer(train_cfg, PMAP_AXIS, devices) if devices > 1 else build_optimizer(train_cfg)
+    model, tx = GPT(model_cfg), pmap_optimizer(train_cfg, devices)  # as the loop builds it
     trainer = ParallelTrainer(model, tx, devices, 1)
     trainer.check_batch_size(batch)
     state = trainer.put_state(create_state(model, tx, init_params(model_cfg, 0), 0))

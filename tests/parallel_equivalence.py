@@ -21,7 +21,7 @@ from jaxgpt.nn.model import GPT, init_params  # noqa: E402
 from jaxgpt.train.optimizer import build_optimizer, model_params  # noqa: E402
 from jaxgpt.train.config import TrainConfig  # noqa: E402
 from jaxgpt.train.sharding import ShardedTrainer, build_mesh  # noqa: E402
-from jaxgpt.train.step import PMAP_AXIS, ParallelTrainer, create_state  # noqa: E402
+from jaxgpt.train.step import ParallelTrainer, create_state, pmap_optimizer  # noqa: E402
 
 
 def main() -> None:
@@ -42,8 +42,7 @@ def main() -> None:
         layouts = [("pmap", 1, 1), ("pmap", 4, 1), ("pmap", 2, 2), ("fsdp=4", 4, 1), ("data=2,fsdp=2", 4, 2)]
     for mode, devices, micro in layouts:
         if mode == "pmap":  # as the loop builds it: Muon splits its products over the pmap devices
-            trainer = ParallelTrainer(model, build_optimizer(tc, PMAP_AXIS, devices) if devices > 1 else tx, devices,
-                                      micro)
+            trainer = ParallelTrainer(model, pmap_optimizer(tc, devices), devices, micro)
         else:
             trainer = ShardedTrainer(model, tx, build_mesh(mode), micro, jax.eval_shape(init))
         state = trainer.put_state(init())

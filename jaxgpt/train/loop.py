@@ -34,7 +34,7 @@ from jaxgpt.train.optimizer import build_optimizer, checkpoint_abstract, checkpo
 from jaxgpt.train.run_dir import keep_records_up_to, run_configs, run_meta
 from jaxgpt.train.deterministic import DeterministicTrainer
 from jaxgpt.train.sharding import MeshError, ShardedTrainer, build_mesh, parse_mesh
-from jaxgpt.train.step import PMAP_AXIS, ParallelTrainer, create_state
+from jaxgpt.train.step import ParallelTrainer, create_state, pmap_optimizer
 from jaxgpt.atomic import write_json
 from jaxgpt.weights.checkpoint import Checkpointer, restore, restore_params
 
@@ -99,9 +99,8 @@ def _build_trainer(model_cfg: GPTConfig, cfg: TrainConfig):
         init_state = jax.jit(init_state, out_shardings=trainer.state_sharding)
     else:
         n_devices = cfg.devices or default_device_count(cfg, model_cfg)
-        if n_devices > 1:  # Muon splits its Newton–Schulz products over the pmap devices (same state layout)
-            tx = build_optimizer(cfg, PMAP_AXIS, n_devices)
-        trainer = ParallelTrainer(model, tx, n_devices, cfg.micro_batches, cfg.steps_per_call)
+        trainer = ParallelTrainer(model, pmap_optimizer(cfg, n_devices), n_devices, cfg.micro_batches,
+                                  cfg.steps_per_call)
     trainer.check_batch_size(cfg.batch_size)
     return trainer, abstract, init_state
 

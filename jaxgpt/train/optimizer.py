@@ -164,11 +164,9 @@ def orthogonalize_and_scale(ns_steps: int, axis_name: Optional[str] = None,
         del params
         leaves, treedef = jax.tree.flatten(updates)
         owners = ns_owners([leaf.shape for leaf in leaves], n_devices) if sharded else [0] * len(leaves)
-        orthogonal = []
-        for leaf, owner in zip(leaves, owners):
-            ns = lambda u: newton_schulz(u, ns_steps)  # noqa: E731
-            orthogonal.append(jax.lax.cond(jax.lax.axis_index(axis_name) == owner, ns, jnp.zeros_like, leaf)
-                              if sharded else ns(leaf))
+        ns = lambda u: newton_schulz(u, ns_steps)  # noqa: E731
+        orthogonal = [jax.lax.cond(jax.lax.axis_index(axis_name) == owner, ns, jnp.zeros_like, leaf) if sharded
+                      else ns(leaf) for leaf, owner in zip(leaves, owners)]
         if sharded:
             orthogonal = jax.lax.psum(orthogonal, axis_name)
         scaled = [u * jnp.sqrt(jnp.maximum(1.0, u.shape[-1] / u.shape[-2])).astype(u.dtype) for u in orthogonal]

@@ -25,10 +25,17 @@ from jaxgpt.config import resolve_dtype
 from jaxgpt.nn.model import GPT, cross_entropy
 from jaxgpt.nn.moe import moe_loss, moe_stats, update_balance_bias
 from jaxgpt.train.metrics import compiled_flops
-from jaxgpt.train.optimizer import model_params
+from jaxgpt.train.config import TrainConfig
+from jaxgpt.train.optimizer import build_optimizer, model_params
 
 Array = jax.Array
 PMAP_AXIS = "batch"
+
+
+def pmap_optimizer(cfg: TrainConfig, n_devices: int) -> optax.GradientTransformation:
+    """The optimizer a `ParallelTrainer` over `n_devices` runs: `build_optimizer`'s, with Muon's
+    Newton–Schulz products split over the pmap devices when there are several (same state layout)."""
+    return build_optimizer(cfg, PMAP_AXIS, n_devices) if n_devices > 1 else build_optimizer(cfg)
 
 
 def create_state(model: GPT, tx: optax.GradientTransformation, params, seed: int) -> dict:
