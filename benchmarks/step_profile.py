@@ -209,7 +209,7 @@ def profile(step, hlo_text: str, steps: int, warmup: int = 3) -> dict:
 
 def _op_path(op_name: str) -> str:
     """The op's path inside the model or optimizer, without the jit/jvp wrappers."""
-    return re.sub(r"^jit\([^)]*\)/", "", op_name).replace("transpose(jvp(GPT))/", "").replace("jvp(GPT)/", "")
+    return re.sub(r"^jit\([^)]*\)/|(?:transpose\()?jvp\([^)]*\)\)?/", "", op_name)
 
 
 def markdown(report: dict) -> str:
