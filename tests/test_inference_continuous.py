@@ -107,7 +107,7 @@ def test_slot_decoder_greedy_equals_the_decoder(overrides):
         out[s].append(int(tokens[s]))
     zeros = np.zeros(3, np.uint32)
     for i in range(9):
-        tokens = engine.step(tokens, cols, zeros, zeros + i + 1, np.zeros(3, np.float32), np.zeros(3, np.int32),
+        tokens = engine.step(np.ones(3, bool), tokens, cols, zeros, zeros + i + 1, np.zeros(3, np.float32), np.zeros(3, np.int32),
                              np.ones(3, np.float32)).astype(np.int32)
         cols += 1
         for s in range(3):

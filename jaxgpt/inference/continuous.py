@@ -151,12 +151,13 @@ class ContinuousBatcher(RequestQueue):
         n = self.engine.slots
         tokens, cols, counts = np.zeros(n, np.int32), np.zeros(n, np.int32), np.zeros(n, np.uint32)
         seeds, temperature = np.zeros(n, np.uint32), np.zeros(n, np.float32)
-        top_k, top_p = np.zeros(n, np.int32), np.ones(n, np.float32)
+        top_k, top_p, active = np.zeros(n, np.int32), np.ones(n, np.float32), np.zeros(n, bool)
         for s, r in live:
+            active[s] = True
             tokens[s], cols[s], counts[s], seeds[s] = r.token, r.col, r.count, r.job.row_seed
             temperature[s], top_k[s] = r.job.temperature, r.job.top_k or 0
             top_p[s] = r.job.top_p if r.job.top_p is not None else 1.0
-        next_s = self.engine.step(tokens, cols, seeds, counts, temperature, top_k, top_p)
+        next_s = self.engine.step(active, tokens, cols, seeds, counts, temperature, top_k, top_p)
         self.steps += 1
         for s, r in live:
             r.token, r.col, r.count = int(next_s[s]), r.col + 1, r.count + 1

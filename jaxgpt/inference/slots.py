@@ -6,7 +6,9 @@ softmax keys/values, a local layer's ring, a latent cache, a linear-attention st
 is written from column 0: its tokens sit at columns 0, 1, … with positions equal to columns, so no
 padding. The decoding step runs the model once on a (slots, 1) batch with a per-row `cache_index`
 (each slot writes its token at its own column, `nn.attention.write_at`); rows never mix, so a
-row's logits do not depend on what the other slots hold. (A first version ran the model under
+row's logits do not depend on what the other slots hold. Only the rows marked active keep what the
+step wrote: a free slot, or one whose prompt is half prefilled, comes out of the step bit for bit as
+it went in, whatever its cache kind (columns, a ring, a latent cache, a recurrent state). (A first version ran the model under
 `jax.vmap` over the slots; it gave the same tokens, and its slow step, 17 ms for 8 slots of the
 `small` preset, turned out to come from sampling, not from vmap: see `sampling.sample_rows`.
 One batched call was kept as the plainer program.)
@@ -62,13 +64,18 @@ def _prefill(params, cache_s, slot, tokens_1c, start, *, config: GPTConfig):
     return _put_row(cache_s, row, slot), logits_1cv[0, -1]
 
 
-def _step(params, cache_s, tokens_s, cols_s, seeds_s, counts_s, temperature_s, top_k_s, top_p_s, *, config: GPTConfig):
-    """Every slot writes its last token at its column and samples its next one (per-row settings;
-    row r's key is fold_in(key(seed_r), count_r): its own, whatever the other rows are)."""
+def _step(params, cache_s, active_s, tokens_s, cols_s, seeds_s, counts_s, temperature_s, top_k_s, top_p_s, *,
+          config: GPTConfig):
+    """Every active slot writes its last token at its column and samples its next one (per-row
+    settings; row r's key is fold_in(key(seed_r), count_r): its own, whatever the other rows are).
+    Inactive rows compute too (one program for any occupancy), but their cache rows are kept as
+    they were, so a prompt between two prefill chunks is never written over."""
     length = config.context_length
     mask_s1s = (jnp.arange(length)[None, :] <= cols_s[:, None])[:, None, :]
-    logits_s1v, cache_s = GPT(config).apply(params, tokens_s[:, None], positions_bt=cols_s[:, None], cache=cache_s,
-                                            cache_index=cols_s, mask_bts=mask_s1s)
+    logits_s1v, written_s = GPT(config).apply(params, tokens_s[:, None], positions_bt=cols_s[:, None], cache=cache_s,
+                                              cache_index=cols_s, mask_bts=mask_s1s)
+    cache_s = jax.tree.map(lambda old, new: jnp.where(active_s.reshape((-1,) + (1,) * (old.ndim - 1)), new, old),
+                           cache_s, written_s)
     return cache_s, sample_rows(row_keys(seeds_s, counts_s), logits_s1v[:, 0], temperature_s, top_k_s, top_p_s)
 
 
@@ -113,7 +120,7 @@ class SlotDecoder:
             size *= 2
         self.first_token(logits_v, 0, 1.0, 0, 1.0)
         zeros = np.zeros(self.slots, np.int32)
-        self.step(zeros, zeros, zeros.astype(np.uint32), zeros.astype(np.uint32), np.ones(self.slots, np.float32),
+        self.step(np.zeros(self.slots, bool), zeros, zeros, zeros.astype(np.uint32), zeros.astype(np.uint32), np.ones(self.slots, np.float32),
                   zeros, np.ones(self.slots, np.float32))
 
     def prefill(self, slot: int, tokens: list, start: int) -> Array:
@@ -128,8 +135,9 @@ class SlotDecoder:
         """A new row's first token (its key: fold_in(key(seed), 0))."""
         return int(_first_token(logits_v, np.uint32(seed), np.float32(temperature), np.int32(top_k), np.float32(top_p)))
 
-    def step(self, tokens_s, cols_s, seeds_s, counts_s, temperature_s, top_k_s, top_p_s) -> np.ndarray:
-        """One decoding step for every slot (free slots compute too; their output is ignored)."""
-        self.cache, next_s = self._step(self.params, self.cache, tokens_s, cols_s, seeds_s, counts_s,
-                                        temperature_s, top_k_s, top_p_s)
+    def step(self, active_s, tokens_s, cols_s, seeds_s, counts_s, temperature_s, top_k_s, top_p_s) -> np.ndarray:
+        """One decoding step for the slots where `active_s` (bool, (slots,)) is set; the others'
+        cache rows are left as they are and their sampled tokens mean nothing."""
+        self.cache, next_s = self._step(self.params, self.cache, np.asarray(active_s, bool), tokens_s, cols_s,
+                                        seeds_s, counts_s, temperature_s, top_k_s, top_p_s)
         return np.asarray(next_s)
