@@ -165,3 +165,44 @@ def test_export_refuses_what_gpt2_cannot_hold_by_name(tmp_path, changes, named):
     with pytest.raises(WeightsError, match=re.escape(named)):
         save_hf(init_params(cfg), cfg, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_self_contradicting_folders_are_refused_by_name(tmp_path):
+    """A tied config beside a different stored head; a single file beside a shard index; a shard
+    named outside the folder: each refused, naming what contradicts what (never one read silently)."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    untied = tmp_path / "untied"
+    _hf_model(tied=False).save_pretrained(untied)
+    config = json.loads((untied / "config.json").read_text())
+    (untied / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    with pytest.raises(WeightsError, match=r"tie_word_embeddings is true, but .*'lm_head\.weight' that is not "
+                                           r"'transformer\.wte\.weight' \(largest difference"):
+        load_hf(str(untied))
+    tensors = load_file(str(untied / "model.safetensors"))  # the stored head equal to the embedding: fine
+    tensors["lm_head.weight"] = tensors["transformer.wte.weight"].copy()
+    save_file(tensors, str(untied / "model.safetensors"), metadata={"format": "pt"})
+    params, cfg = load_hf(str(untied))
+    assert cfg.tie_embeddings and "lm_head" not in params["params"]
+
+    both = tmp_path / "both"
+    _hf_model().save_pretrained(both, max_shard_size="20KB")
+    shutil.copy(untied / "model.safetensors", both / "model.safetensors")
+    with pytest.raises(WeightsError, match=r"holds both model\.safetensors and model\.safetensors\.index\.json"):
+        load_hf(str(both))
+
+    escaping = tmp_path / "escaping"
+    _hf_model().save_pretrained(escaping, max_shard_size="20KB")
+    (tmp_path / "outside.safetensors").write_bytes(b"x")
+    index = json.loads((escaping / "model.safetensors.index.json").read_text())
+    for bad in ("../outside.safetensors", "/etc/passwd", "sub/model.safetensors", ".."):
+        name = next(iter(index["weight_map"]))
+        (escaping / "model.safetensors.index.json").write_text(
+            json.dumps({**index, "weight_map": {**index["weight_map"], name: bad}}))
+        with pytest.raises(WeightsError, match=f"names the shard '{re.escape(bad)}', which is not a file name inside"):
+            load_hf(str(escaping))
+    (escaping / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": 3}}))
+    with pytest.raises(WeightsError, match="weight_map must map tensor names to shard file names"):
+        load_hf(str(escaping))

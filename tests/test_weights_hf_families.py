@@ -160,3 +160,12 @@ def test_a_folder_tokenizer_is_used_for_text(tmp_path, capsys):
     assert main(["generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "the fox", "--chat", "--json",
                  "--max-new-tokens", "3"]) == 0  # the template travels with the converted run
     assert json.loads(capsys.readouterr().out)["prompt"] == "user: the fox\nassistant:"
+
+
+def test_a_tied_config_beside_a_different_stored_head_is_refused(tmp_path):
+    _hf_model("qwen3-untied").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    with pytest.raises(WeightsError, match=r"tie_word_embeddings is true.*'lm_head\.weight' that is not "
+                                           r"'model\.embed_tokens\.weight'"):
+        load_hf(str(tmp_path))

@@ -14,6 +14,8 @@ import json
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
 from jaxgpt.config import GPTConfig
 from jaxgpt.weights import hf_families, hf_gpt2
 from jaxgpt.weights.hf_files import (  # noqa: F401  (resolve_checkpoint, WeightsError: this module's API too)
@@ -86,12 +88,31 @@ def load_hf(name_or_dir: str, *, download: bool = False) -> tuple[dict, GPTConfi
     if kind == "gpt2":
         names = hf_gpt2.canonical_names(shapes)  # stored name -> `transformer.` name, buffers dropped
         check_config_fits_tensors(cfg, {new: shapes[old] for old, new in names.items()}, directory / CONFIG_FILE)
+        stored = {new: old for old, new in names.items()}
         with TensorReader(directory) as read:  # the same one-tensor reader as the families
+            _check_tied_head(read, cfg, stored.get("lm_head.weight"), stored.get("transformer.wte.weight"), directory)
             return hf_gpt2.params_from_tensors({new: read(old) for old, new in names.items()}, cfg), cfg
     check_config_fits_tensors(cfg, shapes, directory / CONFIG_FILE, "model.layers.", "model.embed_tokens.weight")
     _check_names_and_shapes(hf_families.expected_shapes(cfg, kind), shapes, cfg.tie_embeddings)
     with TensorReader(directory) as read:  # one tensor at a time: about one copy of the weights at the peak
+        head = "lm_head.weight" if "lm_head.weight" in shapes else None
+        _check_tied_head(read, cfg, head, "model.embed_tokens.weight", directory)
         return hf_families.params_from_reader(read, cfg, kind), cfg
+
+
+def _check_tied_head(read, cfg: GPTConfig, head: Optional[str], embedding: Optional[str], directory: Path) -> None:
+    """A config that ties the output head to the embedding, in a folder that also stores a head of
+    its own, is accepted only when the stored head is the embedding: otherwise the folder
+    contradicts itself (tying drops the stored head; a loader that keeps it computes other logits)."""
+    if not cfg.tie_embeddings or head is None or embedding is None:
+        return
+    head_vd, emb_vd = read(head), read(embedding)
+    if head_vd.shape != emb_vd.shape or not np.array_equal(head_vd, emb_vd):
+        diff = f"largest difference {np.abs(head_vd - emb_vd).max():.3g}" if head_vd.shape == emb_vd.shape \
+            else f"shape {head_vd.shape} against {emb_vd.shape}"
+        raise WeightsError(f"{directory / CONFIG_FILE} says tie_word_embeddings is true, but the weights store an "
+                           f"{head!r} that is not {embedding!r} ({diff}): set tie_word_embeddings to false to use the "
+                           f"stored head, or remove {head!r} to tie it to the embedding")
 
 
 def export_problems(cfg: GPTConfig) -> tuple[str, list[str]]:

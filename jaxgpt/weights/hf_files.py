@@ -69,14 +69,29 @@ def resolve_checkpoint(name_or_dir: str, *, download: bool = False) -> Path:
 
 
 def _files(directory: Path) -> tuple[Optional[dict], list[str]]:
-    """(the index's weight map or None, the safetensors files to read)."""
-    if (directory / INDEX_FILE).is_file():
+    """(the index's weight map or None, the safetensors files to read).
+
+    A folder with both a single weights file and a shard index is refused: they can hold different
+    weights, and which one a loader reads differs between libraries. Shard names in an index must
+    name files inside the folder (no path separators, no `..`)."""
+    index, single = directory / INDEX_FILE, directory / WEIGHTS_FILE
+    if index.is_file() and single.is_file():
+        raise WeightsError(f"{directory} holds both {WEIGHTS_FILE} and {INDEX_FILE}: they may hold different "
+                           f"weights, and libraries disagree on which to read; remove the one that is stale")
+    if index.is_file():
         try:
-            weight_map = json.loads((directory / INDEX_FILE).read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise WeightsError(f"{directory / INDEX_FILE} is not a valid safetensors index: {e}") from None
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise WeightsError(f"{index} is not a valid safetensors index: {e!r}") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                       for k, v in weight_map.items()):
+            raise WeightsError(f"{index}: weight_map must map tensor names to shard file names (strings)")
+        for fname in set(weight_map.values()):
+            if Path(fname).name != fname or fname in ("", ".", ".."):
+                raise WeightsError(f"{index} names the shard {fname!r}, which is not a file name inside {directory} "
+                                   "(shards must sit in the model folder itself)")
         return weight_map, sorted(set(weight_map.values()))
-    if (directory / WEIGHTS_FILE).is_file():
+    if single.is_file():
         return None, [WEIGHTS_FILE]
     raise WeightsError(f"{directory} has neither {WEIGHTS_FILE} nor {INDEX_FILE} (only safetensors are read, never pickle)")
 
