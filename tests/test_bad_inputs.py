@@ -11,6 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -57,6 +58,15 @@ def ws(tmp_path_factory) -> dict:
     tok = CharTokenizer.from_text(TEXT)
     rope = get_preset("test", position="rope", vocab_size=tok.vocab_size)
     save_for_inference(init_params(rope), rope, tok, root / "rope_run")
+    small = get_preset("test", vocab_size=tok.vocab_size)
+    save_for_inference(jax.tree.map(lambda p: p * np.nan, init_params(small)), small, tok, root / "nan_run")  # sealed NaNs
+    for name, record in {"unsealed": None, "null_record": {"version": 1, "files": None},
+                         "null_entries": {"version": 1, "files": {"state/d": None}}}.items():
+        shutil.copytree(root / "run", root / name)
+        for manifest in (root / name).glob("*/*/integrity.json"):
+            manifest.unlink() if record is None else manifest.write_text(json.dumps(record))
+    (root / "prefs.json").write_text(json.dumps([{"instruction": "the fox", "input": "", "output": "a dog",
+                                                  "chosen": "a dog", "rejected": "the box"}] * 4))
     assert main(["convert", "to-hf", str(root / "run"), "--out", str(root / "hf")]) == 0
     for name, change in {"hf_absurd": {"n_layer": 1_000_000_000}, "hf_badjson": None}.items():
         shutil.copytree(root / "hf", root / name)
@@ -107,7 +117,17 @@ CASES = [  # (name, argv with {root}, what the message must say)
     ("mesh larger than the machine", ["train", "--out", f"{R}/o10", "--mesh", "data=64"], "needs 64 devices"),
     ("ids beyond the vocabulary", ["train", "--out", f"{R}/o11", "--data", f"{R}/prepared_badids"],
      "outside the vocabulary"),
+    ("resume below the run's step", ["train", "--out", f"{R}/run", "--resume", "--max-steps", "1"],
+     "--max-steps 1 is below this run's step 2"),
+    ("resume a finished run", ["train", "--out", f"{R}/run", "--resume"], "already reached step 2"),
     ("eval nowhere", ["eval", "--checkpoint", f"{R}/nowhere"], "no such checkpoint path"),
+    ("eval a step whose integrity record was deleted", ["eval", "--checkpoint", f"{R}/unsealed"],
+     "integrity record integrity.json is missing"),
+    ("eval a step whose integrity record lists no files", ["eval", "--checkpoint", f"{R}/null_record"], "malformed"),
+    ("eval a step whose integrity record has null entries", ["eval", "--checkpoint", f"{R}/null_entries"],
+     "malformed"),
+    ("eval weights that give a NaN loss", ["eval", "--checkpoint", f"{R}/nan_run", "--data", f"{R}/corpus.txt"],
+     "is nan: its weights"),
     ("eval a damaged run", ["eval", "--checkpoint", f"{R}/corrupt", "--json"], "corrupt"),
     ("generate from a damaged run", ["generate", "--checkpoint", f"{R}/corrupt", "--prompt", "the"], "corrupt"),
     ("top-p above one", ["generate", "--checkpoint", f"{R}/run", "--prompt", "the", "--top-p", "1.5"], "top_p"),
@@ -135,6 +155,12 @@ CASES = [  # (name, argv with {root}, what the message must say)
                                     f"{R}/labels.txt"], "give a .jsonl"),
     ("instructions of the wrong type", ["finetune", "instruct", "--checkpoint", f"{R}/run", "--data",
                                         f"{R}/wrong_types.json"], "'output' is a int, not text"),
+    ("dpo with a NaN beta", ["finetune", "dpo", "--checkpoint", f"{R}/run", "--data", f"{R}/prefs.json",
+                             "--beta", "nan", "--out", f"{R}/o19"], "beta must be a finite number"),
+    ("dpo into the run it starts from", ["finetune", "dpo", "--checkpoint", f"{R}/run", "--data", f"{R}/prefs.json",
+                                         "--out", f"{R}/run"], "would write into the model this run starts from"),
+    ("instruct into a folder inside its source", ["finetune", "instruct", "--checkpoint", f"{R}/run", "--data",
+                                                  f"{R}/prefs.json", "--out", f"{R}/run/sub"], "would write into"),
     ("judge an object", ["judge", f"{R}/object.json"], "expected a non-empty JSON list"),
     ("judge broken JSON", ["judge", f"{R}/badjson.json"], "not valid JSON"),
     ("classify with a pretraining run", ["classify", "--checkpoint", f"{R}/run", "hello"], "not a 'classify'"),
@@ -173,6 +199,45 @@ def test_a_damaged_run_resumes_from_its_newest_intact_step(ws, tmp_path, capsys)
     assert main(["train", "--out", str(run), "--resume", "--max-steps", "3", "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert "is corrupt" in err and f"using the newest intact step, {run / 'checkpoints' / str(newest)}" in err
+
+
+def test_a_newest_step_missing_files_is_named_not_skipped(ws, tmp_path, capsys):
+    """A newest step whose metadata (or integrity record) was removed is an error naming it, never
+    silently passed over for an older step; resuming says so and uses the older one."""
+    run = shutil.copytree(ws["root"] / "run", tmp_path / "run")
+    assert main(["train", "--out", str(run), "--resume", "--max-steps", "3", "--no-progress"]) == 0
+    capsys.readouterr()
+    older = run / "checkpoints" / "2"
+    for step_dir in run.glob("*/3"):
+        (step_dir / "_CHECKPOINT_METADATA").unlink()
+        shutil.rmtree(step_dir / "meta")
+    assert main(["eval", "--checkpoint", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "/3 is corrupt" in err and "_CHECKPOINT_METADATA" in err and f"newest intact step is {older}" in err
+    for step_dir in run.glob("*/3"):
+        (step_dir / "integrity.json").unlink()  # metadata and record both gone: still not a step to skip
+    assert main(["eval", "--checkpoint", str(run)]) == 2
+    assert "checkpoint metadata (_CHECKPOINT_METADATA, meta/) is missing" in capsys.readouterr().err
+    assert main(["train", "--out", str(run), "--resume", "--max-steps", "4", "--no-progress"]) == 0
+    assert f"using the newest intact step, {older}" in capsys.readouterr().err
+
+
+def test_a_run_killed_during_its_first_save_starts_afresh(ws, tmp_path, capsys):
+    """kill -9 while the first checkpoint is written leaves only Orbax's temporary folder: --resume
+    says there is nothing finished and to start afresh; a fresh start is accepted and clears it."""
+    run = tmp_path / "run"
+    partial = run / "checkpoints" / "2.orbax-checkpoint-tmp-1765000000"
+    shutil.copytree(ws["root"] / "run" / "checkpoints" / "2" / "state", partial / "state")
+    (partial / "state" / "_METADATA").unlink()  # half written
+    data = str(ws["root"] / "corpus.txt")
+    argv = ["train", "--out", str(run), "--data", data, "--tokenizer", "char", "--preset", "test", "--max-steps", "2",
+            "--set", "train.batch_size=4", "--set", "train.ckpt_every=2", "--set", "train.eval_every=2",
+            "--set", "train.eval_batches=2", "--set", "train.samples=0", "--no-progress"]
+    assert main([*argv, "--resume"]) == 2
+    assert "only unfinished saves" in capsys.readouterr().err
+    assert main(argv) == 0
+    assert not partial.exists() and (run / "checkpoints" / "2" / "integrity.json").is_file()
+    assert main(["eval", "--checkpoint", str(run)]) == 0
 
 
 # --- HTTP: a real server on a loopback port, serving the character-level run ---------------------

@@ -161,3 +161,23 @@ def test_classifier_learns_an_easy_task_and_reloads(tmp_path):
     predictions = Classifier(tmp_path).predict(["aaaaa", "bbbbbbb"])
     assert [p["label"] for p in predictions] == ["a", "b"]
     assert abs(sum(predictions[0]["probabilities"].values()) - 1.0) < 1e-5
+
+
+@pytest.mark.parametrize("bad_step, log_every", [(3, 100), (2, 1)])
+def test_a_non_finite_loss_stops_finetuning_before_anything_is_saved(bad_step, log_every):
+    """A loss that turns NaN at a step between logs (or on one) is caught before the epoch's end
+    evaluates and saves: FloatingPointError naming the step, and `end_of_epoch` never called."""
+    from jaxgpt.finetune.loop import fit
+
+    params = {"gpt": {"w": jnp.ones((3,))}}
+    cfg = FinetuneConfig(epochs=2, batch_size=1, lr=1e-2, trainable="all", log_every=log_every)
+
+    def loss_fn(p, batch, rng, deterministic):
+        loss = jnp.sum(p["gpt"]["w"] ** 2) * batch["x"][0]
+        return jnp.where(batch["x"][0] == bad_step, jnp.nan, loss), {}
+
+    saved = []
+    with pytest.raises(FloatingPointError, match=f"non-finite at step {bad_step}"):
+        fit(params, cfg, {"gpt": {"w": True}}, loss_fn, lambda epoch: ({"x": np.array([s + 1.0])} for s in range(4)),
+            4, lambda p, epoch, step: saved.append(epoch) or {}, lambda record: None, progress=False)
+    assert saved == []

@@ -27,6 +27,19 @@ def base_source(args) -> dict:
     return {"base": args.checkpoint or args.hf or f"random {args.preset}"}
 
 
+def finetune_out(args, kind: str) -> Path:
+    """The run folder of a finetuning command: --out, or runs/KIND-<time>. Refused when it is, holds or
+    sits inside the model it starts from (the finetuned model and its metrics would overwrite it)."""
+    out = Path(args.out or time.strftime(f"runs/{kind}-%Y%m%d-%H%M%S")).expanduser().resolve()
+    source = args.checkpoint or args.hf
+    if source and Path(source).expanduser().exists():
+        src = Path(source).expanduser().resolve()
+        if out == src or out in src.parents or src in out.parents:
+            raise ValueError(f"--out {args.out} would write into the model this run starts from ({source}): "
+                             "give a folder outside it")
+    return out
+
+
 def _cmd_finetune_classify(args) -> int:
     from jaxgpt.finetune.classify import book_spam_split, finetune_classifier, load_labeled, load_sms_spam, shuffled_split
 
@@ -38,7 +51,7 @@ def _cmd_finetune_classify(args) -> int:
         splits = shuffled_split(load_labeled(path, args.text_field, args.label_field), seed=args.seed, balance=args.balance)
     params, config, tokenizer = load_model(args)
     shots = [int(k) for k in args.prompt_shots.split(",")] if args.prompt_shots else []
-    out = args.out or time.strftime("runs/classify-%Y%m%d-%H%M%S")
+    out = finetune_out(args, "classify")
     results = finetune_classifier(params, config, tokenizer, splits, finetune_config(args), out, pooling=args.pooling,
                                   max_length=args.max_length, progress=not args.no_progress, prompt_shots=shots,
                                   extra_meta=base_source(args))
@@ -59,7 +72,7 @@ def _cmd_finetune_instruct(args) -> int:
     if args.limit:
         splits = tuple(s[:n] for s, n in zip(splits, (args.limit, max(args.limit // 10, 1), max(args.limit // 10, 1))))
     params, config, tokenizer = load_model(args)
-    out = args.out or time.strftime("runs/instruct-%Y%m%d-%H%M%S")
+    out = finetune_out(args, "instruct")
     results = finetune_instructions(params, config, tokenizer, splits, finetune_config(args), out,
                                     mask_prompt=args.mask_prompt, max_new_tokens=args.max_new_tokens,
                                     progress=not args.no_progress, extra_meta=base_source(args))
@@ -79,7 +92,7 @@ def _cmd_finetune_dpo(args) -> int:
     pairs = random.Random(args.seed).sample(pairs, len(pairs))[: args.limit or len(pairs)]  # shuffled, then held out
     n_val = max(1, int(round(args.val_fraction * len(pairs))))
     params, config, tokenizer = load_model(args)
-    out = args.out or time.strftime("runs/dpo-%Y%m%d-%H%M%S")
+    out = finetune_out(args, "dpo")
     results = finetune_dpo(params, config, tokenizer, (pairs[n_val:], pairs[:n_val]), finetune_config(args), out,
                            beta=args.beta, progress=not args.no_progress, extra_meta=base_source(args))
     if args.json:

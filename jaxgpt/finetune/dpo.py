@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import random
 import sys
 from pathlib import Path
@@ -139,8 +140,8 @@ def finetune_dpo(gpt_params: dict, config: GPTConfig, tokenizer, splits, cfg: Fi
     from jaxgpt.train.metrics import JsonlLogger, plot_curves, read_jsonl
     from jaxgpt.train.run_dir import save_for_inference
 
-    if beta <= 0:
-        raise ValueError(f"DPO beta must be > 0, got {beta}")
+    if not (math.isfinite(beta) and beta > 0):
+        raise ValueError(f"DPO beta must be a finite number > 0, got {beta}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     train_e, val_e = splits

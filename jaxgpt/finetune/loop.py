@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -155,6 +156,27 @@ def make_step(loss_fn: LossFn, tx: optax.GradientTransformation, mask: dict):
     return jax.jit(step, donate_argnums=(0, 1))
 
 
+@jax.jit
+def _first_bad_step(first_bad, loss, step):
+    return jnp.where((first_bad == 0) & ~jnp.isfinite(loss), step, first_bad)
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    return jnp.stack([jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(tree)]).all()
+
+
+def _refuse_non_finite(first_bad: int, params: Optional[dict], epoch: Optional[int] = None) -> None:
+    """FloatingPointError when a step's loss was not finite, or (at an epoch's end, before it is
+    evaluated and saved) when a parameter is not: nothing non-finite is ever written."""
+    if first_bad:
+        raise FloatingPointError(f"finetuning loss became non-finite at step {first_bad}; nothing from that step on "
+                                 "was saved. Lower the lr, or check the settings (e.g. --beta) for NaN or inf")
+    if params is not None and not bool(_all_finite(params)):
+        raise FloatingPointError(f"a parameter became non-finite in epoch {epoch}; its model was not saved. "
+                                 "Lower the lr, or check the settings for NaN or inf")
+
+
 class FinetuneInterrupted(RuntimeError):
     """Ctrl-C during finetuning; the parameters of the last finished epoch were saved."""
 
@@ -173,6 +195,7 @@ def fit(params: dict, cfg: FinetuneConfig, mask: dict, loss_fn: LossFn,
     step_fn = make_step(loss_fn, tx, mask)
     rng = jax.random.key(cfg.seed)
     step, t_log, n_log = 0, time.perf_counter(), 0
+    first_bad = jnp.int32(0)  # the first step whose loss was not finite (0: none), kept on the device
     bar = tqdm(total=cfg.epochs * steps_per_epoch, disable=not progress, desc="finetune", file=sys.stderr)
     try:
         for epoch in range(1, cfg.epochs + 1):
@@ -180,16 +203,17 @@ def fit(params: dict, cfg: FinetuneConfig, mask: dict, loss_fn: LossFn,
                 rng, step_rng = jax.random.split(rng)
                 params, opt_state, loss, _ = step_fn(params, opt_state, batch, step_rng)
                 step += 1
+                first_bad = _first_bad_step(first_bad, loss, step)
                 n_log += len(next(iter(batch.values())))
                 bar.update(1)
                 if step % cfg.log_every == 0:
+                    _refuse_non_finite(int(first_bad), params=None)
                     loss = float(loss)
-                    if not math.isfinite(loss):
-                        raise FloatingPointError(f"finetuning loss became {loss} at step {step}; lower the lr")
                     now = time.perf_counter()
                     log({"step": step, "epoch": epoch, "train_loss": loss, "examples_per_s": n_log / (now - t_log)})
                     bar.set_postfix(loss=f"{loss:.3f}")
                     t_log, n_log = now, 0
+            _refuse_non_finite(int(first_bad), params, epoch)  # before anything of this epoch is saved
             log({"step": step, "epoch": epoch, **end_of_epoch(params, epoch, step)})
     except KeyboardInterrupt as e:
         raise FinetuneInterrupted(f"interrupted in epoch {epoch}; the last finished epoch's model was saved") from e

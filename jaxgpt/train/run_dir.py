@@ -50,7 +50,10 @@ def run_meta(model_cfg: GPTConfig, cfg: TrainConfig, tokenizer: Tokenizer, step:
 
 
 def holds_checkpoints(run_dir: Path) -> bool:
-    return (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
+    """Whether a run folder holds a finished checkpoint step (a save stopped half-way is none: the
+    run may start afresh there, and the checkpoint manager clears the unfinished folder)."""
+    return any(p.name.isdigit() and p.is_dir() for sub in ("checkpoints", "best") if (run_dir / sub).is_dir()
+               for p in (run_dir / sub).iterdir())
 
 
 @dataclass(frozen=True)
@@ -107,7 +110,14 @@ def run_configs(run_dir: Path, model_cfg: Optional[GPTConfig], cfg: Optional[Tra
             raise CheckpointError(
                 f"cannot resume with different {sorted(changed - set(RESUMABLE_CHANGES))}: they change the "
                 f"training itself; only {RESUMABLE_CHANGES} may change on resume")
-    return RunStart(saved_model, cfg or saved_train, tokenizer_from_dict(meta["tokenizer"]),
+    cfg = cfg or saved_train
+    step = meta.get("step")
+    if step is not None and cfg.max_steps <= step:
+        raise CheckpointError(
+            (f"this run already reached step {step}, its --max-steps: nothing to train" if cfg.max_steps == step else
+             f"--max-steps {cfg.max_steps} is below this run's step {step}: a run cannot go back")
+            + f" ({found.path}). Pass a larger --max-steps to continue it")
+    return RunStart(saved_model, cfg, tokenizer_from_dict(meta["tokenizer"]),
                     meta.get("best_val_loss") or float("inf"), found, meta.get("data_fingerprint"))
 
 

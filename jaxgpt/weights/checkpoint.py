@@ -45,7 +45,10 @@ def _manager(directory: Path, keep: int, create: bool) -> ocp.CheckpointManager:
         if jax.process_index() == 0:
             integrity.seal_finished_steps(directory)
 
+    # cleanup_tmp_directories: a save killed half-way (its `<step>.orbax-checkpoint-tmp` folder) is
+    # removed when the next manager opens the directory, so it never blocks a new save of that step
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create, enable_async_checkpointing=True,
+                                           cleanup_tmp_directories=create,
                                            async_options=ocp.AsyncOptions(post_finalization_callback=seal))
     return ocp.CheckpointManager(directory, options=options)
 
@@ -72,6 +75,7 @@ class Checkpointer:
             # Orbax's cross-process barriers are named by step only: two managers saving the same
             # step at once would collide, so the other manager's save finishes first.
             (self.latest if best else self.best).wait_until_finished()
+        meta = {**meta, integrity.SEALED_KEY: True}  # this step must carry an integrity record once finished
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         try:
             manager.save(step, args=args)
@@ -115,25 +119,35 @@ class Located:
         return self.directory / str(self.step)
 
 
-def _finished_steps(directory: Path) -> list[int]:
+def _saved_steps(directory: Path) -> list[int]:
+    """Steps Orbax finished (renamed from their temporary folder), newest first; a half-written save
+    (`<step>.orbax-checkpoint-tmp…`) is not one."""
     return sorted((int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir()),
                   reverse=True) if directory.is_dir() else []
 
 
-def _candidates(path: Path) -> tuple[list[tuple[Path, int]], bool]:
-    """(steps to try, newest first; whether the path named one step) for a run dir, a checkpoints
+def _candidates(path: Path) -> list[tuple[Path, int]]:
+    """The steps to try, newest first, for a run dir, a checkpoints
     dir or a step dir. A run's newest state is its latest periodic save, or its best one when that
     is newer (a run that died before or between periodic saves still has its last evaluation's)."""
     path = Path(path).expanduser()
     if not path.exists():
         raise CheckpointError(f"no such checkpoint path: {path}")
     if (path / "checkpoints").is_dir():
-        found = [(path / "checkpoints", s) for s in _finished_steps(path / "checkpoints")]
-        found += [(path / "best", s) for s in _finished_steps(path / "best")]
-        return sorted(found, key=lambda c: (c[1], c[0].name == "checkpoints"), reverse=True), False
+        found = [(path / "checkpoints", s) for s in _saved_steps(path / "checkpoints")]
+        found += [(path / "best", s) for s in _saved_steps(path / "best")]
+        return sorted(found, key=lambda c: (c[1], c[0].name == "checkpoints"), reverse=True)
     if path.name.isdigit() and path.is_dir():
-        return [(path.parent, int(path.name))], True
-    return [(path, s) for s in _finished_steps(path)], False
+        return [(path.parent, int(path.name))]
+    return [(path, s) for s in _saved_steps(path)]
+
+
+def _step_problem(step_dir: Path) -> Optional[str]:
+    """What is wrong with a saved step (its integrity record, or Orbax's own files missing), or None."""
+    wrong = integrity.problem(step_dir)
+    if wrong is None and not (step_dir / "_CHECKPOINT_METADATA").exists() and not (step_dir / "meta").is_dir():
+        wrong = "its checkpoint metadata (_CHECKPOINT_METADATA, meta/) is missing"
+    return wrong
 
 
 def locate(path, *, fallback: bool = False, quiet: bool = False) -> Located:
@@ -141,22 +155,22 @@ def locate(path, *, fallback: bool = False, quiet: bool = False) -> Located:
 
     A damaged newest step is an error naming it and the newest intact step; with `fallback`
     (resuming a run) the newest intact step is used instead, and that is said on stderr (unless `quiet`).
+    A step folder Orbax finished is never skipped silently: one with files missing (its metadata
+    included) is damaged, and named.
     """
     if isinstance(path, Located):
         return path
-    candidates, named = _candidates(path)
-    finished = [(d, s) for d, s in candidates if (d / str(s) / "_CHECKPOINT_METADATA").exists()
-                or (d / str(s) / "meta").is_dir()]
-    if not finished:
-        directory = candidates[0][0] if candidates else Path(path)
+    candidates = _candidates(path)
+    if not candidates:
+        directory = Path(path).expanduser()
+        directory = directory / "checkpoints" if (directory / "checkpoints").is_dir() else directory
         unfinished = [p.name for p in directory.iterdir() if "tmp" in p.name] if directory.is_dir() else []
-        hint = f" (only unfinished saves: {unfinished})" if unfinished else ""
-        if named:
-            raise CheckpointError(f"{path} is not a finished checkpoint step{hint}")
+        hint = (f" (only unfinished saves, from a run stopped while saving: {unfinished}; start the run afresh "
+                "without --resume)") if unfinished else ""
         raise CheckpointError(f"no checkpoint found in {directory}{hint}")
     damaged = []
-    for directory, step in finished:
-        wrong = integrity.problem(directory / str(step))
+    for directory, step in candidates:
+        wrong = _step_problem(directory / str(step))
         if wrong is None:
             if damaged and not fallback:
                 first = damaged[0]

@@ -7,7 +7,10 @@ finished (Orbax's post-finalization callback, and again when the checkpointer cl
 `integrity.json`: the size and sha256 of each of its files. Loading a step rehashes its files and
 refuses a step whose files differ, are missing or were added.
 
-Steps written before manifests existed have none: they load as "unverified" (nothing to check).
+Every step saved now says so in its metadata (`SEALED_KEY` in `meta/metadata`), so a step that says
+it was sealed but has no manifest (deleted, or the run was killed between the save and its record)
+is refused rather than loaded unchecked. Steps written before manifests existed have neither: they
+load as "unverified" (nothing to check).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 from typing import Optional
 
 MANIFEST = "integrity.json"
+SEALED_KEY = "integrity_record"  # in a step's JSON metadata: True when the step gets a manifest
 _CHUNK = 1 << 22
 
 
@@ -66,6 +70,14 @@ def seal_finished_steps(directory: Path) -> None:
                 pass
 
 
+def _says_sealed(step_dir: Path) -> bool:
+    """Whether the step's own JSON metadata (Orbax's `meta/metadata`) says it was saved to be sealed."""
+    try:
+        return json.loads((step_dir / "meta" / "metadata").read_text()).get(SEALED_KEY) is True
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def problem(step_dir: Path) -> Optional[str]:
     """None if the step is intact (or predates manifests), else what is wrong with it, in a few words."""
     step_dir = Path(step_dir)
@@ -81,11 +93,18 @@ def _problem(step_dir: str, stats: tuple) -> Optional[str]:
     step_dir = Path(step_dir)
     manifest = step_dir / MANIFEST
     if not manifest.exists():
+        if _says_sealed(step_dir):
+            return (f"its integrity record {MANIFEST} is missing, though the step was saved to have one (deleted, or "
+                    "the run was stopped before recording it): its files cannot be checked")
         return None
     try:
         recorded = json.loads(manifest.read_text())["files"]
     except (ValueError, KeyError, TypeError):
         return f"its integrity record {MANIFEST} is unreadable"
+    if not isinstance(recorded, dict) or not all(
+            isinstance(entry, dict) and isinstance(entry.get("bytes"), int) and isinstance(entry.get("sha256"), str)
+            for entry in recorded.values()):
+        return f"its integrity record {MANIFEST} is malformed (files must map each path to its bytes and sha256)"
     files = _files(step_dir)
     present = {str(p.relative_to(step_dir)) for p in files}
     missing, extra = sorted(set(recorded) - present), sorted(present - set(recorded))
