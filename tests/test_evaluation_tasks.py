@@ -141,3 +141,41 @@ def test_tasks_scored_during_training(tmp_path):
     assert [r["step"] for r in tasks] == [2, 3] and all(0 <= r["cloze/acc"] <= 1 and r["cloze/perplexity"] > 1
                                                         for r in tasks)
     assert (tmp_path / "run" / "loss.png").is_file()
+
+
+@pytest.mark.parametrize("kind, fields, row, message", [
+    ("multiple_choice", dict(context="{q}", choices="choices", gold="gold"), {"q": "x", "choices": [" a", " b"], "gold": 7},
+     r"field 'gold' must be the index of the right choice \(0…1\), got 7"),
+    ("multiple_choice", dict(context="{q}", choices="choices", gold="gold"), {"q": "x", "choices": [" a", " b"], "gold": -1},
+     "field .gold.* got -1"),
+    ("multiple_choice", dict(context="{q}", choices="choices", gold="gold"), {"q": "x", "choices": [" a", " b"], "gold": True},
+     "field .gold.* got True"),
+    ("multiple_choice", dict(context="{q}", choices="choices", gold="gold"), {"q": "x", "choices": "blue", "gold": 0},
+     "field 'choices' must be a list of at least two non-empty strings, got 'blue'"),
+    ("multiple_choice", dict(context="{q}", choices="choices", gold="gold"), {"q": "x", "choices": [" a", " b"]},
+     "lacks the field 'gold'"),
+    ("perplexity", dict(text="text"), {"text": ""}, "field 'text' must be a non-empty string"),
+    ("cloze", dict(text="text"), {"text": None}, "field 'text' must be a non-empty string"),
+    ("generate", dict(prompt="{q}", target="answer"), {"q": "x"}, "lacks the field 'answer'"),
+])
+def test_malformed_examples_are_refused_by_example_and_field(uniform, kind, fields, row, message):
+    good = {"multiple_choice": {"q": "y", "choices": [" a", " b"], "gold": 0}, "perplexity": {"text": "a b"},
+            "cloze": {"text": "a b"}, "generate": {"q": "y", "answer": "a"}}[kind]
+    spec = check_task({"name": "t", "kind": kind, **fields, "examples": [good, row]})
+    with pytest.raises(DataError, match=f"task 't': example 2 {message}"):
+        evaluate_tasks(*uniform, TOK, [spec])
+
+
+def test_a_limit_must_be_positive(tmp_path, capsys):
+    with pytest.raises(DataError, match="limit must be a positive number"):
+        check_task({"name": "t", "kind": "perplexity", "text": "text", "examples": [{"text": "a"}], "limit": -1})
+    assert main(["evaluate", "--preset", "test", "--tasks", "x.yaml", "--limit", "-1"]) == 2
+    assert "--limit must be a positive number" in capsys.readouterr().err
+
+
+def test_a_nan_model_is_an_error_not_a_score(uniform):
+    params, config = uniform
+    nan = jax.tree.map(lambda p: p * jnp.nan, params)
+    spec = check_task({"name": "ppl", "kind": "perplexity", "text": "text", "examples": [{"text": "a cat"}]})
+    with pytest.raises(FloatingPointError, match="token_perplexity, byte_perplexity, bits_per_byte is NaN"):
+        evaluate_tasks(nan, config, TOK, [spec])

@@ -12,6 +12,8 @@ def _cmd_evaluate(args) -> int:
     from jaxgpt.atomic import write_json
     from jaxgpt.evaluation.tasks import evaluate_tasks, load_task, progress_to_stderr
 
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be a positive number of examples per task, got {args.limit}")
     specs = [load_task(t) for t in args.tasks.split(",") if t]
     for spec in specs:
         spec["limit"] = args.limit or spec.get("limit")

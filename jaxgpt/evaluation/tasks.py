@@ -83,7 +83,49 @@ def check_task(spec: dict) -> dict:
         raise DataError(f"task {name!r}: unknown metrics {bad}; known: {GENERATE_METRICS}")
     if not spec["examples"]:
         raise DataError(f"task {name!r} has no examples")
+    limit = spec.get("limit")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise DataError(f"task {name!r}: limit must be a positive number of examples, got {limit!r}")
     return spec
+
+
+def _text(value) -> bool:
+    return isinstance(value, str)
+
+
+def _row_problem(spec: dict, row) -> Optional[str]:
+    """What is wrong with one example of a task (its fields as the kind reads them), or None."""
+    if not isinstance(row, dict):
+        return f"is a {type(row).__name__}, not an object of fields"
+    kind = spec["kind"]
+    fields = [spec[k] for k in {"multiple_choice": ("choices", "gold"), "cloze": ("text",), "perplexity": ("text",),
+                                "generate": ("target",)}[kind]]
+    missing = [f for f in fields if f not in row]
+    if missing:
+        return f"lacks the field {missing[0]!r}"
+    if kind == "multiple_choice":
+        choices, gold = row[spec["choices"]], row[spec["gold"]]
+        if not isinstance(choices, list) or len(choices) < 2 or not all(_text(c) and c for c in choices):
+            return f"field {spec['choices']!r} must be a list of at least two non-empty strings, got {choices!r:.80}"
+        if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(choices):
+            return f"field {spec['gold']!r} must be the index of the right choice (0…{len(choices) - 1}), got {gold!r}"
+    elif kind in ("cloze", "perplexity"):
+        text = row[spec["text"]]
+        if not _text(text) or not text.strip():
+            return f"field {spec['text']!r} must be a non-empty string, got {text!r:.80}"
+    elif not isinstance(row[spec["target"]], (str, int, float)) or isinstance(row[spec["target"]], bool):
+        return f"field {spec['target']!r} must be a string (or number), got {row[spec['target']]!r:.80}"
+    return None
+
+
+def check_rows(spec: dict, rows: list) -> None:
+    """Refuse, naming the example and the field, any example the task's kind would misread (a
+    gold index out of range, a string where a list of choices belongs, a missing field, an empty text)."""
+    for n, row in enumerate(rows, 1):
+        problem = _row_problem(spec, row)
+        if problem:
+            where = f"{spec['data']}, example {n}" if "data" in spec else f"example {n}"
+            raise DataError(f"task {spec['name']!r}: {where} {problem}")
 
 
 def _fill(template: str, row: dict, name: str) -> str:
@@ -180,8 +222,14 @@ def evaluate_tasks(params, config, tokenizer, specs: list[dict], batch_size: int
     out = {}
     for i, spec in enumerate(specs):
         rows = spec["examples"][: spec.get("limit") or None]
+        check_rows(spec, rows)
         say(f"[{i + 1}/{len(specs)}] {spec['name']} ({spec['kind']}, {len(rows)} examples)")
-        out[spec["name"]] = {"kind": spec["kind"], "n": len(rows), **RUNNERS[spec["kind"]](scorer, spec, rows)}
+        result = RUNNERS[spec["kind"]](scorer, spec, rows)
+        bad = [k for k, v in result.items() if isinstance(v, float) and math.isnan(v)]
+        if bad:
+            raise FloatingPointError(f"task {spec['name']!r}: {', '.join(bad)} is NaN: the model's weights hold or "
+                                     "produce NaN/inf; evaluate an earlier checkpoint step")
+        out[spec["name"]] = {"kind": spec["kind"], "n": len(rows), **result}
     return {"tasks": out}
 
 
