@@ -93,10 +93,21 @@ BASE = {"model": {"n_layers": 1}, "tasks": {"mqar": {"pairs": [2]}}, "variants":
     ({"match": "vibes"}, "match must be one of"),
     ({"cost": "no"}, "cost must be true or false"),
     ({"compare": {"b": "zz"}}, r"\[compare\] b = 'zz'"),
+    ({"variants": {"a b": {}, "a-b": {}}}, "variants 'a b' and 'a-b' would share the run folder 'a-b'"),
+    ({"variants": {"A": {}, "a": {}}}, "variants 'A' and 'a' would share"),  # one folder on a case-insensitive disk
+    ({"variants": {"x": {}, "..": {}}}, "variants 'x' and '..' would share the run folder 'x'"),
 ])
 def test_bad_sweep_files_are_named(change, message):
     with pytest.raises(SweepError, match=message):
         parse_sweep({**BASE, **change})
+
+
+def test_run_folders_stay_inside_the_output_folder(tmp_path):
+    from jaxgpt.arena.run import run_dir
+
+    for name in ("..", ".", "../../etc", "/abs", "a/../../b"):
+        folder = run_dir(tmp_path, name, 0, "mqar").resolve()
+        assert tmp_path.resolve() / "runs" in folder.parents, (name, folder)
 
 
 def test_a_sweep_without_cost_runs():

@@ -21,16 +21,12 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable, Optional
 
-from jaxgpt.arena.sweep import Sweep, SweepError
+from jaxgpt.arena.sweep import Sweep, SweepError, folder_name
 from jaxgpt.atomic import write_json
 
 
-def slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "x"
-
-
 def run_dir(out: Path, variant: str, seed: int, task: str) -> Path:
-    return Path(out) / "runs" / slug(variant) / f"seed-{seed}" / slug(task)
+    return Path(out) / "runs" / folder_name(variant) / f"seed-{seed}" / folder_name(task)
 
 
 def run_spec(sweep: Sweep, variant: str, seed: int, task: str) -> dict:

@@ -30,6 +30,8 @@ number of tokens; the parameter init depends on the seed only.
 
 from __future__ import annotations
 
+import re
+
 import dataclasses
 import tomllib
 from dataclasses import dataclass, field
@@ -110,6 +112,24 @@ def _check_bool(name: str, value) -> bool:
     return value
 
 
+def folder_name(name: str) -> str:
+    """The folder a variant's (or task's) runs go in: its name with anything but letters, digits,
+    `_`, `.` and `-` made `-`, and no leading or trailing dots or dashes (so never `.` or `..`)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "x"
+
+
+def _check_folder_names(what: str, names) -> None:
+    """Two names that would share a run folder (here, or on a case-insensitive disk) are refused:
+    the second's results would overwrite the first's."""
+    seen: dict[str, str] = {}
+    for name in names:
+        key = folder_name(name).casefold()
+        if key in seen:
+            raise SweepError(f"sweep: {what} {seen[key]!r} and {name!r} would share the run folder "
+                             f"{folder_name(name)!r}: rename one")
+        seen[key] = name
+
+
 def parse_sweep(raw: dict, *, smoke: bool = False) -> Sweep:
     """A checked `Sweep` from the TOML's dict (`smoke`: with the [smoke] changes applied)."""
     unknown = set(raw) - TOP_KEYS
@@ -123,6 +143,8 @@ def parse_sweep(raw: dict, *, smoke: bool = False) -> Sweep:
         raise SweepError("sweep: [tasks.NAME] tables are needed (one per task; see jaxgpt.arena.tasks.TASKS)")
     if "cost" in tasks:
         raise SweepError("sweep: 'cost' is the name of the cost measurement, not a task")
+    _check_folder_names("variants", variants)
+    _check_folder_names("tasks", [*tasks, "cost"])
     train = {**TRAIN_DEFAULTS, **raw.get("train", {})}
     unknown = set(train) - set(TRAIN_DEFAULTS)
     if unknown:
