@@ -295,7 +295,21 @@ HTTP_CASES = [  # (name, raw body, extra, expected status, what the message must
     ("five stop strings", json.dumps({"prompt": "the", "stop": list("abcde")}).encode(), {}, 400, "stop"),
     ("temperature out of range", json.dumps({"prompt": "the", "temperature": 7}).encode(), {}, 400, "temperature"),
     ("prompt of the wrong type", json.dumps({"prompt": 12}).encode(), {}, 400, "prompt"),
+    ("a foreign Host header (DNS rebinding)", json.dumps({"prompt": "the"}).encode(),
+     {"headers": {"Host": "attacker.example:8000"}}, 421, "Host 'attacker.example:8000' is not served here"),
+    ("a Host that only starts like localhost", json.dumps({"prompt": "the"}).encode(),
+     {"headers": {"Host": "localhost.attacker.example"}}, 421, "is not served here"),
 ]
+
+
+def test_host_names_a_server_answers():
+    from jaxgpt.inference.http_plumbing import allowed_hosts_for, host_name
+
+    assert set(allowed_hosts_for("127.0.0.1")) == {"127.0.0.1", "localhost", "::1"}
+    assert allowed_hosts_for("10.0.0.5", ["gpu-box"]) == ("10.0.0.5", "gpu-box")
+    assert allowed_hosts_for("0.0.0.0") == ("*",) and allowed_hosts_for("::", ["a"]) == ("a",)
+    assert [host_name(h) for h in ("LocalHost:80", "[::1]:8000", "::1", "example.com")] == \
+        ["localhost", "::1", "::1", "example.com"]
 
 
 @pytest.mark.parametrize("name, raw, extra, status, message", HTTP_CASES, ids=[c[0] for c in HTTP_CASES])

@@ -176,3 +176,28 @@ def test_a_free_slot_is_left_untouched_by_the_decoding_step():
         jax.tree.map(np.testing.assert_array_equal, before, row(1))
         written = jax.tree.leaves(jax.tree.map(lambda a, b: np.any(a != b), before_active, row(0)))
         assert any(written), layout  # the active row was written
+
+
+@settings(max_examples=200)
+@given(tokens=st.lists(st.sampled_from("ab o\n"), min_size=1, max_size=12),
+       stops=st.lists(st.text("ab o\n", min_size=1, max_size=3), max_size=3), max_tokens=st.integers(1, 12))
+def test_streamed_text_is_the_answer_cut_at_the_first_stop(tokens, stops, max_tokens):
+    """What a stream sends, joined, is the whole answer: the text up to the earliest stop string
+    (never a piece of the stop string itself), or all of it when no stop string comes."""
+    from jaxgpt.data.tokenizer import CharTokenizer
+    from jaxgpt.inference.requests import RequestQueue
+
+    tok = CharTokenizer(list("ab o\n"))
+    queue = RequestQueue(tok, max_queue=1, metrics=None)
+    job = _job([0], max_tokens)
+    job.stop = stops
+    for t in tokens:
+        if queue.take_token(job, tok.encode(t)[0]):
+            break
+    else:
+        job.finish("length")
+    full = "".join(tokens[:max_tokens])
+    cuts = [full.find(s) for s in stops if s in full]
+    want = full[:min(cuts)] if cuts else full
+    assert job.text == "".join(e["text"] for e in job.events.events if "text" in e)
+    assert job.text == want, (job.text, want)

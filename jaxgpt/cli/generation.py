@@ -136,7 +136,7 @@ def _cmd_serve(args) -> int:
     serve(params, config, tokenizer, host=args.host, port=args.port, model_name=name, max_batch=args.max_batch,
           batch_wait_s=args.batch_wait_ms / 1000, max_tokens_limit=args.max_tokens_limit, batching=args.batching,
           max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, request_timeout_s=timeout_s,
-          drain_s=args.drain_s)
+          drain_s=args.drain_s, allowed_hosts=[h for h in args.allowed_hosts.split(",") if h])
     return 0
 
 
@@ -181,6 +181,9 @@ def add_commands(sub) -> None:
     add_model_source_args(p, "serve")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--allowed-hosts", default="",
+                   help="comma-separated Host names to answer besides --host (and, on loopback, localhost); "
+                        "others get 421 (DNS rebinding). With --host 0.0.0.0 and none given, any host is answered")
     p.add_argument("--model-name", default=None)
     p.add_argument("--batching", choices=("continuous", "dynamic"), default="continuous",
                    help="continuous: rows join and leave between decoding steps; dynamic: the older whole-batch "

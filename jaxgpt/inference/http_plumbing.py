@@ -60,13 +60,54 @@ class BodyLimit:
         return await self.app(scope, replay, send)
 
 
-def add_request_checks(app) -> None:
-    """Body-size limit, validation errors as 4xx responses that say what is wrong, and no internal
-    detail in any other error (it goes to the server's log)."""
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+WILDCARD_BINDS = ("0.0.0.0", "::", "")
+
+
+def allowed_hosts_for(bind: str, extra=()) -> tuple[str, ...]:
+    """The Host names a server bound to `bind` answers: the bound address (and, for loopback, the
+    loopback names) plus `extra`. A wildcard bind (0.0.0.0, ::) answers any host unless `extra` names
+    some: the server is then reachable under names it cannot know."""
+    if bind in WILDCARD_BINDS:
+        return tuple(extra) or ("*",)
+    loopback = bind in LOOPBACK_HOSTS or bind.startswith("127.")
+    return tuple(dict.fromkeys([bind, *(LOOPBACK_HOSTS if loopback else ()), *extra]))
+
+
+def host_name(header: str) -> str:
+    """The host of a Host header, without its port: `example.com:80` → `example.com`, `[::1]:80` → `::1`."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+class HostCheck:
+    """ASGI middleware: a request whose Host header names none of `allowed` gets a 421 (a DNS
+    rebinding page in a browser would otherwise reach a server on localhost under its own name)."""
+
+    def __init__(self, app, allowed) -> None:
+        self.app, self.allowed = app, {h.lower() for h in allowed}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or "*" in self.allowed:
+            return await self.app(scope, receive, send)
+        header = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
+        if host_name(header) not in self.allowed:
+            message = (f"Host {header!r} is not served here (allowed: {', '.join(sorted(self.allowed))}); "
+                       "start the server with --allowed-hosts to add a name")
+            return await error_response(421, message)(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+def add_request_checks(app, allowed_hosts=LOOPBACK_HOSTS) -> None:
+    """Host check, body-size limit, validation errors as 4xx responses that say what is wrong, and
+    no internal detail in any other error (it goes to the server's log)."""
     from fastapi import Request
     from fastapi.exceptions import RequestValidationError
 
     app.add_middleware(BodyLimit)
+    app.add_middleware(HostCheck, allowed=allowed_hosts)  # added last: runs first
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):

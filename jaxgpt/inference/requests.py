@@ -48,7 +48,8 @@ class Job:
     timeout_s: Optional[float] = None  # from submission to the last token
     cancelled: threading.Event = field(default_factory=threading.Event)
     ids: list = field(default_factory=list)
-    text: str = ""
+    text: str = ""  # the answer's text sent so far
+    held: str = ""  # decoded text not sent yet: it may be the start of a stop string
     finish_reason: Optional[str] = None
     submitted_at: float = field(default_factory=time.monotonic)
     last_token_at: Optional[float] = None
@@ -74,7 +75,12 @@ class Job:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
     def finish(self, reason: str) -> None:
-        """End the request normally (its text so far is the answer)."""
+        """End the request normally (its text so far is the answer; text held back as the possible
+        start of a stop string is sent first: no stop came)."""
+        if self.held:
+            self.text += self.held
+            self.send({"text": self.held})
+            self.held = ""
         self.finish_reason = reason
         self.send({"done": True})
 
@@ -82,6 +88,19 @@ class Job:
         """End the request with an error event (the app answers `status`)."""
         self.finish_reason = "error"
         self.send({"error": message, "status": status})
+
+
+def _could_begin_a_stop(text: str, stops: list, sent: int) -> int:
+    """How many characters at the end of `text` (none of its first `sent`) are the beginning of a stop
+    string: they are held back until the next tokens say whether the stop string follows, so a
+    streamed answer never shows part of a stop string that the whole answer cuts."""
+    longest = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text) - sent), longest, -1):
+            if text.endswith(stop[:k]):
+                longest = k
+                break
+    return longest
 
 
 class RequestQueue:
@@ -152,16 +171,16 @@ class RequestQueue:
         text = self.tokenizer.decode(job.ids)
         if text.endswith("\ufffd") and len(job.ids) < job.max_tokens:
             return False  # the rest of a multi-byte character comes with the next token
-        new = text[len(job.text):]
-        for s in job.stop:
-            cut = text.find(s, max(0, len(job.text) - len(s)))
-            if cut != -1:
-                new, job.text = text[len(job.text):cut], text[:cut]
-                if new:
-                    job.send({"text": new})
-                job.finish("stop")
-                return True
-        job.text = text
+        cuts = [cut for s in job.stop if (cut := text.find(s, max(0, len(job.text) - len(s)))) != -1]
+        if cuts:  # the earliest stop string ends the answer before it
+            cut = min(cuts)
+            new, job.text, job.held = text[len(job.text):cut], text[:cut], ""
+            if new:
+                job.send({"text": new})
+            job.finish("stop")
+            return True
+        ready = len(text) - _could_begin_a_stop(text, job.stop, len(job.text))
+        new, job.text, job.held = text[len(job.text):ready], text[:ready], text[ready:]
         if new:
             job.send({"text": new})
         if len(job.ids) >= job.max_tokens:

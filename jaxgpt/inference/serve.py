@@ -16,13 +16,15 @@ import json
 import time
 import uuid
 from importlib import resources
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 from jaxgpt.config import GPTConfig
 from jaxgpt.inference.batcher import Batcher
 from jaxgpt.inference.chat import ROLES, ChatError, chat_prompt
 from jaxgpt.inference.continuous import ContinuousBatcher
-from jaxgpt.inference.http_plumbing import CountResponses, add_request_checks, error_response, server_error
+from jaxgpt.inference.http_plumbing import (
+    LOOPBACK_HOSTS, CountResponses, add_request_checks, allowed_hosts_for, error_response, server_error,
+)
 from jaxgpt.inference.requests import Job, QueueFull, ShuttingDown
 
 MAX_PROMPT_CHARS = 100_000
@@ -243,9 +245,11 @@ def make_batcher(params, config: GPTConfig, tokenizer, *, batching: str = "conti
 
 
 def build_app(params, config: GPTConfig, tokenizer, *, model_name: str = "jaxgpt", warmup: bool = True,
-              request_timeout_s: Optional[float] = 300.0, drain_s: float = 10.0, **batching):
+              request_timeout_s: Optional[float] = 300.0, drain_s: float = 10.0,
+              allowed_hosts: Sequence[str] = LOOPBACK_HOSTS, **batching):
     """The FastAPI app; its scheduler thread starts (after compiling) and stops (draining) with it.
-    `batching`: the keyword arguments of `make_batcher`."""
+    `allowed_hosts`: the Host names it answers (`http_plumbing.allowed_hosts_for`); `batching`: the
+    keyword arguments of `make_batcher`."""
     from fastapi import FastAPI
 
     batcher = make_batcher(params, config, tokenizer, **batching)
@@ -257,7 +261,7 @@ def build_app(params, config: GPTConfig, tokenizer, *, model_name: str = "jaxgpt
         await asyncio.get_running_loop().run_in_executor(None, batcher.shutdown, drain_s)
 
     app = FastAPI(title="jaxgpt", version="0.1.0", lifespan=lifespan)
-    add_request_checks(app)
+    add_request_checks(app, allowed_hosts)
     app.add_middleware(CountResponses, metrics=batcher.metrics)
     _add_info_routes(app, batcher, config, model_name)
     answering = _Answering(batcher, config, tokenizer, model_name, request_timeout_s)
@@ -307,7 +311,8 @@ def make_server(app, host: str, port: int, drain_s: float = 10.0, log_level: str
 
 def serve(params, config: GPTConfig, tokenizer, *, host: str = "127.0.0.1", port: int = 8000,
           model_name: str = "jaxgpt", request_timeout_s: Optional[float] = 300.0, drain_s: float = 10.0,
-          **batching) -> None:
+          allowed_hosts: Sequence[str] = (), **batching) -> None:
+    """Serve until stopped; Host headers are checked against `host` and `allowed_hosts`."""
     app = build_app(params, config, tokenizer, model_name=model_name, request_timeout_s=request_timeout_s,
-                    drain_s=drain_s, **batching)
+                    drain_s=drain_s, allowed_hosts=allowed_hosts_for(host, allowed_hosts), **batching)
     make_server(app, host, port, drain_s).run()
