@@ -298,3 +298,44 @@ def test_metrics_endpoint_counts_in_prometheus_format(port):
     for name in ("jaxgpt_queue_length{}", "jaxgpt_running_rows{}", "jaxgpt_generated_tokens_per_second{}"):
         assert name in after
     assert after["jaxgpt_generated_tokens_per_second{}"] > 0
+
+
+def _hf_tokenizer(template):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from jaxgpt.data.tokenizer import HFTokenizer
+
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "hi": 1, "<eos>": 2}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return HFTokenizer(tok.to_str(), eos=2, chat_template=template)
+
+
+@pytest.mark.parametrize("template, message", [
+    ("{% for m in messages %}{{ m.content }", r"cannot be rendered \(line 1\): TemplateSyntaxError"),
+    ("{{ messages.append(1) }}", "cannot be rendered: SecurityError"),  # the sandbox refuses mutation
+    ("{{ raise_exception('only user turns') }}", "chat template: only user turns"),
+])
+def test_a_broken_chat_template_is_named_not_a_traceback(template, message):
+    from jaxgpt.inference.chat import ChatError, chat_prompt
+
+    with pytest.raises(ChatError, match=message):
+        chat_prompt(_hf_tokenizer(template), [{"role": "user", "content": "hi"}])
+
+
+def test_a_model_without_a_tokenizer_takes_token_ids_and_says_why_chat_cannot_work():
+    from jaxgpt.data.tokenizer import IdsTokenizer
+
+    cfg = get_preset("test", vocab_size=64, context_length=32)
+    app = build_app(init_params(cfg, seed=0), cfg, IdsTokenizer(64, eos=1), model_name="ids", max_tokens_limit=8,
+                    warmup=False)
+    with running_server(app) as p:
+        status, text = request(p, "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
+        assert status == 501 and "served model has no tokenizer" in json.loads(text)["error"]["message"], text
+        status, text = request(p, "POST", "/v1/completions", {"prompt": "hi", "max_tokens": 3})
+        assert status == 400 and "must be a list of token ids, not text" in text, text
+        status, text = request(p, "POST", "/v1/completions", {"prompt": [5, 9, 3], "max_tokens": 3, "temperature": 0})
+        assert status == 200, text
+        want = generate_batch(init_params(cfg, seed=0), cfg, [[5, 9, 3]], 3, eos_id=1)[0]
+        assert json.loads(text)["choices"][0]["text"] == "".join(f"<{t}>" for t in want)
+        status, text = request(p, "POST", "/v1/completions", {"prompt": [5, 999], "max_tokens": 3})
+        assert status == 400 and "outside the model's vocabulary" in text, text

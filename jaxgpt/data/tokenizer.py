@@ -244,6 +244,7 @@ class HFTokenizer:
         template (Jinja, rendered in a sandbox as transformers does), ready for the model's answer."""
         if not self.chat_template:
             raise TokenizerError("this tokenizer has no chat template (tokenizer_config.json has none)")
+        from jinja2 import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         def raise_exception(message):
@@ -252,8 +253,13 @@ class HFTokenizer:
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = raise_exception
         eos_token = self._tok.id_to_token(self._eos) if self._eos is not None else ""
-        return env.from_string(self.chat_template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                          bos_token="", eos_token=eos_token)
+        try:  # a syntax error, or an operation the sandbox blocks, is the template's fault: say so by name
+            return env.from_string(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt, bos_token="", eos_token=eos_token)
+        except TemplateError as e:
+            line = f" (line {e.lineno})" if getattr(e, "lineno", None) else ""
+            raise TokenizerError(f"the model's chat template (chat_template in tokenizer_config.json) cannot be "
+                                 f"rendered{line}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
 
 
 class IdsTokenizer:

@@ -25,6 +25,7 @@ answer (an implicit stop string).
 from __future__ import annotations
 
 from jaxgpt.data.instructions import PREAMBLE, RESPONSE_MARKER
+from jaxgpt.data.tokenizer import TokenizerError
 
 PLAIN_TEMPLATE_STOP = "\n\n### Instruction:"
 ROLES = ("system", "user", "assistant")
@@ -58,9 +59,20 @@ def plain_prompt(messages: list[dict]) -> str:
     return text + RESPONSE_MARKER
 
 
+class NoTokenizer(ChatError):
+    """The served model has no tokenizer: text cannot become tokens (the server's limit, not the request's)."""
+
+
 def chat_prompt(tokenizer, messages: list[dict]) -> tuple[str, list[str]]:
-    """(prompt text, implicit stop strings) of a checked conversation for this tokenizer."""
+    """(prompt text, implicit stop strings) of a checked conversation for this tokenizer. A chat
+    template that cannot be rendered is a ChatError naming the template."""
     check_messages(messages)
+    if getattr(tokenizer, "name", None) == "ids":
+        raise NoTokenizer("the served model has no tokenizer (its folder holds no tokenizer.json), so chat messages "
+                          "cannot be turned into tokens; /v1/completions takes a prompt of token ids")
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True), []
+        try:
+            return tokenizer.apply_chat_template(messages, add_generation_prompt=True), []
+        except TokenizerError as e:
+            raise ChatError(str(e)) from None
     return plain_prompt(messages), [PLAIN_TEMPLATE_STOP]

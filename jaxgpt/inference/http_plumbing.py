@@ -14,7 +14,8 @@ def error_response(status: int, message: str, param: Optional[str] = None, heade
     """An OpenAI-shaped error response."""
     from fastapi.responses import JSONResponse
 
-    kind = {429: "rate_limit_error", 503: "server_unavailable", 504: "timeout"}.get(status, "invalid_request_error")
+    kind = {429: "rate_limit_error", 501: "not_supported", 503: "server_unavailable", 504: "timeout"}.get(
+        status, "invalid_request_error")
     return JSONResponse(status_code=status, headers=headers, content={
         "error": {"message": message, "type": kind, "param": param, "code": None}})
 

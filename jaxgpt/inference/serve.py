@@ -20,7 +20,7 @@ from typing import Optional, Sequence, Union
 
 from jaxgpt.config import GPTConfig
 from jaxgpt.inference.batcher import Batcher
-from jaxgpt.inference.chat import ROLES, ChatError, chat_prompt
+from jaxgpt.inference.chat import ROLES, ChatError, NoTokenizer, chat_prompt
 from jaxgpt.inference.continuous import ContinuousBatcher
 from jaxgpt.inference.http_plumbing import (
     LOOPBACK_HOSTS, CountResponses, add_request_checks, allowed_hosts_for, error_response, server_error,
@@ -50,7 +50,7 @@ def _request_models(limit: int, vocab_size: int):
         stream: bool = False
 
     class CompletionRequest(Sampling):
-        prompt: str = Field(max_length=MAX_PROMPT_CHARS)
+        prompt: Union[str, list[int]] = Field(max_length=MAX_PROMPT_CHARS)  # text, or token ids (OpenAI's too)
 
     class Message(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -134,16 +134,24 @@ class _Answering:
         self.batcher, self.config, self.tokenizer = batcher, config, tokenizer
         self.model_name, self.timeout_s = model_name, timeout_s
 
-    def job(self, req, prompt: str, extra_stops: list, param: str):
+    def job(self, req, prompt: Union[str, list], extra_stops: list, param: str):
         """(job, None) or (None, the 4xx response saying what is wrong)."""
         if req.model not in (None, self.model_name):
             return None, error_response(404, f"model {req.model!r} is not served here; GET /v1/models lists "
                                 f"{self.model_name!r}", "model")
-        try:
-            prompt_ids = self.tokenizer.encode(prompt) or [self.tokenizer.eot_id]
-        except Exception as e:  # noqa: BLE001 - a character outside a char vocabulary, a special token, ...
-            return None, error_response(400, f"{param} cannot be encoded by this model's tokenizer: "
-                                f"{str(e).splitlines()[0][:200]}", param)
+        if isinstance(prompt, list):  # token ids, as given
+            if not prompt or min(prompt) < 0:
+                return None, error_response(400, f"{param} as token ids must be a non-empty list of ids >= 0", param)
+            prompt_ids = list(prompt)
+        elif self.tokenizer.name == "ids":
+            return None, error_response(400, f"the served model has no tokenizer (its folder holds no tokenizer.json), "
+                                             f"so {param} must be a list of token ids, not text", param)
+        else:
+            try:
+                prompt_ids = self.tokenizer.encode(prompt) or [self.tokenizer.eot_id]
+            except Exception as e:  # noqa: BLE001 - a character outside a char vocabulary, a special token, ...
+                return None, error_response(400, f"{param} cannot be encoded by this model's tokenizer: "
+                                                 f"{str(e).splitlines()[0][:200]}", param)
         if max(prompt_ids) >= self.config.vocab_size:
             return None, error_response(400, f"{param} encodes to token id {max(prompt_ids)}, outside the model's "
                                 f"vocabulary of {self.config.vocab_size}", param)
@@ -210,6 +218,8 @@ def _add_completion_routes(app, answering: _Answering, limit: int, vocab_size: i
         messages = [m.model_dump() for m in req.messages]
         try:
             prompt, stops = chat_prompt(answering.tokenizer, messages)
+        except NoTokenizer as e:  # the server cannot do chat for this model: not the request's fault
+            return error_response(501, str(e), "messages")
         except ChatError as e:
             return error_response(400, str(e), "messages")
         job, refusal = answering.job(req, prompt, stops, "messages")
