@@ -65,6 +65,7 @@ def ws(tmp_path_factory) -> dict:
         shutil.copytree(root / "run", root / name)
         for manifest in (root / name).glob("*/*/integrity.json"):
             manifest.unlink() if record is None else manifest.write_text(json.dumps(record))
+    (root / "latin1.txt").write_bytes("un café au lait ".encode("latin-1") * 20)
     (root / "prefs.json").write_text(json.dumps([{"instruction": "the fox", "input": "", "output": "a dog",
                                                   "chosen": "a dog", "rejected": "the box"}] * 4))
     assert main(["convert", "to-hf", str(root / "run"), "--out", str(root / "hf")]) == 0
@@ -147,6 +148,16 @@ CASES = [  # (name, argv with {root}, what the message must say)
     ("import over a run", ["convert", "from-hf", f"{R}/hf", "--out", f"{R}/run"], "already holds checkpoints"),
     ("prepare into a non-empty folder", ["data", "prepare", f"{R}/corpus.txt", "--out", f"{R}/nonempty",
                                          "--tokenizer", "char"], "not empty"),
+    ("prepare a device", ["data", "prepare", "/dev/zero", "--out", f"{R}/o21", "--tokenizer", "char"],
+     "is not a regular file or a folder"),
+    ("tokenizer with a repeated special token", ["tokenizer", "train", f"{R}/corpus.txt", "--vocab-size", "300",
+                                                 "--out", f"{R}/o20", "--special", "X", "X"], "must be distinct"),
+    ("tokenizer into a non-empty folder", ["tokenizer", "train", f"{R}/corpus.txt", "--vocab-size", "300", "--out",
+                                           f"{R}/nonempty"], "not empty"),
+    ("tokenizer on bytes that are not UTF-8", ["tokenizer", "train", f"{R}/latin1.txt", "--vocab-size", "300",
+                                               "--out", f"{R}/o22"], "not valid UTF-8 at byte 6"),
+    ("numerics on an empty batch", ["numerics", "--preset", "test", "--batch", "0"],
+     "--batch and --length must be at least 1"),
     ("prepare a bad split", ["data", "prepare", f"{R}/corpus.txt", "--out", f"{R}/o17", "--val-fraction", "2"],
      "val_fraction"),
     ("classify rows without a label", ["finetune", "classify", "--checkpoint", f"{R}/run", "--data",
@@ -199,6 +210,23 @@ def test_a_damaged_run_resumes_from_its_newest_intact_step(ws, tmp_path, capsys)
     assert main(["train", "--out", str(run), "--resume", "--max-steps", "3", "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert "is corrupt" in err and f"using the newest intact step, {run / 'checkpoints' / str(newest)}" in err
+
+
+def test_an_export_onto_a_full_disk_says_so_and_keeps_the_old_one(ws, tmp_path, capsys, monkeypatch):
+    import safetensors.numpy
+    from safetensors import SafetensorError
+
+    export = shutil.copytree(ws["root"] / "hf", tmp_path / "hf")
+    before = _snapshot(export)
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(No space left on device (os error 28))")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", full_disk)
+    assert main(["convert", "to-hf", str(ws["root"] / "run"), "--out", str(export), "--force"]) == 2
+    err = capsys.readouterr().err
+    assert "could not write model.safetensors: Error while serializing: IoError(No space left" in err
+    assert "Traceback" not in err and _snapshot(export) == before
 
 
 def test_a_newest_step_missing_files_is_named_not_skipped(ws, tmp_path, capsys):

@@ -138,3 +138,21 @@ def test_train_prepare_and_generate_with_a_trained_tokenizer(tmp_path, trained):
     params, config, tok = load_for_inference(tmp_path / "run")
     assert isinstance(tok, BPETokenizer) and config.vocab_size == tok.vocab_size == trained[0].vocab_size
     assert generate_text(params, config, tok, "the quick", 5).startswith("the quick")
+
+
+def test_training_counts_replaced_bytes_and_replaces_a_folder_only_with_force(tmp_path, capsys):
+    from jaxgpt.atomic import TargetExistsError
+    from jaxgpt.data.bpe import train_tokenizer_files
+
+    (tmp_path / "latin1.txt").write_bytes("un café au lait \ufffd ".encode("latin-1", errors="ignore") * 20
+                                          + "\ufffd".encode())  # 20 bad bytes, one real U+FFFD
+    out = tmp_path / "tok"
+    summary = train_tokenizer_files([tmp_path / "latin1.txt"], 270, out, progress=False, replace_undecodable=True)
+    assert summary["undecodable_replaced"] == 20 and "20 undecodable" in capsys.readouterr().err
+    first = (out / "tokenizer.tiktoken").read_text()
+    (tmp_path / "other.txt").write_text("something else entirely " * 30)
+    with pytest.raises(TargetExistsError, match="not empty"):
+        train_tokenizer_files([tmp_path / "other.txt"], 270, out, progress=False)
+    assert (out / "tokenizer.tiktoken").read_text() == first
+    train_tokenizer_files([tmp_path / "other.txt"], 270, out, progress=False, force=True)
+    assert (out / "tokenizer.tiktoken").read_text() != first

@@ -22,7 +22,8 @@ def _cmd_tokenizer_train(args) -> int:
     from jaxgpt.data.bpe import train_tokenizer_files
 
     summary = train_tokenizer_files(args.files, args.vocab_size, args.out, special_tokens=tuple(args.special),
-                                    progress=not args.no_progress)
+                                    progress=not args.no_progress, force=args.force,
+                                    replace_undecodable=args.replace_undecodable)
     print(json.dumps(summary) if args.json else
           f"{summary['vocab_size']:,} tokens ({summary['merges']:,} merges) from {summary['bytes']:,} bytes in "
           f"{summary['seconds']:.1f} s -> {summary['out']}")
@@ -53,6 +54,9 @@ def add_commands(sub) -> None:
     p.add_argument("--vocab-size", type=int, required=True, help="tokens in all: 256 bytes + merges + special tokens")
     p.add_argument("--out", required=True, help="directory for tokenizer.tiktoken and tokenizer_config.json")
     p.add_argument("--special", nargs="*", default=["<|endoftext|>"], help="special tokens (ids after the merges)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out (atomically, once training is done)")
+    p.add_argument("--replace-undecodable", action="store_true",
+                   help="train on U+FFFD where a file is not valid UTF-8 (default: refuse, naming the byte)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_tokenizer_train)

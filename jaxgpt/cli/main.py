@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from jaxgpt.cli import arena, data, evaluation, finetuning, generation, numerics, training, weights
+from jaxgpt.cli.library_logs import library_logs_to_file
 
 COMMAND_MODULES = (generation, training, weights, data, finetuning, numerics, evaluation, arena)
 
@@ -24,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run one command; `argv=None`: the process's own arguments (the process's entry point)."""
+    entry_point = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     if getattr(args, "before_jax", None) is not None:
@@ -40,7 +43,8 @@ def main(argv=None) -> int:
     from jaxgpt.weights.hf import WeightsError
 
     try:
-        return args.func(args)
+        with library_logs_to_file(args.command, until_exit=entry_point):
+            return args.func(args)
     except KeyboardInterrupt:  # Ctrl-C outside the loops that save first (start-up, loading, decoding)
         print(f"jaxgpt {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -22,6 +22,9 @@ def jsonable(tree):
 def _cmd_numerics(args) -> int:
     from jaxgpt.numerics.report import format_table, plot_errors, progress_to_stderr, run_numerics, sample_batch
 
+    if args.batch < 1 or (args.length is not None and args.length < 1):
+        raise ValueError(f"--batch and --length must be at least 1, got "
+                         f"--batch {args.batch}" + (f" --length {args.length}" if args.length is not None else ""))
     params, config, tokenizer = load_model(args)
     overrides = {k: v for k, v in (("dtype", args.dtype), ("attn_impl", args.attn_impl)) if v is not None}
     config = config.replace(**overrides, drop_rate=0.0)

@@ -188,27 +188,53 @@ def ranks_from_gpt2_encoder(encoder: dict[str, int]) -> dict[bytes, int]:
     return {bytes(decode[ch] for ch in token): rank for token, rank in encoder.items() if token != "<|endoftext|>"}
 
 
-def train_tokenizer_files(paths, vocab_size: int, out_dir, special_tokens=("<|endoftext|>",), progress: bool = True) -> dict:
+def train_tokenizer_files(paths, vocab_size: int, out_dir, special_tokens=("<|endoftext|>",), progress: bool = True,
+                          force: bool = False, replace_undecodable: bool = False) -> dict:
     """`jaxgpt tokenizer train`: count the files' pieces, learn the merges (a progress bar over
-    them), save DIR/tokenizer.tiktoken and DIR/tokenizer_config.json; returns a summary."""
+    them), save DIR/tokenizer.tiktoken and DIR/tokenizer_config.json; returns a summary.
+
+    Refused before any work: a repeated or empty special token (two names for one id, or an id
+    decoding cannot map), a non-empty `out_dir` without `force`, a file that is not valid UTF-8
+    (named with the byte where it stops) unless `replace_undecodable`, which trains on U+FFFD in
+    place of those bytes and reports how many there were. The folder is written atomically."""
     import sys
     import time
 
     from tqdm import tqdm
 
+    from jaxgpt.atomic import atomic_directory, check_target
+
     t0 = time.perf_counter()
-    texts = []
+    repeated = sorted({t for t in special_tokens if list(special_tokens).count(t) > 1})
+    if repeated or any(not t for t in special_tokens):
+        raise ValueError(f"special tokens must be distinct and non-empty, got {list(special_tokens)}")
+    check_target(Path(out_dir), force, "tokenizer folder")
+    texts, replaced = [], 0
     for path in paths:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such file to train a tokenizer on")
-        texts.append(path.read_text(encoding="utf-8", errors="replace"))
+            raise FileNotFoundError(f"{path}: no such file to train a tokenizer on" if not path.exists() else
+                                    f"{path} is not a regular file (a device, pipe or socket would be read without "
+                                    "end): give text files")
+        data = path.read_bytes()
+        try:
+            texts.append(data.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            if not replace_undecodable:
+                raise ValueError(f"{path}: not valid UTF-8 at byte {e.start} ({e.reason}); fix the file, or pass "
+                                 "--replace-undecodable to train on U+FFFD in place of such bytes") from None
+            text = data.decode("utf-8", errors="replace")
+            replaced += text.count("\ufffd") - data.decode("utf-8", errors="ignore").count("\ufffd")
+            texts.append(text)
+    if replaced:
+        print(f"[jaxgpt] {replaced:,} undecodable byte sequence(s) trained as U+FFFD", file=sys.stderr)
     counts = count_pieces(texts)
     n_special = len(special_tokens)
     with tqdm(total=max(vocab_size - n_special - 256, 0), desc="merges", disable=not progress, file=sys.stderr) as bar:
         ranks = train_bpe(counts, vocab_size, n_special, progress=bar.update)
     special = {tok: len(ranks) + i for i, tok in enumerate(special_tokens)}
-    save_tokenizer_files(out_dir, ranks, special, GPT2_PATTERN)
+    with atomic_directory(Path(out_dir), force=force, what="tokenizer folder") as tmp:
+        save_tokenizer_files(tmp, ranks, special, GPT2_PATTERN)
     return {"out": str(out_dir), "vocab_size": len(ranks) + n_special, "merges": len(ranks) - 256,
             "distinct_pieces": len(counts), "bytes": sum(len(t.encode("utf-8")) for t in texts),
-            "seconds": time.perf_counter() - t0}
+            "undecodable_replaced": replaced, "seconds": time.perf_counter() - t0}

@@ -41,6 +41,9 @@ def iter_documents(inputs: Sequence[str], text_field: str = "text") -> Iterator[
         path = Path(item).expanduser()
         if not path.exists():
             raise DataError(f"input {path} does not exist")
+        if not path.is_dir() and not path.is_file():
+            raise DataError(f"input {path} is not a regular file or a folder (a device, pipe or socket would be read "
+                            "without end): give text, JSONL files or folders of them")
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         for f in files:
             if f.suffix == ".jsonl":

@@ -33,9 +33,12 @@ class CheckpointError(RuntimeError):
 
 
 def _short(error: Exception) -> str:
-    """The first line of an Orbax/TensorStore error (their dumps run to dozens of lines)."""
+    """The first line of an Orbax/TensorStore error (their dumps run to dozens of lines), led by
+    "the disk is full" when that is what it says deep inside."""
     text = str(error).strip().splitlines()
-    return (text[0][:300] if text else type(error).__name__)
+    first = text[0][:300] if text else type(error).__name__
+    full = "No space left on device" in str(error) or "ENOSPC" in str(error)
+    return f"the disk is full ({first})" if full else first
 
 
 def _manager(directory: Path, keep: int, create: bool) -> ocp.CheckpointManager:

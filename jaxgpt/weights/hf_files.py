@@ -177,12 +177,21 @@ def to_float32(name: str, arr: np.ndarray) -> np.ndarray:
 
 
 def write_safetensors(tensors: dict[str, np.ndarray], out_dir: Path, max_shard_bytes: Optional[int]) -> None:
-    """model.safetensors, or shards of at most `max_shard_bytes` and their index."""
+    """model.safetensors, or shards of at most `max_shard_bytes` and their index. A write that fails
+    (a full disk) is a WeightsError naming the file."""
+    from safetensors import SafetensorError
     from safetensors.numpy import save_file
 
     metadata = {"format": "pt"}  # what transformers expects in the header
+
+    def save(shard: dict, path: Path) -> None:
+        try:
+            save_file(shard, str(path), metadata=metadata)
+        except (SafetensorError, OSError) as e:
+            raise WeightsError(f"could not write {path.name}: {str(e).splitlines()[0][:200]}") from None
+
     if max_shard_bytes is None or sum(a.nbytes for a in tensors.values()) <= max_shard_bytes:
-        save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata=metadata)
+        save(tensors, out_dir / WEIGHTS_FILE)
         return
     shards, current, size = [], {}, 0
     for name, arr in tensors.items():
@@ -195,7 +204,7 @@ def write_safetensors(tensors: dict[str, np.ndarray], out_dir: Path, max_shard_b
     weight_map = {}
     for k, shard in enumerate(shards, 1):
         fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out_dir / fname), metadata=metadata)
+        save(shard, out_dir / fname)
         weight_map.update({name: fname for name in shard})
     index = {"metadata": {"total_size": sum(a.nbytes for a in tensors.values())}, "weight_map": weight_map}
     (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2))
