@@ -127,8 +127,10 @@ CASES = [  # (name, argv with {root}, what the message must say)
     ("eval a step whose integrity record lists no files", ["eval", "--checkpoint", f"{R}/null_record"], "malformed"),
     ("eval a step whose integrity record has null entries", ["eval", "--checkpoint", f"{R}/null_entries"],
      "malformed"),
-    ("eval weights that give a NaN loss", ["eval", "--checkpoint", f"{R}/nan_run", "--data", f"{R}/corpus.txt"],
-     "is nan: its weights"),
+    ("eval weights that hold NaN", ["eval", "--checkpoint", f"{R}/nan_run", "--data", f"{R}/corpus.txt"],
+     "holds NaN or inf in 27 of 27 tensors"),
+    ("generate from weights that hold NaN", ["generate", "--checkpoint", f"{R}/nan_run", "--prompt", "the"],
+     "holds NaN or inf"),
     ("eval a damaged run", ["eval", "--checkpoint", f"{R}/corrupt", "--json"], "corrupt"),
     ("generate from a damaged run", ["generate", "--checkpoint", f"{R}/corrupt", "--prompt", "the"], "corrupt"),
     ("top-p above one", ["generate", "--checkpoint", f"{R}/run", "--prompt", "the", "--top-p", "1.5"], "top_p"),
@@ -210,6 +212,20 @@ def test_a_damaged_run_resumes_from_its_newest_intact_step(ws, tmp_path, capsys)
     assert main(["train", "--out", str(run), "--resume", "--max-steps", "3", "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert "is corrupt" in err and f"using the newest intact step, {run / 'checkpoints' / str(newest)}" in err
+
+
+def test_a_non_finite_validation_loss_is_an_error_not_a_result(ws):
+    """Weights can be finite and still give a NaN loss (here: an infinite scale); `eval`'s
+    evaluation refuses it by name instead of printing `val loss nan`."""
+    from jaxgpt.train.evaluate import evaluate_model
+
+    tok = CharTokenizer.from_text(TEXT)
+    cfg = get_preset("test", vocab_size=tok.vocab_size, drop_rate=0.0)
+    params = init_params(cfg)
+    params["params"]["ln_f"]["scale"] = params["params"]["ln_f"]["scale"] * np.inf
+    train_cfg = TrainConfig(data=str(ws["root"] / "corpus.txt"), tokenizer="char", eval_batches=1, batch_size=2)
+    with pytest.raises(FloatingPointError, match="the validation loss of run X on .* is nan"):
+        evaluate_model(params, cfg, tok, train_cfg, source="run X")
 
 
 def test_an_export_onto_a_full_disk_says_so_and_keeps_the_old_one(ws, tmp_path, capsys, monkeypatch):

@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 from jaxgpt.config import GPTConfig
 from jaxgpt.data.tokenizer import tokenizer_from_dict
 from jaxgpt.weights import integrity
+from jaxgpt.weights.finite import check_finite_params
 
 
 class CheckpointError(RuntimeError):
@@ -285,4 +286,5 @@ def load_for_inference(path: Path):
     meta = read_meta(found, required=("model", "tokenizer"))
     config = GPTConfig.from_dict(meta["model"])
     params = restore_params(found, param_shapes(config))
+    check_finite_params(params, f"checkpoint {found.path}")
     return unstack_layers(params), config.replace(scan_layers=False), tokenizer_from_dict(meta["tokenizer"])

@@ -18,6 +18,7 @@ import numpy as np
 
 from jaxgpt.config import GPTConfig
 from jaxgpt.weights import hf_families, hf_gpt2
+from jaxgpt.weights.finite import check_finite_params
 from jaxgpt.weights.hf_files import (  # noqa: F401  (resolve_checkpoint, WeightsError: this module's API too)
     CONFIG_FILE, INDEX_FILE, TOKENIZER_FILE, WEIGHTS_FILE, TensorReader, WeightsError, hf_cache_dir,
     resolve_checkpoint, tensor_shapes, write_safetensors,
@@ -91,13 +92,16 @@ def load_hf(name_or_dir: str, *, download: bool = False) -> tuple[dict, GPTConfi
         stored = {new: old for old, new in names.items()}
         with TensorReader(directory) as read:  # the same one-tensor reader as the families
             _check_tied_head(read, cfg, stored.get("lm_head.weight"), stored.get("transformer.wte.weight"), directory)
-            return hf_gpt2.params_from_tensors({new: read(old) for old, new in names.items()}, cfg), cfg
-    check_config_fits_tensors(cfg, shapes, directory / CONFIG_FILE, "model.layers.", "model.embed_tokens.weight")
-    _check_names_and_shapes(hf_families.expected_shapes(cfg, kind), shapes, cfg.tie_embeddings)
-    with TensorReader(directory) as read:  # one tensor at a time: about one copy of the weights at the peak
-        head = "lm_head.weight" if "lm_head.weight" in shapes else None
-        _check_tied_head(read, cfg, head, "model.embed_tokens.weight", directory)
-        return hf_families.params_from_reader(read, cfg, kind), cfg
+            params = hf_gpt2.params_from_tensors({new: read(old) for old, new in names.items()}, cfg)
+    else:
+        check_config_fits_tensors(cfg, shapes, directory / CONFIG_FILE, "model.layers.", "model.embed_tokens.weight")
+        _check_names_and_shapes(hf_families.expected_shapes(cfg, kind), shapes, cfg.tie_embeddings)
+        with TensorReader(directory) as read:  # one tensor at a time: about one copy of the weights at the peak
+            head = "lm_head.weight" if "lm_head.weight" in shapes else None
+            _check_tied_head(read, cfg, head, "model.embed_tokens.weight", directory)
+            params = hf_families.params_from_reader(read, cfg, kind)
+    check_finite_params(params, str(directory))
+    return params, cfg
 
 
 def _check_tied_head(read, cfg: GPTConfig, head: Optional[str], embedding: Optional[str], directory: Path) -> None:
