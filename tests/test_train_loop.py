@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxgpt.weights.checkpoint import CheckpointError, load_for_inference, read_meta
+from jaxgpt.weights.checkpoint import locate, CheckpointError, load_for_inference, read_meta
 from jaxgpt.cli.main import main
 from jaxgpt.config import ConfigError, GPTConfig
 from jaxgpt.data.corpus import DataError
@@ -96,8 +96,10 @@ def test_resume_after_kill_9_is_bit_identical(corpus, tmp_path):
         time.sleep(0.05)
     proc.kill()
     proc.wait()
-    step_at_kill = read_meta(run)["step"]
-    assert 10 <= step_at_kill < 40, step_at_kill
+    # killed at once when step 10 appeared: often before its integrity record was written, so
+    # step 10 is then refused as unverifiable and the resume falls back to step 5
+    step_at_kill = read_meta(locate(run, fallback=True, quiet=True))["step"]
+    assert 5 <= step_at_kill < 40, step_at_kill
     summary = train(None, None, run, resume=True, progress=False)
     assert summary["step"] == 40
     _assert_identical(tmp_path / "straight", run)
