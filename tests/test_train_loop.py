@@ -182,9 +182,9 @@ def test_resume_takes_the_newest_saved_state_and_old_metadata(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "best" / "100").mkdir(parents=True)
     (tmp_path / "checkpoints" / "200.orbax-checkpoint-tmp-1").mkdir()  # an unfinished save
-    assert _candidates(tmp_path)[0][0] == (tmp_path / "best", 100)
+    assert _candidates(tmp_path)[0] == (tmp_path / "best", 100)
     (tmp_path / "checkpoints" / "150").mkdir()
-    assert _candidates(tmp_path)[0][0] == (tmp_path / "checkpoints", 150)
+    assert _candidates(tmp_path)[0] == (tmp_path / "checkpoints", 150)
     old = {k: v for k, v in get_preset("test").to_dict().items() if k not in ("attention", "position", "n_kv_heads")}
     check_compatible(old, get_preset("test"))
     with pytest.raises(CheckpointError, match="position"):

@@ -24,7 +24,10 @@ def test_old_checkpoint_gives_the_old_logits(tmp_path):
     params, config, tokenizer = load_for_inference(run)  # parameters only: no optimizer built
     expected = np.load(RUN / "expected_logits.npz")
     np.testing.assert_array_equal(np.array([tokenizer.encode("the quick brown")]), expected["ids"])
-    np.testing.assert_array_equal(np.asarray(GPT(config).apply(params, expected["ids"])), expected["logits"])
+    # the same weights bit for bit (the next test); the logits to float32 roundoff, not bitwise: XLA's
+    # CPU kernels sum in another order on another CPU (4.5e-8 apart on this machine at commit 313270c)
+    np.testing.assert_allclose(np.asarray(GPT(config).apply(params, expected["ids"])), expected["logits"],
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_old_checkpoint_restores_as_a_train_state(tmp_path):
