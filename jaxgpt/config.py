@@ -14,9 +14,9 @@ from typing import Any, Optional
 
 import jax
 
+from jaxgpt.registry import POSITIONS, RegistryError, attention_kind
+
 ATTENTION_IMPLS = ("auto", "naive", "xla", "blockwise")
-POSITIONS = ("learned", "rope", "alibi", "none")  # see jaxgpt.positions
-ATTENTION_KINDS = ("softmax", "mla", "linear", "gated_deltanet")  # see jaxgpt.model.ATTENTION_LAYERS
 DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")  # float64 needs jax_enable_x64
 # What a block keeps for the backward pass (jax.checkpoint policies; docs/performance.md):
 # "none" keeps everything, "full" only the block's input (recomputes the rest), "dots" the matmul
@@ -58,9 +58,8 @@ class GPTConfig:
     ln_eps: float = 1e-5  # LayerNorm epsilon (GPT-2's)
     emb_init_std: float = 0.02  # std of the wte/wpe initialisation (GPT-2: 0.02; PyTorch nn.Embedding: 1.0)
     # attention variants (docs/attention_variants.md); the defaults are GPT-2's
-    attention: str = "softmax"  # "softmax", "mla" (multi-head latent attention), "linear" (causal linear attention),
-    # "gated_deltanet" (linear attention with the gated delta rule, jaxgpt.nn.gated_deltanet)
-    latent_dim: Optional[int] = None  # "mla": width of the shared key/value latent (what the cache stores)
+    attention: str = "softmax"  # a kind of jaxgpt.registry.ATTENTION (`jaxgpt variant-check --list`; plugins add more)
+    latent_dim: Optional[int] = None  # latent attention: width of the shared key/value latent (what the cache stores)
     n_kv_heads: Optional[int] = None  # key/value heads: None = n_heads (multi-head), 1 = multi-query, else grouped
     position: str = "learned"  # "learned" (GPT-2's wpe table), "rope", "alibi" or "none"
     rope_base: float = 10000.0  # RoPE wavelength base
@@ -140,19 +139,9 @@ class GPTConfig:
                 raise ConfigError(f"GPTConfig.{name} must be a positive integer or unset, got {v!r}")
         if self.global_every is not None and self.sliding_window is None:
             raise ConfigError("GPTConfig.global_every needs a sliding_window for the other layers")
-        if self.attention not in ATTENTION_KINDS:
-            raise ConfigError(f"GPTConfig.attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
-        if (self.attention == "mla") != (self.latent_dim is not None):
-            raise ConfigError("GPTConfig.latent_dim is needed exactly when attention is 'mla'")
         if self.latent_dim is not None and (isinstance(self.latent_dim, bool) or not isinstance(self.latent_dim, int)
                                             or self.latent_dim <= 0):
             raise ConfigError(f"GPTConfig.latent_dim must be a positive integer, got {self.latent_dim!r}")
-        if self.attention in ("linear", "gated_deltanet") and (self.position in ("rope", "alibi")
-                                                               or self.sliding_window is not None):
-            raise ConfigError(f"GPTConfig.attention {self.attention!r} takes position 'learned' or 'none' and no "
-                              "sliding_window")
-        if self.attention == "gated_deltanet" and self.n_kv_heads is not None:
-            raise ConfigError("GPTConfig.attention 'gated_deltanet' keeps one state per head: unset n_kv_heads")
         if self.dtype not in DTYPES:
             raise ConfigError(f"GPTConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.remat not in REMAT_POLICIES:
@@ -190,10 +179,13 @@ class GPTConfig:
         uses_rope = self.rope_scaling is not None or self.rope_local_base is not None
         if uses_rope and self.position != "rope":
             raise ConfigError("GPTConfig.rope_scaling and rope_local_base need position 'rope'")
-        if self.attention != "softmax" and (self.qk_norm or self.head_size is not None or self.query_scale is not None
-                                            or self.attn_gate or self.attn_sink or self.differential):
-            raise ConfigError("GPTConfig.qk_norm, head_size, query_scale, attn_gate, attn_sink and differential apply "
-                              "to softmax attention only")
+        try:
+            kind = attention_kind(self.attention)
+        except RegistryError as e:
+            raise ConfigError(f"GPTConfig.attention: {e}") from None
+        problems = kind.problems(self)
+        if problems:
+            raise ConfigError(f"GPTConfig.attention {self.attention!r} cannot take: {'; '.join(problems)}")
         if self.differential and self.query_scale is not None:
             raise ConfigError("GPTConfig.differential sets its own score scale (1/sqrt(head_dim / 2)): unset query_scale")
         if self.differential and self.head_dim % 2:
@@ -264,9 +256,11 @@ class GPTConfig:
 
     def layer_rope_base(self, layer: int) -> float:
         """The RoPE base of layer `layer`: `rope_local_base` for a sliding-window layer when set."""
-        if self.rope_local_base is not None and self.layer_window(layer) is not None:
-            return self.rope_local_base
-        return self.rope_base
+        return self.rope_base_of_window(self.layer_window(layer))
+
+    def rope_base_of_window(self, window: Optional[int]) -> float:
+        """The RoPE base of a layer with this window: `rope_local_base` for a local layer when set."""
+        return self.rope_local_base if window is not None and self.rope_local_base is not None else self.rope_base
 
     @property
     def kv_heads(self) -> int:

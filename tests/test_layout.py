@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "jaxgpt"
-LAYERS = {"config": 0, "host_setup": 0, "xla_tuning": 0, "atomic": 0, "nn": 1, "reference": 2, "data": 2, "weights": 3,
+LAYERS = {"config": 0, "host_setup": 0, "xla_tuning": 0, "atomic": 0, "registry": 0, "plugins": 0, "nn": 1, "reference": 2, "data": 2,
+          "kinds": 2, "weights": 3,
           "inference": 4, "train": 5, "evaluation": 5, "finetune": 6, "numerics": 6, "arena": 6, "cli": 7}
 MAX_MODULE_LINES, MAX_FUNCTION_LINES = 400, 80
 

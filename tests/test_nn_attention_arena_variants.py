@@ -158,7 +158,7 @@ def lively_params_core(core, q, k, v, attend):
 
 
 def test_variant_config_errors():
-    with pytest.raises(ConfigError, match="softmax attention only"):
+    with pytest.raises(ConfigError, match="attention 'linear' cannot take: attn_sink"):
         TEST.replace(attention="linear", attn_sink=True)
     with pytest.raises(ConfigError, match="even head dimension"):
         TEST.replace(differential=True, head_size=7)

@@ -33,9 +33,14 @@ def run_spec(sweep: Sweep, variant: str, seed: int, task: str) -> dict:
     """All that decides a run's result: a rerun reuses a finished run only if this is unchanged."""
     reference = task if task != "cost" else next(iter(sweep.tasks))
     vocab = sweep.task(reference).vocab_size
-    return {"variant": variant, "seed": seed, "task": task, "task_options": sweep.tasks.get(task, {}),
+    spec = {"variant": variant, "seed": seed, "task": task, "task_options": sweep.tasks.get(task, {}),
             "model": sweep.model_config(variant, vocab).to_dict(), "train": sweep.train,
             "lengths": list(sweep.lengths)}
+    if sweep.plugins:  # a changed plugin file makes its runs new runs
+        from jaxgpt.plugins import load_plugin
+
+        spec["plugins"] = {load_plugin(p)["path"]: load_plugin(p)["sha256"] for p in sweep.plugins}
+    return spec
 
 
 def finished_result(directory: Path, spec: dict) -> Optional[dict]:
@@ -93,13 +98,17 @@ def _exit_with_parent(parent: int) -> None:
             os._exit(1)
 
 
-def _worker_init() -> None:
-    """Several workers share the cores: one XLA thread each (set before the worker imports JAX)."""
+def _worker_init(plugins: tuple = ()) -> None:
+    """Several workers share the cores: one XLA thread each (set before the worker imports JAX);
+    then the sweep's plugins, so the worker knows the kinds its variants name."""
     import threading
 
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
                                "intra_op_parallelism_threads=1").strip()
+    from jaxgpt.plugins import load_plugins
+
+    load_plugins(plugins)
 
 
 def run_sweep(sweep: Sweep, out: Path, *, jobs: int = 1, progress: Optional[Callable] = None) -> list[dict]:
@@ -119,7 +128,8 @@ def run_sweep(sweep: Sweep, out: Path, *, jobs: int = 1, progress: Optional[Call
     training = [run for run in todo if run[2] != "cost"]
     serial = (training if jobs <= 1 else []) + [run for run in todo if run[2] == "cost"]  # cost runs last, alone
     if jobs > 1 and training:
-        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_worker_init) as pool:
+        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_worker_init,
+                                 initargs=(sweep.plugins,)) as pool:
             futures = [pool.submit(execute_run, sweep, v, s, t, d) for v, s, t, d in training]
             for future in as_completed(futures):
                 rows.append(future.result())

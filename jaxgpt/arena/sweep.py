@@ -50,7 +50,7 @@ MODEL_DEFAULTS = {"n_layers": 2, "n_heads": 4, "emb_dim": 64, "drop_rate": 0.0, 
 SMOKE_DEFAULTS = {"seeds": [0, 1], "variants": 2, "lengths": [1, 2],
                   "train": {"steps": 3, "batch_size": 4, "eval_every": 2, "eval_examples": 4, "cost_repeats": 1}}
 MATCH = ("none", "params", "flops")
-TOP_KEYS = {"baseline", "seeds", "lengths", "match", "model", "train", "tasks", "variants", "smoke", "title", "compare",
+TOP_KEYS = {"plugins", "baseline", "seeds", "lengths", "match", "model", "train", "tasks", "variants", "smoke", "title", "compare",
             "cost"}
 
 
@@ -71,6 +71,7 @@ class Sweep:
     tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
     compare: dict[str, str] = field(default_factory=dict)  # variant -> the variant its p-values are against
     cost: bool = True  # measure each variant's cost (a "cost" run per variant and seed)
+    plugins: tuple[str, ...] = ()  # plugin files (resolved paths) that register kinds the variants use
 
     def reference_of(self, variant: str) -> str:
         return self.compare.get(variant, self.baseline)
@@ -131,10 +132,15 @@ def _check_folder_names(what: str, names) -> None:
 
 
 def parse_sweep(raw: dict, *, smoke: bool = False) -> Sweep:
-    """A checked `Sweep` from the TOML's dict (`smoke`: with the [smoke] changes applied)."""
+    """A checked `Sweep` from the TOML's dict (`smoke`: with the [smoke] changes applied). Its
+    `plugins` are imported first: the variants may name kinds they register."""
+    from jaxgpt.plugins import load_plugins
+
     unknown = set(raw) - TOP_KEYS
     if unknown:
         raise SweepError(f"sweep: unknown keys {sorted(unknown)}; known: {sorted(TOP_KEYS)}")
+    plugins = tuple(str(Path(p).expanduser().resolve()) for p in raw.get("plugins", ()))
+    load_plugins(plugins)
     variants = raw.get("variants")
     if not isinstance(variants, dict) or not variants:
         raise SweepError("sweep: [variants.NAME] tables are needed (one per variant, GPTConfig overrides)")
@@ -178,7 +184,7 @@ def parse_sweep(raw: dict, *, smoke: bool = False) -> Sweep:
     sweep = Sweep(title=str(raw.get("title", "arena sweep")), variants={k: dict(v) for k, v in variants.items()},
                   baseline=baseline, seeds=_check_int_list("seeds", seeds), lengths=_check_int_list("lengths", lengths, 1),
                   match=match, model=model, train=train, tasks={k: dict(v) for k, v in tasks.items()}, compare=compare,
-                  cost=_check_bool("cost", raw.get("cost", True)))
+                  cost=_check_bool("cost", raw.get("cost", True)), plugins=plugins)
     _check_configs(sweep)
     return sweep
 
@@ -211,6 +217,10 @@ def load_sweep(path: str | Path, *, smoke: bool = False) -> Sweep:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise SweepError(f"{path}: not a valid TOML file: {e}") from None
+    plugins = raw.get("plugins", [])
+    if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
+        raise SweepError(f"sweep: plugins must be a list of file paths, got {plugins!r}")
+    raw["plugins"] = [str((path.parent / p).resolve()) for p in plugins]  # relative to the sweep file
     sweep = parse_sweep(raw, smoke=smoke)
     if sweep.match != "none":
         from jaxgpt.arena.matching import match_widths  # JAX is needed from here on

@@ -16,6 +16,11 @@ def cmd_arena(args) -> int:
     from jaxgpt.arena.sweep import load_sweep
 
     sweep = load_sweep(args.sweep, smoke=args.smoke)
+    if args.plugin:  # --plugin files join the sweep's own (its workers load them too)
+        import dataclasses
+
+        sweep = dataclasses.replace(sweep, plugins=tuple(dict.fromkeys(
+            [*sweep.plugins, *(str(Path(p).expanduser().resolve()) for p in args.plugin)])))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(sweep.runs()), unit="run", desc="arena", file=sys.stderr, disable=args.quiet)

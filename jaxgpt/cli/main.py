@@ -16,11 +16,19 @@ from jaxgpt.cli.library_logs import library_logs_to_file
 COMMAND_MODULES = (generation, training, weights, data, finetuning, numerics, evaluation, arena)
 
 
+# commands that build models from configs: a plugin's kinds must be registered before they read one
+PLUGIN_COMMANDS = ("train", "eval", "generate", "serve", "numerics", "arena", "evaluate", "attention-map",
+                   "variant-check")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxgpt", description="A GPT built from scratch in JAX/Flax.")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in COMMAND_MODULES:
         module.add_commands(sub)
+    for name in PLUGIN_COMMANDS:
+        sub.choices[name].add_argument("--plugin", action="append", default=[], metavar="FILE.py",
+                                       help="a Python file that registers new kinds (repeatable; docs/extending.md)")
     return parser
 
 
@@ -38,12 +46,15 @@ def main(argv=None) -> int:
     from jaxgpt.data.corpus import DataError
     from jaxgpt.data.tokenizer import TokenizerError
     from jaxgpt.finetune.loop import FinetuneInterrupted
+    from jaxgpt.plugins import PluginError, load_plugins
+    from jaxgpt.registry import RegistryError
     from jaxgpt.train.sharding import MeshError
     from jaxgpt.weights.checkpoint import CheckpointError
     from jaxgpt.weights.hf import WeightsError
 
     try:
         with library_logs_to_file(args.command, until_exit=entry_point):
+            load_plugins(getattr(args, "plugin", ()))
             return args.func(args)
     except KeyboardInterrupt:  # Ctrl-C outside the loops that save first (start-up, loading, decoding)
         print(f"jaxgpt {args.command}: interrupted", file=sys.stderr)
@@ -54,7 +65,8 @@ def main(argv=None) -> int:
     except FloatingPointError as e:  # a NaN/inf loss
         print(f"jaxgpt {args.command}: error: {e}", file=sys.stderr)
         return 3
-    except (ConfigError, DataError, SweepError, TaskError, TokenizerError, CheckpointError, WeightsError, MeshError, ValueError, OSError) as e:
+    except (ConfigError, DataError, SweepError, TaskError, TokenizerError, CheckpointError, WeightsError, MeshError,
+            PluginError, RegistryError, ValueError, OSError) as e:
         print(f"jaxgpt {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -53,7 +53,40 @@ def _cmd_selfcheck(args) -> int:
     return 0 if report["passed"] else 1
 
 
+def _cmd_variant_check(args) -> int:
+    import sys
+
+    from jaxgpt.registry import attention_kind, attention_kinds
+
+    if args.list or not args.kind:
+        kinds = {name: {"summary": attention_kind(name).summary, "plugin": attention_kind(name).plugin}
+                 for name in attention_kinds()}
+        print(json.dumps(kinds) if args.json else "\n".join(f"{k:16s} {v['summary']}" + (f"  [{v['plugin']}]" if
+                                                                                         v["plugin"] else "")
+                                                            for k, v in kinds.items()))
+        return 0 if args.list else 2
+    from jaxgpt.numerics.variant_check import variant_check
+
+    attention_kind(args.kind)  # an unknown kind: one line, before JAX starts
+    report = variant_check(args.kind, progress=lambda name: print(f"[variant-check] {args.kind}: {name}",
+                                                                   file=sys.stderr, flush=True))
+    if args.json:
+        print(json.dumps(jsonable(report)))
+    else:
+        for row in report["checks"]:
+            detail = {k: v for k, v in row.items() if k not in ("name", "ok")}
+            print(f"{'ok  ' if row['ok'] else 'FAIL'} {row['name']}: {json.dumps(jsonable(detail))}")
+    return 0 if report["ok"] else 1
+
+
 def add_commands(sub) -> None:
+    p = sub.add_parser("variant-check", help="the property checks (reference parity, causality, cached decoding, "
+                                             "backends, gradients) on any registered attention kind")
+    p.add_argument("kind", nargs="?", default=None, help="an attention kind (--list: the registered ones)")
+    p.add_argument("--list", action="store_true", help="list the registered attention kinds")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_variant_check)
+
     p = sub.add_parser("numerics", help="find where a JAX run leaves the float64 NumPy reference, op by op")
     add_model_source_args(p, what="check")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],

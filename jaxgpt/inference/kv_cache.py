@@ -12,21 +12,17 @@ from typing import Optional
 
 import jax
 
-from jaxgpt import xla_tuning
 from jaxgpt.config import GPTConfig, resolve_dtype
-from jaxgpt.nn.blocks import ATTENTION_LAYERS
+from jaxgpt.registry import attention_kind
 
 
 def init_cache(config: GPTConfig, batch: int, length: int) -> list:
-    """An empty decoding cache, one dict per layer, shaped by the layer's kind: softmax attention
-    {"k", "v": (batch, kv_heads, length, head_dim), "pos": (batch, length)} (a local layer: a ring of
-    its window's length, see `MultiHeadAttention.empty_cache`); latent attention
+    """An empty decoding cache, one dict per layer, shaped by the layer's attention kind
+    (`AttentionKind.empty_cache`): softmax attention {"k", "v": (batch, kv_heads, length, head_dim),
+    "pos": (batch, length)} (a local layer: a ring of its window's length); latent attention
     {"latent": (batch, length, latent_dim), "pos"}; linear attention its recurrent state."""
-    layer, dtype = ATTENTION_LAYERS[config.attention], resolve_dtype(config)
-    if config.attention == "softmax":  # local layers keep only their window (a ring)
-        dtype = xla_tuning.decode_cache_dtype(dtype)  # float32 for a bf16 model on CPU
-        return [layer.empty_cache(config, batch, length, dtype, config.layer_window(i)) for i in range(config.n_layers)]
-    return [layer.empty_cache(config, batch, length, dtype) for _ in range(config.n_layers)]
+    kind, dtype = attention_kind(config.attention), resolve_dtype(config)
+    return [kind.empty_cache(config, batch, length, dtype, config.layer_window(i)) for i in range(config.n_layers)]
 
 
 def kv_cache_bytes(config: GPTConfig, length: int, batch: int = 1) -> int:

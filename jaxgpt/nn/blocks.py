@@ -1,5 +1,6 @@
-"""The transformer block (the book's chapter 4): the attention layer, MLP and norms a config
-selects, and the blocks run as pure functions of their parameters (scanned or rematerialised).
+"""The transformer block (the book's chapter 4): the attention layer (its kind's, from
+`jaxgpt.registry.ATTENTION`), MLP and norms a config selects, and the blocks run as pure functions
+of their parameters (scanned or rematerialised).
 
 Parameter names follow GPT-2's (ln_1, attn, ln_2, mlp with c_fc/c_proj), so Hugging Face weights
 and the NumPy reference (`jaxgpt.reference`) address the same tree.
@@ -15,41 +16,12 @@ import jax
 import jax.numpy as jnp
 
 from jaxgpt.config import GPTConfig
-from jaxgpt.nn.attention import MultiHeadAttention
 from jaxgpt.nn.mlp import MLP
 from jaxgpt.nn.moe import MoE, moe_stats
 from jaxgpt.nn.norms import norm_layer
-from jaxgpt.nn.latent_attention import LatentAttention
-from jaxgpt.nn.linear_attention import LinearAttention
-from jaxgpt.nn.gated_deltanet import GatedDeltaNet
+from jaxgpt.registry import attention_kind
 
 Array = jax.Array
-
-
-# The attention layers a config can select (`GPTConfig.attention`). Each takes
-# (x_btd, *, deterministic, positions_bt, kv_cache, cache_index, mask_bts) and has
-# `empty_cache(config, batch, length, dtype)`; see docs/attention_variants.md to add one.
-ATTENTION_LAYERS = {"softmax": MultiHeadAttention, "mla": LatentAttention, "linear": LinearAttention,
-                    "gated_deltanet": GatedDeltaNet}
-
-
-def attention_layer(cfg: GPTConfig, *, impl: str, dtype, out_init_std: float, window: Optional[int]) -> nn.Module:
-    """The configured attention layer of one block (named "attn", as GPT-2's)."""
-    common = dict(n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, qkv_bias=cfg.qkv_bias, dtype=dtype,
-                  out_init_std=out_init_std, name="attn")
-    if cfg.attention == "linear":
-        return LinearAttention(**common)
-    if cfg.attention == "gated_deltanet":
-        return GatedDeltaNet(cfg.n_heads, cfg.qkv_bias, dtype, out_init_std, cfg.ln_eps, name="attn")
-    rope_base = cfg.rope_local_base if window is not None and cfg.rope_local_base is not None else cfg.rope_base  # as layer_rope_base
-    softmax_options = dict(drop_rate=cfg.drop_rate, impl=impl, position=cfg.position, rope_base=rope_base,
-                           window=window)
-    if cfg.attention == "mla":
-        return LatentAttention(latent_dim=cfg.latent_dim, **common, **softmax_options)
-    return MultiHeadAttention(**common, **softmax_options, head_dim=cfg.head_size, out_bias=cfg.attn_out_bias,
-                              qk_norm=cfg.qk_norm, norm_eps=cfg.ln_eps, norm_unit_offset=cfg.norm_unit_offset,
-                              query_scale=cfg.query_scale, rope_scaling=cfg.rope_scaling_spec, gate=cfg.attn_gate,
-                              sink=cfg.attn_sink, differential=cfg.differential)
 
 
 class Block(nn.Module):
@@ -72,7 +44,8 @@ class Block(nn.Module):
         post = (lambda name, y: norm(name)(y)) if cfg.post_norms else (lambda name, y: y)  # noqa: E731
         drop = nn.Dropout(cfg.drop_rate)
 
-        attn = attention_layer(cfg, impl=self.attn_impl, dtype=self.dtype, out_init_std=out_std, window=self.window)
+        attn = attention_kind(cfg.attention).layer(cfg, impl=self.attn_impl, dtype=self.dtype, out_init_std=out_std,
+                                                   window=self.window)
         attn_out = attn(norm("ln_1")(x_btd), deterministic=deterministic, positions_bt=positions_bt,
                         kv_cache=kv_cache, cache_index=cache_index, mask_bts=mask_bts)
         if kv_cache is not None:

@@ -6,7 +6,6 @@ import numpy as np
 
 from jaxgpt.nn.positions import alibi_slopes  # a table of constants (the slopes), shared with the model
 from jaxgpt.reference.attention_variants import gate_values, sink_softmax
-from jaxgpt.reference.gated_deltanet import gated_deltanet
 from jaxgpt.reference.layers import keep, linear, linear_backward, rms_norm, rms_norm_backward, softmax, softmax_backward
 
 # --- attention ------------------------------------------------------------------------------------
@@ -198,9 +197,6 @@ def linear_attention(x, c_attn, c_proj, n_heads, n_kv_heads=None, record=keep, *
         norm = norm + phi(k[:, :, i])
         out[:, :, i] = np.einsum("bnh,bnhe->bne", phi(q[:, :, i]), state) / np.einsum("bnh,bnh->bn", phi(q[:, :, i]), norm)[..., None]
     return linear(_merge_heads(out), **c_proj)
-
-
-ATTENTION = {"softmax": mha, "mla": latent_attention, "linear": linear_attention, "gated_deltanet": gated_deltanet}
 
 
 def mha_backward(dout, x, c_attn, c_proj, n_heads):  # dout [b, t, d] -> dx [b, t, d], {c_attn, c_proj}

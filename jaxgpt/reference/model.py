@@ -6,7 +6,8 @@ import numpy as np
 
 from jaxgpt.config import GPTConfig
 from jaxgpt.nn.layout import unstack_layers
-from jaxgpt.reference.attention import ATTENTION, mha, mha_backward
+from jaxgpt.registry import attention_kind
+from jaxgpt.reference.attention import mha, mha_backward
 from jaxgpt.reference.moe import moe
 from jaxgpt.reference.layers import (
     embedding, embedding_backward, keep, layer_norm, layer_norm_backward, linear_backward, mlp,
@@ -21,18 +22,19 @@ def norm(x, params, eps, kind="layernorm", unit_offset=False):  # [..., d] -> [.
     return layer_norm(x, **params, eps=eps)
 
 
-def transformer_block(x, ln_1, attn, ln_2, mlp_params, n_heads, eps, attention="softmax", norm_kind="layernorm",
+def transformer_block(x, ln_1, attn, ln_2, mlp_params, n_heads, eps, attend=None, norm_kind="layernorm",
                       unit_offset=False, mlp_kind="gelu", ln_post_attn=None, ln_post_mlp=None, moe_options=None,
-                      record=keep, **variant):
+                      record=keep):
     """[b, t, d] -> [b, t, d]: x + attn(norm(x)), then x + mlp(norm(x)); each branch normalised
-    again when its post-norm is given (Gemma 3). With `moe_options` (top_k, router, renormalize)
+    again when its post-norm is given (Gemma 3). `attend(h, attn, record)` is the block's attention
+    (its kind's reference; default GPT-2's). With `moe_options` (top_k, router, renormalize)
     the MLP is a mixture of experts (`jaxgpt.reference.moe`), run as evaluation does: dropless.
     `record(op, value)` sees the norms' outputs, each branch ("attn", "mlp") and its insides
     ("attn.q", "mlp.c_fc", …) and the block's output ("residual"); see `jaxgpt.reference.layers.keep`."""
     nrm = lambda name, y, params: record(name, norm(y, params, eps, norm_kind, unit_offset))  # noqa: E731
     inside = lambda branch_name: lambda op, value: record(f"{branch_name}.{op}", value)  # noqa: E731
-    branch = record("attn", ATTENTION[attention](nrm("ln_1", x, ln_1), **attn, n_heads=n_heads,
-                                                 record=inside("attn"), **variant))
+    attend = attend or (lambda h, p, rec: mha(h, **p, n_heads=n_heads, record=rec))
+    branch = record("attn", attend(nrm("ln_1", x, ln_1), attn, inside("attn")))
     x = x + (branch if ln_post_attn is None else nrm("ln_post_attn", branch, ln_post_attn))
     h = nrm("ln_2", x, ln_2)
     if moe_options is None:
@@ -63,17 +65,12 @@ def _block_params(blk):
 
 def _layer_options(config: GPTConfig, i: int) -> dict:
     """The keyword options of block i's `transformer_block` call."""
-    options = dict(attention=config.attention, norm_kind=config.norm, unit_offset=config.norm_unit_offset,
-                   mlp_kind=config.mlp, n_kv_heads=config.n_kv_heads, position=config.position,
-                   rope_base=config.layer_rope_base(i), window=config.layer_window(i))
+    kind = attention_kind(config.attention)
+    options = dict(attend=lambda h, attn, rec: kind.reference(h, attn, config, i, rec), norm_kind=config.norm,
+                   unit_offset=config.norm_unit_offset, mlp_kind=config.mlp)
     if config.is_moe_layer(i):
         options["moe_options"] = dict(top_k=config.moe_top_k, router=config.moe_router,
                                       renormalize=config.moe_renormalize)
-    if config.attention == "gated_deltanet":
-        options["norm_eps"] = config.ln_eps
-    if config.attention == "softmax":
-        options.update(norm_eps=config.ln_eps, qk_unit_offset=config.norm_unit_offset, query_scale=config.query_scale,
-                       rope_scaling=config.rope_scaling_spec)
     return options
 
 

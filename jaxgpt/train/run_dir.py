@@ -20,6 +20,7 @@ from typing import Optional
 import numpy as np
 
 from jaxgpt.atomic import write_json, write_text
+from jaxgpt.plugins import loaded_records
 from jaxgpt.config import GPTConfig
 from jaxgpt.data.corpus import DataError
 from jaxgpt.data.tokenizer import Tokenizer, tokenizer_from_dict
@@ -46,6 +47,7 @@ def run_meta(model_cfg: GPTConfig, cfg: TrainConfig, tokenizer: Tokenizer, step:
         "step": step,
         "data_position": {"seed": cfg.seed, "next_step": step, "sampling": cfg.sampling},
         "best_val_loss": best if math.isfinite(best) else None,
+        "plugins": loaded_records(),  # files that registered kinds this run may use (jaxgpt.plugins)
     }
 
 

@@ -27,6 +27,7 @@ from jaxgpt.config import GPTConfig
 from jaxgpt.data.tokenizer import tokenizer_from_dict
 from jaxgpt.weights import integrity
 from jaxgpt.weights.finite import check_finite_params
+from jaxgpt.plugins import check_recorded
 
 
 class CheckpointError(RuntimeError):
@@ -207,6 +208,7 @@ def read_meta(path: Path, required: tuple[str, ...] = ("model", "train", "tokeni
     for key in required:
         if key not in meta:
             raise CheckpointError(f"checkpoint {manager.directory}/{step} metadata has no {key!r} entry")
+    check_recorded(meta.get("plugins"), f"checkpoint {manager.directory}/{step}")
     return meta
 
 

@@ -31,6 +31,7 @@ from typing import Optional
 import numpy as np
 
 from jaxgpt.config import GPTConfig
+from jaxgpt.registry import attention_kind
 from jaxgpt.weights import hf_moe
 
 FAMILIES = ("llama", "qwen3", "gemma3_text", *hf_moe.ARCHITECTURES)
@@ -141,8 +142,8 @@ def family_of(cfg: GPTConfig) -> tuple[Optional[str], list[str]]:
     elif moe_kind is not None:
         problems += hf_moe.moe_problems(cfg, moe_kind)
         kind = moe_kind
-    if cfg.attention != "softmax":
-        problems.append(f"attention={cfg.attention!r}")
+    if kind not in attention_kind(cfg.attention).exports:
+        problems.append(f"attention={cfg.attention!r} ({kind} cannot hold it)")
     if cfg.position != "rope":
         problems.append(f"position={cfg.position!r} ({kind} uses RoPE)")
     if cfg.qkv_bias != cfg.attn_out_bias:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from jaxgpt.config import GPTConfig
+from jaxgpt.registry import attention_kind
 from jaxgpt.weights.hf_files import WeightsError, to_float32
 
 _BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")
@@ -118,7 +119,7 @@ def export_problems(cfg: GPTConfig) -> list[str]:
     """The settings of `cfg` that Hugging Face's GPT-2 cannot represent (empty: exportable). A model
     exported despite them would load and silently compute other logits."""
     problems = []
-    if cfg.attention != "softmax":
+    if "gpt2" not in attention_kind(cfg.attention).exports:
         problems.append(f"attention={cfg.attention!r} (GPT-2 has softmax attention)")
     if cfg.position != "learned":
         problems.append(f"position={cfg.position!r} (GPT-2 has learned position embeddings)")
