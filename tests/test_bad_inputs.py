@@ -363,3 +363,19 @@ def test_http_requests_get_clear_4xx_errors(server, name, raw, extra, status, me
     body = json.loads(text)
     assert message in body["error"]["message"], body
     assert "Traceback" not in text and "/jaxgpt/" not in text
+
+
+def test_a_step_without_its_record_is_refused_when_older_steps_have_theirs(tmp_path):
+    """Runs saved before steps said they are sealed: a newer step missing its record, in a run whose
+    older steps have theirs, is refused; a run that never had records loads unverified."""
+    from jaxgpt.weights import integrity
+
+    for step in (1, 2):
+        (tmp_path / "run" / "checkpoints" / str(step) / "state").mkdir(parents=True)
+        (tmp_path / "run" / "checkpoints" / str(step) / "state" / "d").write_bytes(b"x" * step)
+    assert integrity.problem(tmp_path / "run" / "checkpoints" / "2") is None  # nothing sealed: unverified
+    integrity.write_manifest(tmp_path / "run" / "checkpoints" / "1")
+    assert "older steps of this run have theirs" in integrity.problem(tmp_path / "run" / "checkpoints" / "2")
+    assert integrity.problem(tmp_path / "run" / "checkpoints" / "1") is None
+    (tmp_path / "run" / "best" / "3").mkdir(parents=True)  # the best step beside them counts as the same run
+    assert "older steps" in integrity.problem(tmp_path / "run" / "best" / "3")

@@ -78,12 +78,28 @@ def _says_sealed(step_dir: Path) -> bool:
         return False
 
 
+def _an_older_step_is_sealed(step_dir: Path) -> bool:
+    """Whether a step saved before this one in the same run (its `checkpoints/` or `best/`) has a
+    manifest: then this one was written by code that seals too (runs saved before the metadata
+    said so, `SEALED_KEY`)."""
+    if not step_dir.name.isdigit():
+        return False
+    managers = [step_dir.parent] + ([step_dir.parent.parent / other for other in ("checkpoints", "best")
+                                     if other != step_dir.parent.name] if step_dir.parent.name in ("checkpoints", "best") else [])
+    return any(d.name.isdigit() and int(d.name) < int(step_dir.name) and (d / MANIFEST).exists()
+               for manager in managers if manager.is_dir() for d in manager.iterdir())
+
+
 def problem(step_dir: Path) -> Optional[str]:
     """None if the step is intact (or predates manifests), else what is wrong with it, in a few words."""
     step_dir = Path(step_dir)
     stats = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in [step_dir / MANIFEST, *_files(step_dir)]
                   if p.exists())
-    return _problem(str(step_dir), stats)
+    found = _problem(str(step_dir), stats)
+    if found is None and not (step_dir / MANIFEST).exists() and _an_older_step_is_sealed(step_dir):
+        return (f"its integrity record {MANIFEST} is missing, though older steps of this run have theirs "
+                "(deleted, or the run was stopped before recording it): its files cannot be checked")
+    return found
 
 
 @functools.lru_cache(maxsize=64)
