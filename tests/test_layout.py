@@ -98,6 +98,15 @@ def test_no_upward_imports_and_nothing_imports_cli():
             and not m.startswith("jaxgpt.cli")] == []
 
 
+def test_the_reference_stands_alone():
+    """The NumPy reference shares no code with the model it checks (a bug there would be invisible to
+    the parity tests): it imports only itself, the config and the registry that names the kinds."""
+    allowed = ("jaxgpt.reference", "jaxgpt.config", "jaxgpt.registry")
+    leaks = {m: sorted(d for d in deps if not d.startswith(allowed)) for m, deps in GRAPH.items()
+             if m.startswith("jaxgpt.reference")}
+    assert not {m: d for m, d in leaks.items() if d}, leaks
+
+
 def test_no_torch_or_transformers():
     offenders = [(m, t) for m, p in MODULES.items() for t in _imports(m, p)
                  if t.split(".")[0] in ("torch", "transformers")]

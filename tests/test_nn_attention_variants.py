@@ -166,9 +166,12 @@ def test_alibi_with_zero_slopes_is_no_bias(t, backend):
 
 
 def test_alibi_slopes_are_the_papers():
-    np.testing.assert_allclose(alibi_slopes(8), [2.0 ** -k for k in range(1, 9)])
-    # 6 heads: the 4-head slopes, then every other slope of the 8-head sequence
-    np.testing.assert_allclose(alibi_slopes(6), [2.0 ** -2, 2.0 ** -4, 2.0 ** -6, 2.0 ** -8, 2.0 ** -1, 2.0 ** -3])
+    for slopes in (alibi_slopes, ref.alibi_slopes):  # the model's table and the reference's own
+        np.testing.assert_allclose(slopes(8), [2.0 ** -k for k in range(1, 9)])
+        # 6 heads: the 4-head slopes, then every other slope of the 8-head sequence
+        np.testing.assert_allclose(slopes(6), [2.0 ** -2, 2.0 ** -4, 2.0 ** -6, 2.0 ** -8, 2.0 ** -1, 2.0 ** -3])
+    for n in range(1, 33):
+        np.testing.assert_allclose(alibi_slopes(n), ref.alibi_slopes(n), rtol=1e-7)
 
 
 @pytest.mark.parametrize("variant", [dict(n_kv_heads=2, position="rope"),

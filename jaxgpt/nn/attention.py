@@ -123,7 +123,7 @@ class MultiHeadAttention(nn.Module):
     in between: grouped-query), one fused projection `c_attn` (n + 2m heads wide) and `c_proj`.
 
     With m = n the parameters are GPT-2's, so Hugging Face weights map one to one. `position`
-    "rope" rotates queries and keys, "alibi" biases the scores (see `jaxgpt.positions`); `window`
+    "rope" rotates queries and keys, "alibi" biases the scores (see `jaxgpt.nn.positions`); `window`
     makes the layer local. With `kv_cache` ({"k", "v"}: (b, m, S, h), "pos": (b, S)) the new keys,
     values and their positions are written at `cache_index`, the queries attend to the cache under
     `mask_bts`, and the updated cache is returned with the output.

@@ -9,7 +9,7 @@ Peak memory is one (b, n, block_q, block_k) tile plus the inputs and outputs: li
 
 The backward pass is a custom VJP that keeps only the output and the per-query log-sum-exp from the
 forward pass and recomputes each tile's probabilities, so it never materialises the t × s matrix
-either. Visibility and ALiBi biases are recomputed per tile from positions (see `jaxgpt.attention`).
+either. Visibility and ALiBi biases are recomputed per tile from positions (see `jaxgpt.nn.attention`).
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ class GPT(nn.Module):
         x_btd = wte(idx_bt)
         if cfg.emb_scale:  # Gemma: sqrt(d), rounded to the compute dtype as Gemma does
             x_btd = x_btd * jnp.asarray(math.sqrt(cfg.emb_dim), x_btd.dtype)
-        if cfg.position == "learned":  # the other schemes act inside attention (jaxgpt.positions)
+        if cfg.position == "learned":  # the other schemes act inside attention (jaxgpt.nn.positions)
             wpe = nn.Embed(cfg.context_length, cfg.emb_dim, embedding_init=emb_init, dtype=dtype, name="wpe")
             x_btd = x_btd + wpe(positions_bt)
         self.sow("intermediates", "embed", x_btd)  # when "intermediates" is mutable (jaxgpt.numerics)
@@ -66,10 +66,10 @@ class GPT(nn.Module):
         functional = cfg.scan_layers or (cfg.remat != "none" and cache is None and not self.is_initializing())
         new_cache = [] if cache is not None else None
         moe_out: list = []  # the functional path's MoE statistics, sown below as the blocks would
-        if cfg.scan_layers:  # one tree "h", each leaf (n_layers, ...) (jaxgpt.layout)
+        if cfg.scan_layers:  # one tree "h", each leaf (n_layers, ...) (jaxgpt.nn.layout)
             if not self.is_initializing() and "h_0" in self.variables.get("params", {}):
                 raise ValueError("this config has scan_layers=True but the parameters are in GPT-2's layout "
-                                 "(h_0 … h_{L-1}); convert them with jaxgpt.layout.stack_layers(params)")
+                                 "(h_0 … h_{L-1}); convert them with jaxgpt.nn.layout.stack_layers(params)")
             layers = (self.param("h", init_stacked_blocks, cfg, impl, dtype) if self.is_initializing()
                       else self.variables["params"]["h"])  # as given: decoding may hold kernel_nk copies
         elif functional:  # rematerialised blocks: the same parameters, read as plain trees

@@ -16,7 +16,7 @@ multi-head attention, variants, positions), `model` (block, whole model, loss, b
 
 from jaxgpt.reference import attention_variants, gated_deltanet  # noqa: F401
 from jaxgpt.reference.attention import (  # noqa: F401
-    attention, attention_backward, attention_variant, attention_weights, causal_mask, latent_attention,
+    alibi_slopes, attention, attention_backward, attention_variant, attention_weights, causal_mask, latent_attention,
     linear_attention, llama3_inv_freq, mha, mha_backward, rope, rope_backward, simplified_self_attention,
 )
 from jaxgpt.reference.layers import (  # noqa: F401

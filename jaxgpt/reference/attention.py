@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxgpt.nn.positions import alibi_slopes  # a table of constants (the slopes), shared with the model
 from jaxgpt.reference.attention_variants import gate_values, sink_softmax
 from jaxgpt.reference.layers import keep, linear, linear_backward, rms_norm, rms_norm_backward, softmax, softmax_backward
 
 # --- attention ------------------------------------------------------------------------------------
+
+
+def alibi_slopes(n_heads):  # -> [n] float64, ALiBi's per-head slopes (Press et al. 2022), written here anew
+    """2^(-8k/n) for k = 1..n when n is a power of two; otherwise the slopes of the largest power of
+    two below n, then every other slope of twice that, until there are n."""
+    def geometric(n):
+        return [2.0 ** (-8.0 * k / n) for k in range(1, n + 1)]
+
+    below = 1 << (n_heads.bit_length() - 1)
+    slopes = geometric(below) if below == n_heads else geometric(below) + geometric(2 * below)[0::2][: n_heads - below]
+    return np.asarray(slopes, np.float64)
 
 def simplified_self_attention(x):  # [t, d] -> [t, t], [t, t], [t, d]
     scores = x @ x.T

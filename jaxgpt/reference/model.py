@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 
 from jaxgpt.config import GPTConfig
-from jaxgpt.nn.layout import unstack_layers
 from jaxgpt.registry import attention_kind
 from jaxgpt.reference.attention import mha, mha_backward
 from jaxgpt.reference.moe import moe
@@ -74,12 +73,28 @@ def _layer_options(config: GPTConfig, i: int) -> dict:
     return options
 
 
+def per_block(p):  # {"h": leaves [L, …]} (a scan_layers model) -> {"h_0": …, …, "h_{L-1}": …}; else as is
+    if "h" not in p:
+        return p
+    stacked = p["h"]
+    n_layers = len(next(iter(_leaves(stacked))))
+    blocks = {f"h_{i}": _map(lambda a, i=i: a[i], stacked) for i in range(n_layers)}
+    return {**{k: v for k, v in p.items() if k != "h"}, **blocks}
+
+
+def _leaves(tree):
+    return [leaf for v in tree.values() for leaf in (_leaves(v) if isinstance(v, dict) else [v])]
+
+
+def _map(fn, tree):
+    return {k: _map(fn, v) if isinstance(v, dict) else fn(v) for k, v in tree.items()}
+
+
 def gpt_forward(params, ids, config: GPTConfig, record=None):  # {"params": …}, [b, t] -> [b, t, v]
     """The logits of the whole model. `record(layer, op, value)` (layer None outside the blocks)
     sees every intermediate: "embed", each block's (`transformer_block`), "ln_f", "logits"."""
     record = record or (lambda layer, op, value: value)
-    params = unstack_layers(params)  # a scan_layers model's stacked blocks, one tree per block
-    p = params["params"] if "params" in params else params
+    p = per_block(params["params"] if "params" in params else params)
     ids = np.asarray(ids)
     t = ids.shape[1]
     if t > config.context_length:
@@ -129,8 +144,7 @@ def gpt_loss_and_grads(params, ids, targets, config: GPTConfig, ignore_index=-10
     changed = [f for f in variant_fields if getattr(config, f) != getattr(default, f)]
     if changed:
         raise NotImplementedError(f"the hand-written backward of the whole model covers GPT-2 only; {changed} differ")
-    params = unstack_layers(params)  # a scan_layers model's stacked blocks, one tree per block
-    p = params["params"] if "params" in params else params
+    p = per_block(params["params"] if "params" in params else params)
     ids, targets = np.asarray(ids), np.asarray(targets)
     t, eps = ids.shape[1], config.ln_eps
     x = embedding(ids, p["wte"]["embedding"]) + p["wpe"]["embedding"][:t]  # [b, t, d]

@@ -21,7 +21,7 @@ def tree_leaves(tree) -> list:
 
 
 def decays(path, decay_embeddings=False) -> bool:
-    """The weight-decay mask of `jaxgpt.optim.decay_mask`: kernels, and embeddings if asked."""
+    """The weight-decay mask of `jaxgpt.train.optimizer.decay_mask`: kernels, and embeddings if asked."""
     return decay_embeddings if "embedding" in path else path[-1] == "kernel"
 
 
@@ -41,7 +41,7 @@ def clip_by_global_norm(grads, grad_clip: float):
 
 def adamw_step(params, grads, state, lr, *, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.1,
                grad_clip=1.0, decay_embeddings=False):
-    """One step of `jaxgpt.optim.build_optimizer` as Optax computes it: clip by global norm,
+    """One step of `jaxgpt.train.optimizer.build_optimizer` as Optax computes it: clip by global norm,
     bias-corrected Adam moments, decoupled weight decay on the masked parameters, all times `lr`
     (the schedule's value at this step). Returns (params, state)."""
     grads = clip_by_global_norm(grads, grad_clip)

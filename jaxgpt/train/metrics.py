@@ -82,7 +82,7 @@ def measure_peak_flops(size: int = 2048, repeats: int = 5, device=None, dtype=jn
 
     This is what the device reaches in practice on dense work, so it is the MFU denominator when
     no datasheet peak is given. `dtype` is the matmul's input dtype (the model's compute dtype);
-    it accumulates in float32, as the model's layers do (jaxgpt.precision).
+    it accumulates in float32, as the model's layers do (jaxgpt.nn.dense).
     """
     device = device or jax.local_devices()[0]
     a = jax.device_put(jnp.ones((size, size), dtype), device)
