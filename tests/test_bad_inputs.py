@@ -261,7 +261,8 @@ def test_a_newest_step_missing_files_is_named_not_skipped(ws, tmp_path, capsys):
     for step_dir in run.glob("*/3"):
         (step_dir / "integrity.json").unlink()  # metadata and record both gone: still not a step to skip
     assert main(["eval", "--checkpoint", str(run)]) == 2
-    assert "checkpoint metadata (_CHECKPOINT_METADATA, meta/) is missing" in capsys.readouterr().err
+    err = capsys.readouterr().err  # refused for its missing record (older steps have theirs)
+    assert "/3 is corrupt (its integrity record integrity.json is missing" in err and f"step is {older}" in err
     assert main(["train", "--out", str(run), "--resume", "--max-steps", "4", "--no-progress"]) == 0
     assert f"using the newest intact step, {older}" in capsys.readouterr().err
 
@@ -379,3 +380,17 @@ def test_a_step_without_its_record_is_refused_when_older_steps_have_theirs(tmp_p
     assert integrity.problem(tmp_path / "run" / "checkpoints" / "1") is None
     (tmp_path / "run" / "best" / "3").mkdir(parents=True)  # the best step beside them counts as the same run
     assert "older steps" in integrity.problem(tmp_path / "run" / "best" / "3")
+
+
+def test_an_unsealed_step_missing_orbax_metadata_is_named(tmp_path):
+    """In a run that never had integrity records, a step folder without Orbax's metadata is named
+    as damaged (with the newest usable step), not passed over."""
+    from jaxgpt.weights.checkpoint import CheckpointError, locate
+
+    for step in (1, 2):
+        (tmp_path / "checkpoints" / str(step)).mkdir(parents=True)
+    (tmp_path / "checkpoints" / "1" / "_CHECKPOINT_METADATA").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"checkpoints/2 is corrupt \(its checkpoint metadata .* is missing\); "
+                                              r"the newest intact step is .*checkpoints/1"):
+        locate(tmp_path)
+    assert locate(tmp_path, fallback=True, quiet=True).step == 1
