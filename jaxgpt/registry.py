@@ -11,6 +11,7 @@ before JAX starts).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import re
 from dataclasses import dataclass, field
@@ -83,7 +84,7 @@ def register_attention(kind: AttentionKind) -> AttentionKind:
     if not re.fullmatch(r"[a-z][a-z0-9_]*", kind.name):
         raise RegistryError(f"attention kind names are lower-case identifiers, got {kind.name!r}")
     if _current_plugin[0] is not None and kind.plugin is None:
-        kind = _replace(kind, plugin=_current_plugin[0])
+        kind = dataclasses.replace(kind, plugin=_current_plugin[0])
     _load_builtins()
     old = ATTENTION.get(kind.name)
     if old is not None and old != kind:
@@ -111,9 +112,3 @@ def _load_builtins() -> None:
     if not _builtins_loaded[0]:
         _builtins_loaded[0] = True
         importlib.import_module("jaxgpt.kinds")  # each module there registers its kind
-
-
-def _replace(kind: AttentionKind, **changes) -> AttentionKind:
-    import dataclasses
-
-    return dataclasses.replace(kind, **changes)

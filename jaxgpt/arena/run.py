@@ -39,7 +39,7 @@ def run_spec(sweep: Sweep, variant: str, seed: int, task: str) -> dict:
     if sweep.plugins:  # a changed plugin file makes its runs new runs
         from jaxgpt.plugins import load_plugin
 
-        spec["plugins"] = {load_plugin(p)["path"]: load_plugin(p)["sha256"] for p in sweep.plugins}
+        spec["plugins"] = {r["path"]: r["sha256"] for r in map(load_plugin, sweep.plugins)}
     return spec
 
 
