@@ -27,6 +27,7 @@ from jaxgpt.config import ConfigError, GPTConfig, check_finite_numbers
 from jaxgpt.data.corpus import DataError
 from jaxgpt.finetune.lora import LoRAConfig, init_lora, merge_lora
 from jaxgpt.train.optimizer import adamw
+from jaxgpt.weights.finite import non_finite_tensors
 
 TRAINABLE = ("head", "last-block", "all", "lora")
 
@@ -161,19 +162,15 @@ def _first_bad_step(first_bad, loss, step):
     return jnp.where((first_bad == 0) & ~jnp.isfinite(loss), step, first_bad)
 
 
-@jax.jit
-def _all_finite(tree) -> jax.Array:
-    return jnp.stack([jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(tree)]).all()
-
-
 def _refuse_non_finite(first_bad: int, params: Optional[dict], epoch: Optional[int] = None) -> None:
     """FloatingPointError when a step's loss was not finite, or (at an epoch's end, before it is
     evaluated and saved) when a parameter is not: nothing non-finite is ever written."""
     if first_bad:
         raise FloatingPointError(f"finetuning loss became non-finite at step {first_bad}; nothing from that step on "
                                  "was saved. Lower the lr, or check the settings (e.g. --beta) for NaN or inf")
-    if params is not None and not bool(_all_finite(params)):
-        raise FloatingPointError(f"a parameter became non-finite in epoch {epoch}; its model was not saved. "
+    bad = non_finite_tensors(params)[0] if params is not None else []
+    if bad:
+        raise FloatingPointError(f"{', '.join(bad[:3])} became non-finite in epoch {epoch}; its model was not saved. "
                                  "Lower the lr, or check the settings for NaN or inf")
 
 
